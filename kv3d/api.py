@@ -1,0 +1,482 @@
+"""The OpenAI-compatible HTTP API, as a plain FastAPI app over any `GenerateBackend`.
+
+This is the boundary: bodies are validated, prompts rendered and tokenized, limits checked, and
+every failure becomes an OpenAI-shaped error with its status here. It does not know about Ray:
+`deployments/ingress.py` serves it with a backend that calls model replicas through a
+DeploymentHandle; `LocalBackend` runs it over an in-process engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kv3d.chat import TemplateError, Tokenizer
+from kv3d.engine import Engine
+from kv3d.generation import (
+    EngineStats,
+    Finished,
+    GenerationRequest,
+    Rejected,
+    StreamEvent,
+    TextDelta,
+    TokenLogprob,
+)
+from kv3d.metrics import CONTENT_TYPE, ServerMetrics
+from kv3d.openai_schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    now_s,
+    usage_dict,
+)
+
+log = logging.getLogger(__name__)
+
+HEALTH = {"status": "ok", "service": "kv3d-engine"}
+
+
+class GenerateBackend(Protocol):
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Stream the request's events; closing the iterator early must cancel the request."""
+        ...
+
+    async def engine_stats(self) -> list[EngineStats]:
+        """Fresh engine counters from the replica(s) this backend can reach right now."""
+        ...
+
+
+class LocalBackend:
+    """Runs requests on an engine in this process (no Ray)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        return self.engine.stream(request)
+
+    async def engine_stats(self) -> list[EngineStats]:
+        return [self.engine.stats()]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model_id: str
+    tokenizer: Tokenizer
+    context_tokens: int  # most prompt + completion tokens of one sequence
+    created_s: int = field(default_factory=now_s)
+
+
+def build_api(
+    served: ServedModel, backend: GenerateBackend, metrics: ServerMetrics | None = None
+) -> FastAPI:
+    app = FastAPI(title="KV3D", version="0.1.0")
+    metrics = metrics or ServerMetrics()
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return HEALTH
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        for stats in await backend.engine_stats():
+            metrics.engine.observe(stats)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != served.model_id:
+            raise APIError(404, f"model {model_id!r} not found", code="model_not_found")
+        return _model_card(served)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started_s = time.perf_counter()
+        req = await _parse(request, ChatCompletionRequest)
+        try:
+            prompt = served.tokenizer.encode_chat(req.chat_messages())
+        except TemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        gen = _generation_request(
+            "chatcmpl", req, prompt, served.context_tokens, req.requested_top_logprobs()
+        )
+        view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
+        return await _respond(backend, metrics, gen, view, req.stream, started_s)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        started_s = time.perf_counter()
+        req = await _parse(request, CompletionRequest)
+        prompt = served.tokenizer.encode_text(req.prompt)  # type: ignore[arg-type]
+        gen = _generation_request("cmpl", req, prompt, served.context_tokens, req.logprobs)
+        view = _CompletionView(gen.request_id, served.model_id, req.include_usage_in_stream)
+        return await _respond(backend, metrics, gen, view, req.stream, started_s)
+
+    return app
+
+
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    return {
+        "id": served.model_id,
+        "object": "model",
+        "created": served.created_s,
+        "owned_by": "kv3d",
+        "context_length": served.context_tokens,
+    }
+
+
+# --- request handling ----------------------------------------------------------------------
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+def _generation_request(
+    kind: str, req: Any, prompt: list[int], context_tokens: int, top_logprobs: int | None
+) -> GenerationRequest:
+    if not prompt:
+        raise APIError(400, "the prompt is empty after tokenization", param="messages")
+    room = context_tokens - len(prompt)
+    if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
+        asked = len(prompt) + (req.max_tokens or 1)
+        raise APIError(
+            400,
+            f"this model's context is {context_tokens} tokens; the request needs {asked} "
+            f"({len(prompt)} prompt + {req.max_tokens or 1} completion). Shorten the messages "
+            "or lower max_tokens.",
+            param="max_tokens" if room > 0 else "messages",
+            code="context_length_exceeded",
+        )
+    return GenerationRequest(
+        request_id=f"{kind}-{uuid.uuid4().hex}",
+        prompt_tokens=tuple(prompt),
+        max_tokens=req.max_tokens or room,
+        sampling=req.sampling(),
+        stop=req.stop_strings(),
+        top_logprobs=top_logprobs,
+    )
+
+
+async def _respond(
+    backend: GenerateBackend,
+    metrics: ServerMetrics,
+    gen: GenerationRequest,
+    view: _View,
+    stream: bool,
+    started_s: float,
+) -> Response:
+    metrics.prompt_tokens.inc(len(gen.prompt_tokens))
+    events = _Observed(backend.generate(gen), metrics, started_s)
+    if not stream:
+        try:
+            result = await events.collect()
+        finally:
+            await events.aclose()
+        return JSONResponse(view.full(result))
+    try:
+        first = await events.first()
+    except BaseException:
+        await events.aclose()
+        raise
+    return StreamingResponse(
+        _sse(view, first, events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@dataclass
+class _Result:
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: Finished | None = None
+
+
+class _Observed:
+    """Wraps a backend's event stream: records metrics, turns `Rejected` into `APIError`."""
+
+    def __init__(self, events: AsyncIterator[StreamEvent], metrics: ServerMetrics, t0: float):
+        self._events = events
+        self._metrics = metrics
+        self._t0 = t0
+        self._last_token_s: float | None = None
+        self._active = True
+        metrics.active_requests.inc()
+
+    async def first(self) -> StreamEvent:
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            raise APIError(503, "the model replica sent nothing", type="server_error") from None
+
+    async def rest(self) -> AsyncIterator[StreamEvent]:
+        while True:
+            try:
+                event = await self._next()
+            except StopAsyncIteration:
+                return
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    async def collect(self) -> _Result:
+        result = _Result()
+        async for event in self.rest():
+            if isinstance(event, TextDelta):
+                result.text += event.text
+                result.logprobs.extend(event.logprobs)
+            elif isinstance(event, Finished):
+                result.text += event.text
+                result.finish = event
+        if result.finish is None:
+            raise APIError(503, "the model replica ended the stream early", type="server_error")
+        return result
+
+    async def _next(self) -> StreamEvent:
+        try:
+            event = await self._events.__anext__()
+        except StopAsyncIteration:
+            raise
+        except APIError:
+            raise
+        except Exception as exc:  # replica died, handle failed: the client gets a clean error
+            log.exception("backend stream failed")
+            raise APIError(
+                503, f"model replica unavailable: {type(exc).__name__}", type="server_error"
+            ) from exc
+        self._observe(event)
+        if isinstance(event, Rejected):
+            raise _rejected_error(event)
+        return event
+
+    def _observe(self, event: StreamEvent) -> None:
+        now = time.perf_counter()
+        m = self._metrics
+        if isinstance(event, TextDelta):
+            if self._last_token_s is None:
+                m.ttft.observe(now - self._t0)
+            else:
+                m.itl.observe((now - self._last_token_s) / max(event.num_tokens, 1))
+            self._last_token_s = now
+        elif isinstance(event, Finished):
+            if self._last_token_s is None:
+                m.ttft.observe(now - self._t0)
+            m.completion_tokens.inc(event.usage.completion_tokens)
+        if getattr(event, "stats", None) is not None:
+            m.engine.observe(event.stats)
+
+    async def aclose(self) -> None:
+        if self._active:
+            self._active = False
+            self._metrics.active_requests.dec()
+            closer = getattr(self._events, "aclose", None)
+            if closer is not None:
+                await closer()
+
+
+def _rejected_error(event: Rejected) -> APIError:
+    headers = {"Retry-After": str(event.retry_after_s)} if event.retry_after_s else None
+    if event.status == 429:
+        kind = "rate_limit_error"
+    elif event.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    return APIError(event.status, event.message, type=kind, code=event.code, headers=headers)
+
+
+async def _sse(view: _View, first: StreamEvent, events: _Observed) -> AsyncIterator[bytes]:
+    def frame(payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    try:
+        yield frame(view.opening())
+        pending: list[StreamEvent] = [first]
+        async for event in _chain(pending, events.rest()):
+            for payload in view.chunks(event):
+                yield frame(payload)
+    except APIError as exc:
+        yield frame(exc.body())
+    finally:
+        await events.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+async def _chain(head: list[StreamEvent], tail: AsyncIterator[StreamEvent]):
+    for event in head:
+        yield event
+        if isinstance(event, Finished):
+            return
+    async for event in tail:
+        yield event
+
+
+# --- response shapes -------------------------------------------------------------------------
+class _View(Protocol):
+    def full(self, result: _Result) -> dict[str, Any]: ...
+    def opening(self) -> dict[str, Any]: ...
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class _ChatView:
+    request_id: str
+    model_id: str
+    include_usage: bool
+    created_s: int = field(default_factory=now_s)
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created_s,
+            "model": self.model_id,
+            "system_fingerprint": None,
+        }
+
+    def full(self, result: _Result) -> dict[str, Any]:
+        finish = result.finish
+        assert finish is not None
+        return {
+            **self._envelope("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "logprobs": chat_logprobs(result.logprobs) if result.logprobs else None,
+                    "finish_reason": _finish_reason(finish),
+                }
+            ],
+            "usage": usage_dict(finish.usage),
+        }
+
+    def _chunk(self, delta: dict, finish_reason: str | None, logprobs=None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+
+    def opening(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            lp = chat_logprobs(list(event.logprobs)) if event.logprobs else None
+            return [self._chunk({"content": event.text}, None, lp)]
+        if not isinstance(event, Finished):
+            return []
+        out = []
+        if event.text:
+            out.append(self._chunk({"content": event.text}, None))
+        out.append(self._chunk({}, _finish_reason(event)))
+        if self.include_usage:
+            out.append({**self._envelope("chat.completion.chunk"), "choices": [],
+                        "usage": usage_dict(event.usage)})
+        return out
+
+
+@dataclass
+class _CompletionView:
+    request_id: str
+    model_id: str
+    include_usage: bool
+    created_s: int = field(default_factory=now_s)
+    _text_offset: int = 0
+
+    def _envelope(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created_s,
+            "model": self.model_id,
+            "system_fingerprint": None,
+        }
+
+    def _choice(self, text: str, finish_reason: str | None, logprobs=None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def full(self, result: _Result) -> dict[str, Any]:
+        finish = result.finish
+        assert finish is not None
+        lp = completion_logprobs(result.logprobs) if result.logprobs else None
+        return {
+            **self._envelope(),
+            "choices": [self._choice(result.text, _finish_reason(finish), lp)],
+            "usage": usage_dict(finish.usage),
+        }
+
+    def opening(self) -> dict[str, Any]:
+        return {**self._envelope(), "choices": [self._choice("", None)]}
+
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            lp = None
+            if event.logprobs:
+                lp = completion_logprobs(list(event.logprobs), self._text_offset)
+            self._text_offset += len(event.text)
+            return [{**self._envelope(), "choices": [self._choice(event.text, None, lp)]}]
+        if not isinstance(event, Finished):
+            return []
+        out = [{**self._envelope(), "choices": [self._choice(event.text, _finish_reason(event))]}]
+        if self.include_usage:
+            out.append({**self._envelope(), "choices": [], "usage": usage_dict(event.usage)})
+        return out
+
+
+def _finish_reason(finish: Finished) -> str:
+    return "length" if finish.reason == "length" else "stop"
+
+
+# --- errors ------------------------------------------------------------------------------------
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        err = APIError(exc.status_code, str(exc.detail), type=kind)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in the API")
+        err = APIError(500, "internal server error", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+

@@ -1,0 +1,119 @@
+"""`kv3d` command line: `serve` and `doctor`.
+
+The CLI is the top of the stack: `kv3d serve` is the one place in `kv3d` that reaches into
+`deployments` (lazily), because starting the server means starting Ray Serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from kv3d.config import ConfigError, KV3DConfig, load_config
+
+log = logging.getLogger("kv3d")
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, dict[str, Any]] = {"server": {}, "model": {}, "deploy": {}}
+    if args.host is not None:
+        overrides["server"]["host"] = args.host
+    if args.port is not None:
+        overrides["server"]["port"] = args.port
+    if args.threads is not None:
+        overrides["server"]["threads"] = args.threads
+    if args.model is not None:
+        overrides["model"]["path"] = args.model
+    if args.replicas is not None:
+        overrides["deploy"]["replicas"] = args.replicas
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=_serve_overrides(args))
+    from kv3d.modelfile import resolve_model_path
+
+    resolve_model_path(config.model.path)  # fail before Ray starts when the file is wrong
+    return serve_blocking(config)
+
+
+def serve_blocking(config: KV3DConfig) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_from_config
+
+    started_s = time.perf_counter()
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    log.info("%s Ray…", "joining" if joining else "starting a local")
+    ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.server.host, "port": config.server.port})
+        serve.run(build_from_config(config), name="kv3d", route_prefix="/", blocking=False)
+        url = f"http://{config.server.host}:{config.server.port}"
+        print(
+            f"KV3D is serving at {url}/v1 (ready in {time.perf_counter() - started_s:.1f}s; "
+            "Ctrl-C to stop)",
+            flush=True,
+        )
+        stop.wait()
+        print("KV3D: shutting down…", flush=True)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from kv3d.doctor import run_doctor
+
+    return run_doctor(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kv3d", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server (Ctrl-C stops it)")
+    serve.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    serve.add_argument("--threads", type=int, help="llama.cpp threads per replica (0 = all)")
+    serve.add_argument("--config", help="JSON config file (default ~/.config/kv3d/config.json)")
+    serve.set_defaults(func=cmd_serve)
+
+    doctor = sub.add_parser("doctor", help="check the install and write the default config")
+    doctor.add_argument("--config", help="config file to check or create")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"kv3d: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"kv3d: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

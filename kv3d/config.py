@@ -1,0 +1,168 @@
+"""KV3D configuration: one pydantic model that every entry point maps onto.
+
+Sources, lowest precedence first: defaults, the JSON file (`~/.config/kv3d/config.json` or
+`--config FILE`), environment variables (`KV3D_SERVER__PORT=9000`, nested with `__`), then CLI
+flags or the Serve YAML `args.config` block. The file schema is the seed's
+(`server`, `cache`, `model`) plus `engine` and `deploy` sections for knobs the seed left implicit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("~/.config/kv3d/config.json").expanduser()
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which field and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP port.")
+    threads: int = Field(
+        0, ge=0, description="llama.cpp compute threads per replica; 0 = all cores of the node."
+    )
+    api_key: str = Field("", description="Bearer key required by the API; empty = open.")
+    max_queued_requests: int = Field(
+        64,
+        ge=0,
+        description="Requests a replica keeps waiting for a free sequence slot; beyond it: 429.",
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers.")
+
+
+class CacheConfig(_Section):
+    gpu_hot_mb: int = Field(
+        2048, ge=1, description="KV cache budget per replica (llama.cpp cells), in MiB."
+    )
+    ram_warm_mb: int = Field(8192, ge=0, description="Warm tier budget (snapshots, deltas), MiB.")
+    ssd_cold_path: str = Field("", description="Folder of the cold tier; empty = off.")
+
+
+class ModelConfig(_Section):
+    path: str = Field("", description="GGUF file; empty = the bundled SmolLM2-135M-Instruct.")
+    id: str = Field("", description="Model id reported by /v1/models; empty = file stem.")
+    n_gpu_layers: int | None = Field(
+        None, description="Layers offloaded to the GPU; unset = all with a GPU, 0 without."
+    )
+    context_tokens: int = Field(
+        4096, ge=64, description="Most tokens (prompt + completion) one sequence may hold."
+    )
+
+
+class EngineConfig(_Section):
+    max_sequences: int = Field(
+        8, ge=1, le=256, description="Sequence slots decoded together (llama.cpp n_seq_max)."
+    )
+    batch_tokens: int = Field(
+        512, ge=32, description="Most tokens in one llama_decode step (decode + prefill chunks)."
+    )
+    kv_type: Literal["f16", "q8_0"] = Field("f16", description="llama.cpp KV cache element type.")
+    flash_attn: bool = Field(True, description="Use flash attention (V cache not transposed).")
+
+
+class DeployConfig(_Section):
+    replicas: int = Field(1, ge=1, description="Model replicas (one per GPU in production).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica.")
+    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas.")
+
+
+class KV3DConfig(BaseSettings):
+    """The whole configuration. Invariant: every field is validated once, here."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KV3D_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @field_validator("server", "cache", "model", "engine", "deploy", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):
+        # CLI/YAML (init) beat env, env beats the file (merged into init by `load`), then defaults.
+        return (init_settings, env_settings)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> KV3DConfig:
+    """Build the configuration: defaults < file < env `KV3D_*` < `overrides` (CLI / Serve YAML).
+
+    `path=None` reads the default file when it exists. Env vars override the file, so they are
+    applied here by hand: pydantic-settings would rank the file (passed as init kwargs) above them.
+    """
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        file_data = read_config_file(Path(path).expanduser())
+    elif DEFAULT_CONFIG_PATH.is_file():
+        file_data = read_config_file(DEFAULT_CONFIG_PATH)
+    try:
+        env_only = KV3DConfig().model_dump(exclude_defaults=True)
+        merged = _deep_merge(_deep_merge(file_data, env_only), overrides or {})
+        return KV3DConfig(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def seed_file_dict(config: KV3DConfig) -> dict[str, Any]:
+    """The seed's config.json schema, as `kv3d doctor` writes it."""
+    return {
+        "server": {
+            "host": config.server.host,
+            "port": config.server.port,
+            "threads": config.server.threads or (os.cpu_count() or 1),
+            "api_key": config.server.api_key,
+        },
+        "cache": config.cache.model_dump(),
+        "model": {"path": config.model.path, "id": config.model.id},
+    }

@@ -1,0 +1,458 @@
+"""The batching engine: one llama.cpp context, many sequences, one decode per step.
+
+`Engine.step()` is three moves: the scheduler plans the step, the batch is decoded, the results
+are sampled and streamed back. A single engine thread runs the steps and is the only code that
+touches the native handles; other threads talk to it through `submit` and `cancel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kv3d.config import KV3DConfig
+from kv3d.generation import (
+    EngineStats,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Rejected,
+    StreamEvent,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from kv3d.llama import (
+    ContextParams,
+    LlamaBatch,
+    LlamaContext,
+    LlamaError,
+    LlamaModel,
+    SamplerChain,
+    supports_gpu_offload,
+)
+from kv3d.modelfile import model_id_for, resolve_model_path
+from kv3d.prefix import NoPrefixReuse, PrefixReuse
+from kv3d.scheduler import (
+    Chunk,
+    Emit,
+    Pending,
+    QueueFullError,
+    RequestTooLargeError,
+    Scheduler,
+    SeqProgress,
+)
+from kv3d.textstream import IncrementalText
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+class CapacityError(ValueError):
+    """The configured KV budget cannot hold even one full-context sequence."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    model_path: Path
+    model_id: str
+    n_gpu_layers: int
+    context_tokens: int
+    max_sequences: int
+    batch_tokens: int
+    kv_type: str
+    flash_attn: bool
+    kv_budget_bytes: int
+    threads: int
+    max_queued_requests: int
+    retry_after_s: int
+
+    @classmethod
+    def from_config(cls, config: KV3DConfig) -> EngineSettings:
+        path = resolve_model_path(config.model.path)
+        n_gpu_layers = config.model.n_gpu_layers
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if supports_gpu_offload() else 0
+        return cls(
+            model_path=path,
+            model_id=model_id_for(path, config.model.id),
+            n_gpu_layers=n_gpu_layers,
+            context_tokens=config.model.context_tokens,
+            max_sequences=config.engine.max_sequences,
+            batch_tokens=config.engine.batch_tokens,
+            kv_type=config.engine.kv_type,
+            flash_attn=config.engine.flash_attn,
+            kv_budget_bytes=config.cache.gpu_hot_mb * MIB,
+            threads=config.server.threads or os.cpu_count() or 1,
+            max_queued_requests=config.server.max_queued_requests,
+            retry_after_s=config.server.retry_after_s,
+        )
+
+
+def plan_kv_cells(settings: EngineSettings, model: LlamaModel) -> tuple[int, int]:
+    """(cells in the cache, tokens one sequence may hold) for this model and budget."""
+    context_tokens = min(settings.context_tokens, model.n_ctx_train)
+    bytes_per_cell = model.kv_bytes_per_cell(settings.kv_type)
+    budget_cells = settings.kv_budget_bytes // bytes_per_cell
+    if budget_cells < context_tokens:
+        raise CapacityError(
+            f"cache.gpu_hot_mb={settings.kv_budget_bytes // MIB} holds {budget_cells} KV cells "
+            f"({bytes_per_cell} bytes each) but one sequence may need {context_tokens}: raise "
+            "cache.gpu_hot_mb or lower model.context_tokens"
+        )
+    cells = min(budget_cells, settings.max_sequences * context_tokens)
+    return cells, context_tokens
+
+
+@dataclass(slots=True)
+class _Live:
+    """The engine-side half of a running sequence (the scheduler holds its progress)."""
+
+    pending: Pending
+    progress: SeqProgress
+    sampler: SamplerChain
+    text: IncrementalText
+    cached_tokens: int
+    cancelled: bool = False
+
+
+class Engine:
+    """Owns one model, one context and one batch; serves many sequences by continuous batching.
+
+    Invariant: every submitted request gets exactly one terminal event (`Finished` or
+    `Rejected`), and its sequence slot and KV cells are released before that event is emitted.
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        replica_id: str = "local",
+        prefix_reuse: PrefixReuse | None = None,
+    ):
+        self.settings = settings
+        self.replica_id = replica_id
+        self.model_id = settings.model_id
+        self.prefix_reuse = prefix_reuse or NoPrefixReuse()
+        t0 = time.perf_counter()
+        self.model = LlamaModel(settings.model_path, n_gpu_layers=settings.n_gpu_layers)
+        try:
+            self.kv_cells_total, self.context_tokens = plan_kv_cells(settings, self.model)
+            self.ctx = LlamaContext(
+                self.model,
+                ContextParams(
+                    n_ctx_cells=self.kv_cells_total,
+                    n_seq_max=settings.max_sequences,
+                    n_batch_tokens=settings.batch_tokens,
+                    n_threads=settings.threads,
+                    kv_type=settings.kv_type,
+                    flash_attn=settings.flash_attn,
+                ),
+            )
+        except BaseException:
+            self.model.close()
+            raise
+        self.kv_cells_total = self.ctx.n_ctx_cells
+        self.batch = LlamaBatch(settings.batch_tokens)
+        self.scheduler = Scheduler(
+            num_slots=settings.max_sequences,
+            kv_cells_total=self.kv_cells_total,
+            batch_tokens=settings.batch_tokens,
+            max_waiting=settings.max_queued_requests,
+        )
+        self._live: dict[int, _Live] = {}
+        self._cancelled: set[str] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._counters = dict(
+            steps_total=0,
+            batched_steps_total=0,
+            max_sequences_in_step=0,
+            prompt_tokens_total=0,
+            generated_tokens_total=0,
+            prefill_tokens_total=0,
+        )
+        log.info(
+            "engine ready in %.2fs: %s, %d KV cells (%s), %d slots, %d tokens/sequence, "
+            "%d threads, %d GPU layers",
+            time.perf_counter() - t0,
+            self.model.description,
+            self.kv_cells_total,
+            settings.kv_type,
+            settings.max_sequences,
+            self.context_tokens,
+            settings.threads,
+            settings.n_gpu_layers,
+        )
+
+    @classmethod
+    def from_config(cls, config: KV3DConfig, **kwargs) -> Engine:
+        return cls(EngineSettings.from_config(config), **kwargs)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kv3d-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the step thread, end every request, free native handles (idempotent)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.batch is None:
+            return
+        for slot in list(self._live):
+            self._finish(slot, "cancelled")
+        for pending in self.scheduler.drain_waiting():
+            pending.emit(Rejected(503, "shutting_down", "the engine is shutting down"))
+        self.batch.close()
+        self.ctx.close()
+        self.model.close()
+        self.batch = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- any thread -------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, emit: Emit) -> None:
+        """Queue a request. `emit` is called from the engine thread and must not block."""
+        try:
+            self.scheduler.enqueue(Pending(request, emit))
+        except RequestTooLargeError as exc:
+            emit(Rejected(400, "context_length_exceeded", str(exc), stats=self.stats()))
+            return
+        except QueueFullError as exc:
+            emit(
+                Rejected(
+                    429,
+                    "queue_full",
+                    f"server busy: {exc}",
+                    retry_after_s=self.settings.retry_after_s,
+                    stats=self.stats(),
+                )
+            )
+            return
+        with self._wake:
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (client gone); its slot is freed before the next step."""
+        pending = self.scheduler.cancel_waiting(request_id)
+        if pending is not None:
+            usage = Usage(len(pending.request.prompt_tokens), 0)
+            pending.emit(Finished("cancelled", usage, stats=self.stats()))
+            return
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Submit `request` and yield its events; closing the iterator early cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def emit(event: StreamEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is gone: nobody is listening
+                self.cancel(request.request_id)
+
+        self.submit(request, emit)
+        ended = False
+        try:
+            while True:
+                event = await queue.get()
+                ended = isinstance(event, (Finished, Rejected))
+                yield event
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self.cancel(request.request_id)
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            replica_id=self.replica_id,
+            taken_at_s=time.time(),
+            running_sequences=len(sched.running),
+            waiting_requests=sched.num_waiting,
+            free_slots=sched.num_free_slots,
+            kv_cells_total=self.kv_cells_total,
+            kv_cells_reserved=sched.kv_cells_reserved,
+            **self._counters,
+        )
+
+    # --- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.scheduler.has_work() and not self._cancelled:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the replica's only thread
+                log.exception("engine step failed")
+                for slot in list(self._live):
+                    self._fail(slot, "engine step failed")
+
+    def step(self) -> int:
+        """Run one scheduler step; returns the number of sequences it decoded."""
+        self._apply_cancels()
+        for pending, progress in self.scheduler.admit():
+            self._start(pending, progress)
+        chunks = self.scheduler.plan()
+        if not chunks:
+            return 0
+        rows = self._fill_batch(chunks)
+        try:
+            self.ctx.decode(self.batch)
+        except LlamaError as exc:
+            log.error("decode of %d tokens failed: %s", self.batch.n_tokens, exc)
+            for chunk in chunks:
+                self._fail(chunk.slot, f"decode failed: {exc}")
+            return 0
+        self._count_step(chunks)
+        for chunk, row in zip(chunks, rows):
+            self._advance(chunk, row)
+        return len(chunks)
+
+    def _start(self, pending: Pending, progress: SeqProgress) -> None:
+        req = pending.request
+        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(32)
+        sampler = SamplerChain(
+            temperature=req.sampling.temperature,
+            top_p=req.sampling.top_p,
+            top_k=req.sampling.top_k,
+            seed=seed,
+        )
+        # Seam for prefix reuse: tokens whose KV it places into the slot need no prefill.
+        cached = self.prefix_reuse.attach(self.ctx, progress.slot, req.prompt_tokens)
+        progress.num_computed_tokens = cached
+        self._live[progress.slot] = _Live(pending, progress, sampler, IncrementalText(req.stop), cached)
+        self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
+
+    def _fill_batch(self, chunks: list[Chunk]) -> list[int]:
+        """Write the chunks into the batch; returns each chunk's logits row (or -1)."""
+        self.batch.clear()
+        rows = []
+        for chunk in chunks:
+            row = -1
+            last = len(chunk.tokens) - 1
+            for i, token in enumerate(chunk.tokens):
+                want = chunk.want_logits and i == last
+                r = self.batch.add(token, chunk.start_pos + i, chunk.slot, want)
+                if want:
+                    row = r
+            rows.append(row)
+        return rows
+
+    def _count_step(self, chunks: list[Chunk]) -> None:
+        c = self._counters
+        c["steps_total"] += 1
+        n_seqs = len({chunk.slot for chunk in chunks})
+        if n_seqs > 1:
+            c["batched_steps_total"] += 1
+        c["max_sequences_in_step"] = max(c["max_sequences_in_step"], n_seqs)
+        c["prefill_tokens_total"] += sum(len(ch.tokens) for ch in chunks if ch.prefill)
+
+    def _advance(self, chunk: Chunk, row: int) -> None:
+        live = self._live[chunk.slot]
+        progress = live.progress
+        progress.num_computed_tokens = chunk.start_pos + len(chunk.tokens)
+        progress.pending_token = None
+        if row < 0:
+            return  # a prefill chunk that is not the prompt's last
+        req = live.pending.request
+        logprob = None
+        if req.top_logprobs is not None:
+            logprob = self._logprob(row, req.top_logprobs)
+        token = live.sampler.sample(self.ctx, row)
+        if self.model.is_eog(token):
+            self._finish(chunk.slot, "stop")
+            return
+        progress.generated_tokens += 1
+        self._counters["generated_tokens_total"] += 1
+        piece = self.model.token_to_piece(token)
+        text = live.text.push(piece)
+        logprobs = ()
+        if logprob is not None:
+            logprobs = (self._with_token(logprob, token, piece),)
+        if text or logprobs:
+            live.pending.emit(TextDelta(text, 1, logprobs))
+        if live.text.stopped:
+            self._finish(chunk.slot, "stop")
+        elif progress.generated_tokens >= req.max_tokens:
+            self._finish(chunk.slot, "length")
+        else:
+            progress.pending_token = token
+
+    def _logprob(self, row: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits = self.ctx.logits(row)
+        shifted = logits - logits.max()
+        logp = shifted - np.log(np.exp(shifted).sum())
+        top_ids = np.argpartition(-logp, k)[:k] if k > 0 else np.empty(0, dtype=np.int64)
+        top_ids = top_ids[np.argsort(-logp[top_ids])]
+        return logp, top_ids, logp[top_ids]
+
+    def _with_token(self, computed, token: int, piece: bytes) -> TokenLogprob:
+        logp, top_ids, top_lps = computed
+        top = tuple(
+            (int(t), self.model.token_to_piece(int(t)), float(lp)) for t, lp in zip(top_ids, top_lps)
+        )
+        return TokenLogprob(token, piece, float(logp[token]), top)
+
+    def _apply_cancels(self) -> None:
+        with self._wake:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for slot, live in list(self._live.items()):
+            if live.pending.request.request_id in cancelled:
+                self._finish(slot, "cancelled")
+
+    def _release(self, slot: int) -> _Live:
+        live = self._live.pop(slot)
+        self.scheduler.release(slot)
+        self.ctx.seq_remove(slot)
+        live.sampler.close()
+        return live
+
+    def _finish(self, slot: int, reason: FinishReason) -> None:
+        live = self._release(slot)
+        progress = live.progress
+        usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, live.cached_tokens)
+        tail = live.text.finish() if reason != "cancelled" else ""
+        live.pending.emit(Finished(reason, usage, text=tail, stats=self.stats()))
+
+    def _fail(self, slot: int, message: str) -> None:
+        if slot not in self._live:
+            return
+        live = self._release(slot)
+        live.pending.emit(Rejected(500, "engine_error", message, stats=self.stats()))
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

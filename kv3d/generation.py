@@ -1,0 +1,99 @@
+"""The records that cross from the API layer to the engine and back.
+
+They are plain frozen dataclasses so they pickle cheaply across a Ray DeploymentHandle call and
+carry nothing native. A request's stream is zero or more `TextDelta`s ended by exactly one
+terminal event: `Finished` or `Rejected`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely tokens.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    num_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    usage: Usage
+    text: str = ""  # text released at the very end (held back for a possible stop string)
+    stats: EngineStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The engine would not run the request; `status` is the HTTP status it maps to."""
+
+    status: int
+    code: str
+    message: str
+    retry_after_s: int | None = None
+    stats: EngineStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A replica engine's counters at one moment (monotonic `*_total`, gauges otherwise)."""
+
+    replica_id: str
+    taken_at_s: float
+    running_sequences: int
+    waiting_requests: int
+    free_slots: int
+    kv_cells_total: int
+    kv_cells_reserved: int
+    steps_total: int
+    batched_steps_total: int  # steps whose llama_decode carried more than one sequence
+    max_sequences_in_step: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    prefill_tokens_total: int
+
+
+StreamEvent = TextDelta | Finished | Rejected

@@ -1,0 +1,396 @@
+"""Owners of llama.cpp's native handles: model, context, batch, sampler chain.
+
+Each class owns exactly one handle, frees it once in an idempotent `close()` and works as a
+context manager. A context keeps its model open (it must be freed before its model). Native
+return codes become exceptions here and nowhere else. Handles are never pickled: build them
+inside the process (Ray replica) that uses them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+KV_TYPE_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused an operation."""
+
+
+class KVCacheFullError(LlamaError):
+    """llama_decode found no KV cells for the batch (return code 1)."""
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its chatter below WARNING."""
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        # llama-cpp-python prints every native log line to stderr unless its logger says otherwise.
+        if log.getEffectiveLevel() > logging.DEBUG:
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def supports_gpu_offload() -> bool:
+    init_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    init_backend()
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+class LlamaModel:
+    """A loaded GGUF model (weights, or only the vocabulary with `vocab_only=True`)."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
+        init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not handle:
+            raise LlamaError(f"llama.cpp could not load model {path}")
+        self._handle = handle
+        self.path = path
+        self.vocab_only = vocab_only
+        self._vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise LlamaError("model is closed")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            llama_cpp.llama_model_free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- metadata -------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def n_ctx_train(self) -> int:
+        n = llama_cpp.llama_model_n_ctx_train(self.handle)
+        if n <= 0:  # a vocab-only load skips the hyper-parameters: read the GGUF key instead
+            arch = self.meta("general.architecture") or ""
+            n = int(self.meta(f"{arch}.context_length") or 0)
+        return n
+
+    @property
+    def n_layer(self) -> int:
+        return llama_cpp.llama_model_n_layer(self.handle)
+
+    @property
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.handle, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    @property
+    def size_bytes(self) -> int:
+        return llama_cpp.llama_model_size(self.handle)
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.handle, None)
+        return raw.decode("utf-8") if raw else None
+
+    def kv_bytes_per_cell(self, kv_type: str) -> int:
+        """KV bytes one token occupies in every layer (K + V), from the GGUF hyper-parameters.
+
+        Head sizes come from `attention.key_length`/`value_length` when present: Gemma 3's head
+        size is not n_embd / n_head. Sliding-window layers are counted in full (an upper bound).
+        """
+        arch = self.meta("general.architecture") or ""
+        n_head = int(self.meta(f"{arch}.attention.head_count") or 1)
+        n_head_kv = int(self.meta(f"{arch}.attention.head_count_kv") or n_head)
+        n_embd = llama_cpp.llama_model_n_embd(self.handle)
+        k_len = int(self.meta(f"{arch}.attention.key_length") or n_embd // n_head)
+        v_len = int(self.meta(f"{arch}.attention.value_length") or n_embd // n_head)
+        elements = self.n_layer * n_head_kv * (k_len + v_len)
+        return int(elements * KV_TYPE_BYTES_PER_ELEMENT[kv_type])
+
+    # --- vocabulary -----------------------------------------------------------------------
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def token_bos(self) -> int:
+        return llama_cpp.llama_vocab_bos(self._vocab)
+
+    def token_eos(self) -> int:
+        return llama_cpp.llama_vocab_eos(self._vocab)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
+        if n < 0:  # buffer too small: n is minus the size needed
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+        if n < 0:
+            raise LlamaError("tokenization failed")
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+
+def apply_builtin_template(
+    name: str, messages: list[tuple[str, str]], add_generation_prompt: bool
+) -> str:
+    """Render `messages` with llama.cpp's built-in chat template `name`."""
+    init_backend()
+    keep = [(role.encode(), content.encode()) for role, content in messages]
+    chat = (llama_cpp.llama_chat_message * len(keep))(
+        *(llama_cpp.llama_chat_message(role, content) for role, content in keep)
+    )
+    size = 256 + 2 * sum(len(r) + len(c) for r, c in keep)
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(
+            name.encode(), chat, len(keep), add_generation_prompt, buf, size
+        )
+        if n < 0:
+            raise LlamaError(f"llama.cpp has no built-in chat template {name!r}")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = n
+    raise LlamaError("chat template output kept growing")
+
+
+@dataclass(frozen=True, slots=True)
+class ContextParams:
+    n_ctx_cells: int
+    n_seq_max: int
+    n_batch_tokens: int
+    n_threads: int
+    kv_type: str = "f16"
+    flash_attn: bool = True
+
+
+class LlamaContext:
+    """An inference context: one unified KV cache shared by `n_seq_max` sequences."""
+
+    def __init__(self, model: LlamaModel, params: ContextParams):
+        if model.vocab_only:
+            raise LlamaError("a vocab-only model cannot back a context")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = params.n_ctx_cells
+        cparams.n_batch = params.n_batch_tokens
+        cparams.n_ubatch = params.n_batch_tokens
+        cparams.n_seq_max = params.n_seq_max
+        cparams.n_threads = params.n_threads
+        cparams.n_threads_batch = params.n_threads
+        cparams.type_k = KV_TYPES[params.kv_type]
+        cparams.type_v = KV_TYPES[params.kv_type]
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if params.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        # One pool of cells for all sequences: lets sequences share prefix cells (seq_cp).
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        handle = llama_cpp.llama_init_from_model(model.handle, cparams)
+        if not handle:
+            raise LlamaError(
+                f"llama.cpp could not create a context of {params.n_ctx_cells} cells; "
+                "lower cache.gpu_hot_mb or engine.max_sequences"
+            )
+        self._handle = handle
+        self.model = model
+        self.params = params
+        self.n_ctx_cells = llama_cpp.llama_n_ctx(handle)
+        self._memory = llama_cpp.llama_get_memory(handle)
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise LlamaError("context is closed")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            llama_cpp.llama_free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> LlamaContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def decode(self, batch: LlamaBatch) -> None:
+        code = llama_cpp.llama_decode(self.handle, batch.native)
+        if code == 1:
+            raise KVCacheFullError("no free KV cells for the batch")
+        if code != 0:
+            raise LlamaError(f"llama_decode failed with code {code}")
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """A read-only view of the logits of batch row `batch_index`; valid until next decode."""
+        ptr = llama_cpp.llama_get_logits_ith(self.handle, batch_index)
+        if not ptr:
+            raise LlamaError(f"no logits for batch row {batch_index}")
+        view = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+        view.flags.writeable = False
+        return view
+
+    # --- sequences in the KV cache ----------------------------------------------------------
+    def seq_remove(self, seq_id: int, pos_from: int = -1, pos_to: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, pos_from, pos_to))
+
+    def seq_copy(self, src: int, dst: int, pos_from: int = -1, pos_to: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, pos_from, pos_to)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    # --- sequence state (the seam for snapshots and deltas) ---------------------------------
+    def seq_state(self, seq_id: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self.handle, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.handle, buf, size, seq_id)
+        if written != size:
+            raise LlamaError(f"state export wrote {written} of {size} bytes")
+        return bytes(buf)
+
+    def set_seq_state(self, seq_id: int, blob: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        read = llama_cpp.llama_state_seq_set_data(self.handle, buf, len(blob), seq_id)
+        if read != len(blob):
+            raise LlamaError(f"state import read {read} of {len(blob)} bytes")
+
+
+class LlamaBatch:
+    """A reusable token batch of fixed capacity; rows are filled with `add` after `clear`."""
+
+    def __init__(self, capacity_tokens: int):
+        self.capacity_tokens = capacity_tokens
+        self._native = llama_cpp.llama_batch_init(capacity_tokens, 0, 1)
+        self._open = True
+        self.native.n_tokens = 0
+
+    @property
+    def native(self):
+        if not self._open:
+            raise LlamaError("batch is closed")
+        return self._native
+
+    @property
+    def n_tokens(self) -> int:
+        return self.native.n_tokens
+
+    def clear(self) -> None:
+        self.native.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, want_logits: bool) -> int:
+        """Append one row; returns its index (the index to read logits at)."""
+        b = self.native
+        i = b.n_tokens
+        if i >= self.capacity_tokens:
+            raise LlamaError("batch is full")
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = want_logits
+        b.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        if self._open:
+            llama_cpp.llama_batch_free(self._native)
+            self._open = False
+
+    def __enter__(self) -> LlamaBatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SamplerChain:
+    """One sequence's sampler: greedy at temperature 0, else top-k → top-p → temperature → dist."""
+
+    def __init__(self, *, temperature: float, top_p: float, top_k: int, seed: int):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if not chain:
+            raise LlamaError("could not create a sampler chain")
+        self._handle = chain
+        if temperature <= 0.0:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            self._add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(temperature))
+        self._add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def _add(self, sampler) -> None:
+        # The chain takes ownership of the stage and frees it with itself.
+        llama_cpp.llama_sampler_chain_add(self._handle, sampler)
+
+    def sample(self, ctx: LlamaContext, batch_index: int) -> int:
+        if self._handle is None:
+            raise LlamaError("sampler is closed")
+        return llama_cpp.llama_sampler_sample(self._handle, ctx.handle, batch_index)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            llama_cpp.llama_sampler_free(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> SamplerChain:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

