@@ -79,6 +79,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.config)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kv3d.bench import main_bench
+
+    return main_bench(args.url, args.concurrency, args.max_tokens, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kv3d", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -96,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check the install and write the default config")
     doctor.add_argument("--config", help="config file to check or create")
     doctor.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser("bench", help="measure a running server; prints a JSON report")
+    bench.add_argument("--url", default=os.environ.get("KV3D_URL", "http://127.0.0.1:8080"))
+    bench.add_argument("--concurrency", type=int, default=8, help="concurrent streams")
+    bench.add_argument("--max-tokens", type=int, default=128, help="tokens per stream")
+    bench.add_argument("--json", help="also write the report to this file")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,12 +1,80 @@
-"""Fixtures shared by all test tiers: the real model files."""
+"""Fixtures shared by all test tiers: the real model files, a real Ray instance and the real
+KV3D Serve application deployed from deployments/app.yaml (one per test session)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import yaml
 
 from kv3d.modelfile import bundled_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+APP_YAML = REPO / "deployments" / "app.yaml"
+
+# Test-sized resources on top of the operator's YAML: a 2-core machine, one shared Ray.
+TEST_OVERRIDES: dict[str, Any] = {
+    "cache": {"gpu_hot_mb": 256},
+    "model": {"context_tokens": 2048},
+    "server": {"threads": 2, "max_queued_requests": 32},
+    "deploy": {"replicas": 1, "num_cpus": 0, "num_gpus": 0},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def app_args_from_yaml() -> dict[str, Any]:
+    spec = yaml.safe_load(APP_YAML.read_text())
+    (app,) = spec["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    return {"config": merge(app["args"]["config"], TEST_OVERRIDES)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server_url(ray_instance) -> str:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args_from_yaml()), name="kv3d", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield url
+    serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,143 @@
+"""Benchmark driver: measures a running OpenAI-compatible server and prints one JSON report.
+
+Phases, each against the same server in one run:
+- `prefill`: one long prompt, `max_tokens=1`; prompt tokens / time to first token;
+- `single_stream`: one streaming request; decode tokens/s after the first token;
+- `concurrent`: N streaming requests at once; aggregate generated tokens/s, TTFT p50/p95.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+FILLER = (
+    "KV3D keeps the key-value cache of a shared prompt prefix once and lets every session reuse "
+    "it, so long system prompts stop costing prefill time for each new conversation. "
+)
+
+
+@dataclass(slots=True)
+class StreamResult:
+    ttft_s: float
+    total_s: float
+    completion_tokens: int
+    prompt_tokens: int
+    itl_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_s = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+
+
+async def stream_chat(
+    http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int, **extra
+) -> StreamResult:
+    body = {
+        "model": "bench", "messages": messages, "max_tokens": max_tokens, "stream": True,
+        "stream_options": {"include_usage": True}, "temperature": 0.0, **extra,
+    }
+    started = time.perf_counter()
+    first = last = None
+    itl: list[float] = []
+    usage = None
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            usage = chunk.get("usage") or usage
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    itl.append(now - last)
+                last = now
+    end = time.perf_counter()
+    if usage is None:
+        raise RuntimeError("the server sent no usage chunk")
+    return StreamResult(
+        ttft_s=(first or end) - started,
+        total_s=end - started,
+        completion_tokens=usage["completion_tokens"],
+        prompt_tokens=usage["prompt_tokens"],
+        itl_s=itl,
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def run_bench(
+    url: str, *, concurrency: int = 8, max_tokens: int = 128, prefill_words: int = 600
+) -> dict:
+    timeout = httpx.Timeout(600.0)
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        ask = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+        await stream_chat(http, url, ask("Warm up."), 4)
+
+        long_prompt = " ".join((FILLER * (prefill_words // 20 + 1)).split()[:prefill_words])
+        prefill = await stream_chat(http, url, ask(long_prompt + "\nSummarise."), 1)
+
+        # Sampled, not greedy: a story prompt then usually runs to max_tokens.
+        story = ask("Write a long, detailed story about a lighthouse keeper.")
+        single = await stream_chat(http, url, story, max_tokens, temperature=0.8, seed=1)
+
+        started = time.perf_counter()
+        many = await asyncio.gather(*(
+            stream_chat(http, url, story, max_tokens, temperature=0.8, seed=100 + i)
+            for i in range(concurrency)
+        ))
+        wall_s = time.perf_counter() - started
+
+    ttfts = [r.ttft_s for r in many]
+    itls = [x for r in many for x in r.itl_s]
+    generated = sum(r.completion_tokens for r in many)
+    return {
+        "url": url,
+        "prefill": {
+            "prompt_tokens": prefill.prompt_tokens,
+            "ttft_s": round(prefill.ttft_s, 4),
+            "prefill_tokens_per_s": round(prefill.prompt_tokens / prefill.ttft_s, 1),
+        },
+        "single_stream": {
+            "completion_tokens": single.completion_tokens,
+            "ttft_s": round(single.ttft_s, 4),
+            "decode_tokens_per_s": round(single.decode_tokens_per_s, 1),
+        },
+        "concurrent": {
+            "streams": concurrency,
+            "completion_tokens": generated,
+            "wall_s": round(wall_s, 3),
+            "aggregate_tokens_per_s": round(generated / wall_s, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 4),
+            "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+            "itl_p50_s": round(_pct(itls, 0.5), 4),
+            "itl_p95_s": round(_pct(itls, 0.95), 4),
+        },
+    }
+
+
+def main_bench(url: str, concurrency: int, max_tokens: int, json_path: str | None) -> int:
+    report = asyncio.run(run_bench(url, concurrency=concurrency, max_tokens=max_tokens))
+    text = json.dumps(report, indent=2)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0

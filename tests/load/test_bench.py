@@ -1,0 +1,20 @@
+"""The benchmark driver against the real server: a complete report (not a speed assertion)."""
+
+import asyncio
+
+import pytest
+
+from kv3d.bench import run_bench
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_report_is_complete(server_url):
+    report = asyncio.run(run_bench(server_url, concurrency=3, max_tokens=12, prefill_words=80))
+    assert report["prefill"]["prompt_tokens"] > 80
+    assert report["prefill"]["prefill_tokens_per_s"] > 0
+    assert report["single_stream"]["completion_tokens"] > 0
+    concurrent = report["concurrent"]
+    assert concurrent["streams"] == 3
+    assert concurrent["completion_tokens"] > 0 and concurrent["aggregate_tokens_per_s"] > 0
+    assert 0 < concurrent["ttft_p50_s"] <= concurrent["ttft_p95_s"]
