@@ -53,8 +53,12 @@ class HandleBackend:
                     return
         except BackPressureError as exc:
             ended = True
-            yield Rejected(503, "overloaded", f"all model replicas are busy: {exc}",
-                           retry_after_s=self._retry_after_s)
+            yield Rejected(
+                503,
+                "overloaded",
+                f"all model replicas are busy: {exc}",
+                retry_after_s=self._retry_after_s,
+            )
         finally:
             if not ended:
                 response.cancel()

@@ -165,7 +165,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        raise APIError(400, message, param=param) from None
 
 
 def _generation_request(
@@ -405,8 +406,13 @@ class _ChatView:
             out.append(self._chunk({"content": event.text}, None))
         out.append(self._chunk({}, _finish_reason(event)))
         if self.include_usage:
-            out.append({**self._envelope("chat.completion.chunk"), "choices": [],
-                        "usage": usage_dict(event.usage)})
+            out.append(
+                {
+                    **self._envelope("chat.completion.chunk"),
+                    "choices": [],
+                    "usage": usage_dict(event.usage),
+                }
+            )
         return out
 
 
@@ -479,4 +485,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error in the API")
         err = APIError(500, "internal server error", type="server_error")
         return JSONResponse(err.body(), status_code=500)
-

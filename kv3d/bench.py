@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -40,8 +41,13 @@ async def stream_chat(
     http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int, **extra
 ) -> StreamResult:
     body = {
-        "model": "bench", "messages": messages, "max_tokens": max_tokens, "stream": True,
-        "stream_options": {"include_usage": True}, "temperature": 0.0, **extra,
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        **extra,
     }
     started = time.perf_counter()
     first = last = None
@@ -99,10 +105,12 @@ async def run_bench(
         single = await stream_chat(http, url, story, max_tokens, temperature=0.8, seed=1)
 
         started = time.perf_counter()
-        many = await asyncio.gather(*(
-            stream_chat(http, url, story, max_tokens, temperature=0.8, seed=100 + i)
-            for i in range(concurrency)
-        ))
+        many = await asyncio.gather(
+            *(
+                stream_chat(http, url, story, max_tokens, temperature=0.8, seed=100 + i)
+                for i in range(concurrency)
+            )
+        )
         wall_s = time.perf_counter() - started
 
     ttfts = [r.ttft_s for r in many]
@@ -134,6 +142,7 @@ async def run_bench(
 
 
 def main_bench(url: str, concurrency: int, max_tokens: int, json_path: str | None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     report = asyncio.run(run_bench(url, concurrency=concurrency, max_tokens=max_tokens))
     text = json.dumps(report, indent=2)
     if json_path:

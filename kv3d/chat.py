@@ -42,8 +42,7 @@ class ChatMessage:
 
 
 class ChatTemplate(Protocol):
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        ...
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str: ...
 
 
 class JinjaChatTemplate:

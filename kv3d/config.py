@@ -68,6 +68,12 @@ class EngineConfig(_Section):
     batch_tokens: int = Field(
         512, ge=32, description="Most tokens in one llama_decode step (decode + prefill chunks)."
     )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads for steps of a single token (one lone sequence decoding); 0 = "
+        "server.threads. Fewer than the cores can be faster where Ray shares them (see README).",
+    )
     kv_type: Literal["f16", "q8_0"] = Field("f16", description="llama.cpp KV cache element type.")
     flash_attn: bool = Field(True, description="Use flash attention (V cache not transposed).")
 

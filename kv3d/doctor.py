@@ -47,7 +47,8 @@ def check_llama_cpp() -> Check:
     detail = f"{version}, {backend}; {system_info()}"
     if version != PINNED_LLAMA_CPP:
         return Check(
-            "llama-cpp-python", False,
+            "llama-cpp-python",
+            False,
             f"{detail} — KV3D is pinned to {PINNED_LLAMA_CPP}: pip install -e . to fix",
         )
     return Check("llama-cpp-python", True, detail)
@@ -107,7 +108,11 @@ def run_doctor(config_path: str | None) -> int:
         checks.append(Check("config", False, f"{exc}; fix or delete {path}"))
         config = KV3DConfig()
     steps: list[Callable[[], Check]] = [
-        check_python, check_llama_cpp, check_ray, lambda: check_model(config), check_gpu,
+        check_python,
+        check_llama_cpp,
+        check_ray,
+        lambda: check_model(config),
+        check_gpu,
     ]
     checks.extend(step() for step in steps)
     failed = False
@@ -115,5 +120,6 @@ def run_doctor(config_path: str | None) -> int:
         mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
         failed |= check.required and not check.ok
         print(f"[{mark}] {check.name}: {check.detail}")
-    print("kv3d doctor: " + ("some required checks failed" if failed else "all required checks passed"))
+    verdict = "some required checks failed" if failed else "all required checks passed"
+    print(f"kv3d doctor: {verdict}")
     return 1 if failed else 0

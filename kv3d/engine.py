@@ -75,12 +75,14 @@ class EngineSettings:
     flash_attn: bool
     kv_budget_bytes: int
     threads: int
+    decode_threads: int
     max_queued_requests: int
     retry_after_s: int
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
         path = resolve_model_path(config.model.path)
+        threads = config.server.threads or os.cpu_count() or 1
         n_gpu_layers = config.model.n_gpu_layers
         if n_gpu_layers is None:
             n_gpu_layers = -1 if supports_gpu_offload() else 0
@@ -94,7 +96,8 @@ class EngineSettings:
             kv_type=config.engine.kv_type,
             flash_attn=config.engine.flash_attn,
             kv_budget_bytes=config.cache.gpu_hot_mb * MIB,
-            threads=config.server.threads or os.cpu_count() or 1,
+            threads=threads,
+            decode_threads=config.engine.decode_threads or threads,
             max_queued_requests=config.server.max_queued_requests,
             retry_after_s=config.server.retry_after_s,
         )
@@ -156,6 +159,7 @@ class Engine:
                     n_seq_max=settings.max_sequences,
                     n_batch_tokens=settings.batch_tokens,
                     n_threads=settings.threads,
+                    n_threads_single=settings.decode_threads,
                     kv_type=settings.kv_type,
                     flash_attn=settings.flash_attn,
                 ),
@@ -335,7 +339,7 @@ class Engine:
                 self._fail(chunk.slot, f"decode failed: {exc}")
             return 0
         self._count_step(chunks)
-        for chunk, row in zip(chunks, rows):
+        for chunk, row in zip(chunks, rows, strict=True):
             self._advance(chunk, row)
         return len(chunks)
 
@@ -351,7 +355,8 @@ class Engine:
         # Seam for prefix reuse: tokens whose KV it places into the slot need no prefill.
         cached = self.prefix_reuse.attach(self.ctx, progress.slot, req.prompt_tokens)
         progress.num_computed_tokens = cached
-        self._live[progress.slot] = _Live(pending, progress, sampler, IncrementalText(req.stop), cached)
+        text = IncrementalText(req.stop)
+        self._live[progress.slot] = _Live(pending, progress, sampler, text, cached)
         self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
 
     def _fill_batch(self, chunks: list[Chunk]) -> list[int]:
@@ -420,7 +425,8 @@ class Engine:
     def _with_token(self, computed, token: int, piece: bytes) -> TokenLogprob:
         logp, top_ids, top_lps = computed
         top = tuple(
-            (int(t), self.model.token_to_piece(int(t)), float(lp)) for t, lp in zip(top_ids, top_lps)
+            (int(t), self.model.token_to_piece(int(t)), float(lp))
+            for t, lp in zip(top_ids, top_lps, strict=True)
         )
         return TokenLogprob(token, piece, float(logp[token]), top)
 

@@ -208,6 +208,7 @@ class ContextParams:
     n_seq_max: int
     n_batch_tokens: int
     n_threads: int
+    n_threads_single: int  # llama.cpp uses these when a step carries one token
     kv_type: str = "f16"
     flash_attn: bool = True
 
@@ -223,7 +224,7 @@ class LlamaContext:
         cparams.n_batch = params.n_batch_tokens
         cparams.n_ubatch = params.n_batch_tokens
         cparams.n_seq_max = params.n_seq_max
-        cparams.n_threads = params.n_threads
+        cparams.n_threads = params.n_threads_single
         cparams.n_threads_batch = params.n_threads
         cparams.type_k = KV_TYPES[params.kv_type]
         cparams.type_v = KV_TYPES[params.kv_type]

@@ -78,7 +78,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "kv3d_requests", "HTTP API requests by endpoint and status.", ["endpoint", "status"],
+            "kv3d_requests",
+            "HTTP API requests by endpoint and status.",
+            ["endpoint", "status"],
             registry=r,
         )
         self.prompt_tokens = Counter("kv3d_prompt_tokens", "Prompt tokens received.", registry=r)
@@ -86,16 +88,21 @@ class ServerMetrics:
             "kv3d_completion_tokens", "Completion tokens sent.", registry=r
         )
         self.active_requests = Gauge(
-            "kv3d_active_requests", "Generation requests in flight (active sequences + queued).",
+            "kv3d_active_requests",
+            "Generation requests in flight (active sequences + queued).",
             registry=r,
         )
         self.ttft = Histogram(
-            "kv3d_time_to_first_token_seconds", "Request arrival to first token.",
-            buckets=TTFT_BUCKETS_S, registry=r,
+            "kv3d_time_to_first_token_seconds",
+            "Request arrival to first token.",
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
         )
         self.itl = Histogram(
-            "kv3d_inter_token_latency_seconds", "Time between successive streamed tokens.",
-            buckets=ITL_BUCKETS_S, registry=r,
+            "kv3d_inter_token_latency_seconds",
+            "Time between successive streamed tokens.",
+            buckets=ITL_BUCKETS_S,
+            registry=r,
         )
         self.engine = _EngineCollector()
         r.register(self.engine)

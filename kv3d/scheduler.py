@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kv3d.generation import GenerationRequest, StreamEvent
 

@@ -27,9 +27,7 @@ def client(server_url) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def aclient(server_url):
     """A factory: an async client belongs to the event loop it is first used in."""
-    return lambda: openai.AsyncOpenAI(
-        base_url=f"{server_url}/v1", api_key="unused", max_retries=0
-    )
+    return lambda: openai.AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
 
 
 def metric(server_url: str, name: str) -> float:
@@ -52,8 +50,10 @@ def test_models_lists_the_served_model(client):
 
 def test_chat_completion_any_model_name(client):
     r = client.chat.completions.create(
-        model="qwen2.5-7b-instruct", messages=ask("What is the capital of France?"),
-        temperature=0, max_tokens=32,
+        model="qwen2.5-7b-instruct",
+        messages=ask("What is the capital of France?"),
+        temperature=0,
+        max_tokens=32,
     )
     choice = r.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
@@ -68,12 +68,16 @@ def test_chat_completion_any_model_name(client):
 def test_chat_completion_streaming_matches_non_streaming(client):
     kwargs = dict(model="m", messages=ask("Count to five."), temperature=0, max_tokens=24)
     full = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(
-        stream=True, stream_options={"include_usage": True}, **kwargs
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes in (["stop"], ["length"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2
@@ -82,33 +86,50 @@ def test_chat_completion_streaming_matches_non_streaming(client):
 
 
 def test_completions_endpoint(client):
-    r = client.completions.create(model="m", prompt="The capital of France is", max_tokens=8,
-                                  temperature=0)
+    r = client.completions.create(
+        model="m", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert r.object == "text_completion" and r.choices[0].text
     assert r.usage.completion_tokens <= 8
     streamed = "".join(
-        c.choices[0].text for c in client.completions.create(
+        c.choices[0].text
+        for c in client.completions.create(
             model="m", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
-        ) if c.choices
+        )
+        if c.choices
     )
     assert streamed == r.choices[0].text
 
 
 def test_sampling_with_seed_is_reproducible(client):
-    kwargs = dict(model="m", messages=ask("Invent a name for a cat."), temperature=1.0,
-                  top_p=0.9, seed=1234, max_tokens=12, extra_body={"top_k": 40})
+    kwargs = dict(
+        model="m",
+        messages=ask("Invent a name for a cat."),
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        max_tokens=12,
+        extra_body={"top_k": 40},
+    )
     a = client.chat.completions.create(**kwargs).choices[0].message.content
     b = client.chat.completions.create(**kwargs).choices[0].message.content
     assert a == b
 
 
 def test_stop_sequence(client):
-    full = client.chat.completions.create(
-        model="m", messages=ask("What is the capital of France?"), temperature=0, max_tokens=32
-    ).choices[0].message.content
+    full = (
+        client.chat.completions.create(
+            model="m", messages=ask("What is the capital of France?"), temperature=0, max_tokens=32
+        )
+        .choices[0]
+        .message.content
+    )
     word = full.split()[2]
     r = client.chat.completions.create(
-        model="m", messages=ask("What is the capital of France?"), temperature=0, max_tokens=32,
+        model="m",
+        messages=ask("What is the capital of France?"),
+        temperature=0,
+        max_tokens=32,
         stop=[word],
     )
     assert r.choices[0].finish_reason == "stop"
@@ -120,8 +141,12 @@ def test_eight_concurrent_streams_complete_and_share_decode_steps(server_url, ac
 
     async def one(api, n: int) -> tuple[str, str | None]:
         stream = await api.chat.completions.create(
-            model="m", messages=ask(f"List {n} colours."), max_tokens=32, stream=True,
-            temperature=0.7, seed=n,
+            model="m",
+            messages=ask(f"List {n} colours."),
+            max_tokens=32,
+            stream=True,
+            temperature=0.7,
+            seed=n,
         )
         text, finish = "", None
         async for chunk in stream:
@@ -145,15 +170,24 @@ def test_eight_concurrent_streams_complete_and_share_decode_steps(server_url, ac
 def test_greedy_alone_and_amid_traffic_agree_within_tolerance(client, aclient):
     """DESIGN.md §3: batch composition changes the numerics, so compare log-probabilities with
     a tolerance rather than the generated text for equality."""
-    probe = dict(model="m", messages=ask("What is the capital of France?"), temperature=0,
-                 max_tokens=1, logprobs=True, top_logprobs=5)
+    probe = dict(
+        model="m",
+        messages=ask("What is the capital of France?"),
+        temperature=0,
+        max_tokens=1,
+        logprobs=True,
+        top_logprobs=5,
+    )
     alone = client.chat.completions.create(**probe).choices[0].logprobs.content[0]
 
     async def amid_traffic():
         async with aclient() as api:
             others = [
-                asyncio.create_task(api.chat.completions.create(
-                    model="m", messages=ask(f"Count to {n}."), max_tokens=48, temperature=0))
+                asyncio.create_task(
+                    api.chat.completions.create(
+                        model="m", messages=ask(f"Count to {n}."), max_tokens=48, temperature=0
+                    )
+                )
                 for n in (10, 20, 30, 40, 50)
             ]
             await asyncio.sleep(0.5)
@@ -179,18 +213,28 @@ BAD_BODIES = [
     ("unknown role", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400),
     ("non-string content", b'{"messages": [{"role": "user", "content": 42}]}', 400),
     ("max_tokens zero", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400),
-    ("max_tokens negative",
-     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}', 400),
+    (
+        "max_tokens negative",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}',
+        400,
+    ),
     ("n > 1", b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400),
-    ("beyond the context",
-     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400),
+    (
+        "beyond the context",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
+        400,
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,body,status", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
 def test_bad_input_gets_openai_error_shape(server_url, name, body, status):
-    r = httpx.post(f"{server_url}/v1/chat/completions", content=body,
-                   headers={"Content-Type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{server_url}/v1/chat/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -210,15 +254,23 @@ def test_unknown_route_is_404_in_error_shape(server_url):
 
 def test_server_keeps_serving_after_bad_input(client, server_url):
     for _, body, _ in BAD_BODIES:
-        httpx.post(f"{server_url}/v1/chat/completions", content=body,
-                   headers={"Content-Type": "application/json"}, timeout=30)
+        httpx.post(
+            f"{server_url}/v1/chat/completions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
     r = client.chat.completions.create(model="m", messages=ask("Hi"), max_tokens=4)
     assert r.choices[0].message.content is not None
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server_url):
     body = {
-        "model": "m", "stream": True, "max_tokens": 1500, "temperature": 2.0, "seed": 7,
+        "model": "m",
+        "stream": True,
+        "max_tokens": 1500,
+        "temperature": 2.0,
+        "seed": 7,
         "messages": ask("Tell me everything about the history of Rome."),
     }
     with httpx.Client(timeout=30) as http:

@@ -18,7 +18,8 @@ def test_defaults_match_the_seed():
 
 
 def test_file_then_env_then_overrides(tmp_path, monkeypatch):
-    path = write(tmp_path, {"server": {"port": 9000, "host": "0.0.0.0"}, "cache": {"gpu_hot_mb": 64}})
+    data = {"server": {"port": 9000, "host": "0.0.0.0"}, "cache": {"gpu_hot_mb": 64}}
+    path = write(tmp_path, data)
     monkeypatch.setenv("KV3D_SERVER__PORT", "9100")
     cfg = load_config(path, overrides={"cache": {"gpu_hot_mb": 128}})
     assert cfg.server.port == 9100  # env beats file

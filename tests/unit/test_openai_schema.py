@@ -31,10 +31,15 @@ def test_invalid_chat_requests_are_rejected(field):
 
 
 def test_text_parts_and_developer_role_are_accepted():
-    req = chat(messages=[
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-    ])
+    req = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ]
+    )
     msgs = req.chat_messages()
     assert (msgs[0].role, msgs[1].content) == ("system", "ab")
 

@@ -54,7 +54,7 @@ def test_decode_tokens_come_first_then_prompt_chunks_within_budget():
 def test_last_prompt_chunk_asks_for_logits():
     s = scheduler(batch_tokens=16)
     s.enqueue(request("p", 20))
-    (_, p), = s.admit()
+    ((_, p),) = s.admit()
     first = s.plan()
     assert len(first[0].tokens) == 16 and not first[0].want_logits
     p.num_computed_tokens = 16
@@ -88,7 +88,7 @@ def test_cancel_waiting_removes_only_that_request():
 def test_release_returns_slot_and_cells():
     s = scheduler()
     s.enqueue(request("a", 10))
-    (_, prog), = s.admit()
+    ((_, prog),) = s.admit()
     s.release(prog.slot)
     assert s.kv_cells_reserved == 0 and s.num_free_slots == 2
     s.check_invariants()
