@@ -57,7 +57,33 @@ def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
 
 
-class LlamaModel:
+class _Owner:
+    """Owns one native handle: `close()` frees it exactly once; usable as a context manager."""
+
+    _handle = None
+
+    def _free(self, handle) -> None:
+        raise NotImplementedError
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise LlamaError(f"{type(self).__name__} is closed")
+        return self._handle
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._free(handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LlamaModel(_Owner):
     """A loaded GGUF model (weights, or only the vocabulary with `vocab_only=True`)."""
 
     def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
@@ -75,22 +101,8 @@ class LlamaModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
 
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise LlamaError("model is closed")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            llama_cpp.llama_model_free(self._handle)
-            self._handle = None
-
-    def __enter__(self) -> LlamaModel:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _free(self, handle) -> None:
+        llama_cpp.llama_model_free(handle)
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -213,7 +225,7 @@ class ContextParams:
     flash_attn: bool = True
 
 
-class LlamaContext:
+class LlamaContext(_Owner):
     """An inference context: one unified KV cache shared by `n_seq_max` sequences."""
 
     def __init__(self, model: LlamaModel, params: ContextParams):
@@ -248,22 +260,8 @@ class LlamaContext:
         self.n_ctx_cells = llama_cpp.llama_n_ctx(handle)
         self._memory = llama_cpp.llama_get_memory(handle)
 
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise LlamaError("context is closed")
-        return self._handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            llama_cpp.llama_free(self._handle)
-            self._handle = None
-
-    def __enter__(self) -> LlamaContext:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _free(self, handle) -> None:
+        llama_cpp.llama_free(handle)
 
     def decode(self, batch: LlamaBatch) -> None:
         code = llama_cpp.llama_decode(self.handle, batch.native)
@@ -310,20 +308,20 @@ class LlamaContext:
             raise LlamaError(f"state import read {read} of {len(blob)} bytes")
 
 
-class LlamaBatch:
+class LlamaBatch(_Owner):
     """A reusable token batch of fixed capacity; rows are filled with `add` after `clear`."""
 
     def __init__(self, capacity_tokens: int):
         self.capacity_tokens = capacity_tokens
-        self._native = llama_cpp.llama_batch_init(capacity_tokens, 0, 1)
-        self._open = True
-        self.native.n_tokens = 0
+        self._handle = llama_cpp.llama_batch_init(capacity_tokens, 0, 1)
+        self._handle.n_tokens = 0
+
+    def _free(self, handle) -> None:
+        llama_cpp.llama_batch_free(handle)
 
     @property
     def native(self):
-        if not self._open:
-            raise LlamaError("batch is closed")
-        return self._native
+        return self.handle
 
     @property
     def n_tokens(self) -> int:
@@ -346,19 +344,8 @@ class LlamaBatch:
         b.n_tokens = i + 1
         return i
 
-    def close(self) -> None:
-        if self._open:
-            llama_cpp.llama_batch_free(self._native)
-            self._open = False
 
-    def __enter__(self) -> LlamaBatch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class SamplerChain:
+class SamplerChain(_Owner):
     """One sequence's sampler: greedy at temperature 0, else top-k → top-p → temperature → dist."""
 
     def __init__(self, *, temperature: float, top_p: float, top_k: int, seed: int):
@@ -380,18 +367,8 @@ class SamplerChain:
         # The chain takes ownership of the stage and frees it with itself.
         llama_cpp.llama_sampler_chain_add(self._handle, sampler)
 
+    def _free(self, handle) -> None:
+        llama_cpp.llama_sampler_free(handle)
+
     def sample(self, ctx: LlamaContext, batch_index: int) -> int:
-        if self._handle is None:
-            raise LlamaError("sampler is closed")
-        return llama_cpp.llama_sampler_sample(self._handle, ctx.handle, batch_index)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            llama_cpp.llama_sampler_free(self._handle)
-            self._handle = None
-
-    def __enter__(self) -> SamplerChain:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return llama_cpp.llama_sampler_sample(self.handle, ctx.handle, batch_index)
