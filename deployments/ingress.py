@@ -10,6 +10,7 @@ from typing import Any
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.registry import find_registry
 from kv3d.api import ServedModel, build_api
 from kv3d.chat import Tokenizer
 from kv3d.config import KV3DConfig
@@ -32,6 +33,16 @@ class HandleBackend:
         self._unary = handle
         self._handle = handle.options(stream=True)
         self._retry_after_s = retry_after_s
+
+    async def snapshot_stats(self) -> dict[str, Any] | None:
+        registry = find_registry()
+        if registry is None:
+            return None
+        try:
+            return await asyncio.wait_for(registry.stats.remote(), STATS_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("no snapshot stats from the registry: %s", exc)
+            return None
 
     async def engine_stats(self) -> list[EngineStats]:
         # One replica answers (whichever the router picks); the others' figures arrive with

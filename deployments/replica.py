@@ -8,8 +8,9 @@ from typing import Any
 
 from ray import serve
 
+from deployments.registry import SnapshotClient, get_registry
 from kv3d.config import KV3DConfig
-from kv3d.engine import Engine
+from kv3d.engine import MIB, Engine
 from kv3d.generation import EngineStats, GenerationRequest, StreamEvent
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,29 @@ class ModelReplica:
     process because native llama.cpp handles never cross process boundaries."""
 
     def __init__(self, config: dict[str, Any]):
-        self._engine = Engine.from_config(KV3DConfig(**config), replica_id=_replica_id()).start()
+        cfg = KV3DConfig(**config)
+        self._engine = Engine.from_config(cfg, replica_id=_replica_id())
+        self._snapshots: SnapshotClient | None = None
+        if cfg.prefix.enabled and cfg.prefix.snapshots:
+            registry = get_registry(cfg.cache.ram_warm_mb * MIB)
+            self._snapshots = SnapshotClient(registry, self._engine.fingerprint)
+            self._engine.set_snapshot_sink(self._snapshots.publish)
+        self._engine.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        snapshot = await self._snapshot_for(request)
         # Serve cancels this generator when the caller goes away; Engine.stream then frees the slot.
-        async for event in self._engine.stream(request):
+        async for event in self._engine.stream(request, snapshot):
             yield event
+
+    async def _snapshot_for(self, request: GenerationRequest):
+        """A snapshot from the object store when this replica holds none of the prefix hot."""
+        if self._snapshots is None:
+            return None
+        blocks = self._engine.prefix_blocks(request)
+        if not blocks or self._engine.hot_prefix_tokens(blocks) > 0:
+            return None
+        return await self._snapshots.fetch([b.key for b in blocks])
 
     def stats(self) -> EngineStats:
         return self._engine.stats()

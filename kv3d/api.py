@@ -57,6 +57,10 @@ class GenerateBackend(Protocol):
         """Fresh engine counters from the replica(s) this backend can reach right now."""
         ...
 
+    async def snapshot_stats(self) -> dict[str, Any] | None:
+        """The snapshot registry's figures (`snapshots`, `bytes`), or None without one."""
+        ...
+
 
 class LocalBackend:
     """Runs requests on an engine in this process (no Ray)."""
@@ -69,6 +73,9 @@ class LocalBackend:
 
     async def engine_stats(self) -> list[EngineStats]:
         return [self.engine.stats()]
+
+    async def snapshot_stats(self) -> dict[str, Any] | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,10 @@ def build_api(
     async def prometheus() -> Response:
         for stats in await backend.engine_stats():
             metrics.engine.observe(stats)
+        snapshots = await backend.snapshot_stats()
+        if snapshots is not None:
+            metrics.snapshots.snapshots = snapshots["snapshots"]
+            metrics.snapshots.bytes = snapshots["bytes"]
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -119,12 +130,14 @@ def build_api(
     async def chat_completions(request: Request) -> Response:
         started_s = time.perf_counter()
         req = await _parse(request, ChatCompletionRequest)
+        messages = req.chat_messages()
         try:
-            prompt = served.tokenizer.encode_chat(req.chat_messages())
+            prompt = served.tokenizer.encode_chat(messages)
+            family = served.tokenizer.family_tokens(messages, prompt)
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         gen = _generation_request(
-            "chatcmpl", req, prompt, served.context_tokens, req.requested_top_logprobs()
+            "chatcmpl", req, prompt, served.context_tokens, req.requested_top_logprobs(), family
         )
         view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
         return await _respond(backend, metrics, gen, view, req.stream, started_s)
@@ -170,7 +183,12 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
 
 
 def _generation_request(
-    kind: str, req: Any, prompt: list[int], context_tokens: int, top_logprobs: int | None
+    kind: str,
+    req: Any,
+    prompt: list[int],
+    context_tokens: int,
+    top_logprobs: int | None,
+    family_tokens: int | None = None,
 ) -> GenerationRequest:
     if not prompt:
         raise APIError(400, "the prompt is empty after tokenization", param="messages")
@@ -192,6 +210,7 @@ def _generation_request(
         sampling=req.sampling(),
         stop=req.stop_strings(),
         top_logprobs=top_logprobs,
+        family_tokens=family_tokens,
     )
 
 
@@ -300,6 +319,8 @@ class _Observed:
             if self._last_token_s is None:
                 m.ttft.observe(now - self._t0)
             m.completion_tokens.inc(event.usage.completion_tokens)
+            if event.snapshot_restore_s is not None:
+                m.restore.observe(event.snapshot_restore_s)
         if getattr(event, "stats", None) is not None:
             m.engine.observe(event.stats)
 

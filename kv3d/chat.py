@@ -114,7 +114,27 @@ class Tokenizer:
         return JinjaChatTemplate(source, bos_token=bos, eos_token=eos)
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        text = self.chat_template.render(messages)
+        return self._encode_rendered(self.chat_template.render(messages))
+
+    def family_tokens(self, messages: list[ChatMessage], prompt: list[int]) -> int | None:
+        """Where the leading system messages end in `prompt`: the family prefix that sessions
+        with the same system prompt share. None when there is none, or when the template does
+        not render them as a token prefix of the whole conversation."""
+        leading = []
+        for message in messages:
+            if message.role != "system":
+                break
+            leading.append(message)
+        if not leading or len(leading) == len(messages):
+            return None
+        text = self.chat_template.render(leading, add_generation_prompt=False)
+        if not text.strip():  # the template folds system text into the first user turn
+            return None
+        head = self._encode_rendered(text)
+        n = len(head)
+        return n if 0 < n < len(prompt) and prompt[:n] == head else None
+
+    def _encode_rendered(self, text: str) -> list[int]:
         # The template writes its own special tokens (BOS included, where the model uses one).
         tokens = self._model.tokenize(text, add_special=False, parse_special=True)
         bos = self._model.token_bos()

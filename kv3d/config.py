@@ -78,6 +78,21 @@ class EngineConfig(_Section):
     flash_attn: bool = Field(True, description="Use flash attention (V cache not transposed).")
 
 
+class PrefixConfig(_Section):
+    enabled: bool = Field(True, description="Reuse the KV of shared prompt prefixes.")
+    block_tokens: int = Field(
+        32, ge=4, le=1024, description="Tokens per hashed block (a family prefix may end early)."
+    )
+    max_hot: int = Field(
+        16, ge=1, le=128, description="Prefixes a replica keeps hot in its KV cache."
+    )
+    min_tokens: int = Field(8, ge=1, description="Shortest prefix worth keeping hot.")
+    snapshots: bool = Field(True, description="Publish family prefixes to the object store.")
+    snapshot_min_tokens: int = Field(
+        64, ge=1, description="Shortest family prefix published as a snapshot."
+    )
+
+
 class DeployConfig(_Section):
     replicas: int = Field(1, ge=1, description="Model replicas (one per GPU in production).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
@@ -96,9 +111,10 @@ class KV3DConfig(BaseSettings):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
-    @field_validator("server", "cache", "model", "engine", "deploy", mode="before")
+    @field_validator("server", "cache", "model", "engine", "prefix", "deploy", mode="before")
     @classmethod
     def _none_is_default(cls, value: Any) -> Any:
         return {} if value is None else value

@@ -41,8 +41,8 @@ from kv3d.llama import (
     SamplerChain,
     supports_gpu_offload,
 )
-from kv3d.modelfile import model_id_for, resolve_model_path
-from kv3d.prefix import NoPrefixReuse, PrefixReuse
+from kv3d.modelfile import model_fingerprint, model_id_for, resolve_model_path
+from kv3d.reuse import Admission, NoReuse, PrefixReuse, Publish, ReuseSettings
 from kv3d.scheduler import (
     Chunk,
     Emit,
@@ -78,6 +78,9 @@ class EngineSettings:
     decode_threads: int
     max_queued_requests: int
     retry_after_s: int
+    reuse: ReuseSettings
+    reuse_enabled: bool
+    max_hot_prefixes: int
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -100,7 +103,20 @@ class EngineSettings:
             decode_threads=config.engine.decode_threads or threads,
             max_queued_requests=config.server.max_queued_requests,
             retry_after_s=config.server.retry_after_s,
+            reuse=_reuse_settings(config),
+            reuse_enabled=config.prefix.enabled,
+            max_hot_prefixes=config.prefix.max_hot,
         )
+
+
+def _reuse_settings(config: KV3DConfig) -> ReuseSettings:
+    p = config.prefix
+    return ReuseSettings(
+        block_tokens=p.block_tokens,
+        min_tokens=p.min_tokens,
+        snapshots=p.snapshots,
+        snapshot_min_tokens=p.snapshot_min_tokens,
+    )
 
 
 def plan_kv_cells(settings: EngineSettings, model: LlamaModel) -> tuple[int, int]:
@@ -126,8 +142,7 @@ class _Live:
     progress: SeqProgress
     sampler: SamplerChain
     text: IncrementalText
-    cached_tokens: int
-    cancelled: bool = False
+    reuse: Admission
 
 
 class Engine:
@@ -142,12 +157,14 @@ class Engine:
         settings: EngineSettings,
         *,
         replica_id: str = "local",
-        prefix_reuse: PrefixReuse | None = None,
+        publish: Publish | None = None,
     ):
+        """`publish(key, snapshot)` receives each family prefix snapshot (from the step thread;
+        it must not block)."""
         self.settings = settings
         self.replica_id = replica_id
         self.model_id = settings.model_id
-        self.prefix_reuse = prefix_reuse or NoPrefixReuse()
+        num_holders = settings.max_hot_prefixes if settings.reuse_enabled else 0
         t0 = time.perf_counter()
         self.model = LlamaModel(settings.model_path, n_gpu_layers=settings.n_gpu_layers)
         try:
@@ -156,7 +173,7 @@ class Engine:
                 self.model,
                 ContextParams(
                     n_ctx_cells=self.kv_cells_total,
-                    n_seq_max=settings.max_sequences,
+                    n_seq_max=settings.max_sequences + num_holders,
                     n_batch_tokens=settings.batch_tokens,
                     n_threads=settings.threads,
                     n_threads_single=settings.decode_threads,
@@ -175,6 +192,19 @@ class Engine:
             batch_tokens=settings.batch_tokens,
             max_waiting=settings.max_queued_requests,
         )
+        self.fingerprint = model_fingerprint(
+            settings.model_path,
+            kv_type=settings.kv_type,
+            flash_attn=settings.flash_attn,
+            engine_version=llama_cpp_version(),
+        )
+        self.reuse: PrefixReuse | NoReuse = NoReuse(settings.reuse)
+        if settings.reuse_enabled:
+            holders = list(range(settings.max_sequences, settings.max_sequences + num_holders))
+            snapshot_sink = publish if settings.reuse.snapshots else None
+            self.reuse = PrefixReuse(
+                self.ctx, self.scheduler, holders, settings.reuse, self.fingerprint, snapshot_sink
+            )
         self._live: dict[int, _Live] = {}
         self._cancelled: set[str] = set()
         self._wake = threading.Condition()
@@ -238,10 +268,14 @@ class Engine:
         self.close()
 
     # --- any thread -------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, emit: Emit) -> None:
-        """Queue a request. `emit` is called from the engine thread and must not block."""
+    def submit(self, request: GenerationRequest, emit: Emit, snapshot=None) -> None:
+        """Queue a request. `emit` is called from the engine thread and must not block.
+
+        `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
+        object); it is verified before use and ignored when it does not apply.
+        """
         try:
-            self.scheduler.enqueue(Pending(request, emit))
+            self.scheduler.enqueue(Pending(request, emit, snapshot))
         except RequestTooLargeError as exc:
             emit(Rejected(400, "context_length_exceeded", str(exc), stats=self.stats()))
             return
@@ -270,7 +304,20 @@ class Engine:
             self._cancelled.add(request_id)
             self._wake.notify()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    def set_snapshot_sink(self, publish: Publish) -> None:
+        """Where family prefix snapshots go (called from the step thread; must not block)."""
+        if isinstance(self.reuse, PrefixReuse) and self.reuse.settings.snapshots:
+            self.reuse.publish = publish
+
+    def prefix_blocks(self, request: GenerationRequest) -> list:
+        """The request's reusable blocks (pure; any thread)."""
+        return self.reuse.blocks_for(request.prompt_tokens, request.family_tokens)
+
+    def hot_prefix_tokens(self, blocks: list) -> int:
+        """How many of the blocks' tokens this replica holds hot (a hint; any thread)."""
+        return self.reuse.hot_tokens(blocks)
+
+    async def stream(self, request: GenerationRequest, snapshot=None) -> AsyncIterator[StreamEvent]:
         """Submit `request` and yield its events; closing the iterator early cancels it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -281,7 +328,7 @@ class Engine:
             except RuntimeError:  # the consumer's loop is gone: nobody is listening
                 self.cancel(request.request_id)
 
-        self.submit(request, emit)
+        self.submit(request, emit, snapshot)
         ended = False
         try:
             while True:
@@ -305,6 +352,7 @@ class Engine:
             kv_cells_total=self.kv_cells_total,
             kv_cells_reserved=sched.kv_cells_reserved,
             **self._counters,
+            **self.reuse.stats(),
         )
 
     # --- engine thread ----------------------------------------------------------------------
@@ -325,6 +373,7 @@ class Engine:
     def step(self) -> int:
         """Run one scheduler step; returns the number of sequences it decoded."""
         self._apply_cancels()
+        self.reuse.make_room()
         for pending, progress in self.scheduler.admit():
             self._start(pending, progress)
         chunks = self.scheduler.plan()
@@ -352,11 +401,10 @@ class Engine:
             top_k=req.sampling.top_k,
             seed=seed,
         )
-        # Seam for prefix reuse: tokens whose KV it places into the slot need no prefill.
-        cached = self.prefix_reuse.attach(self.ctx, progress.slot, req.prompt_tokens)
-        progress.num_computed_tokens = cached
+        # Tokens whose KV reuse places into the slot need no prefill.
+        admission = self.reuse.admit(pending, progress)
         text = IncrementalText(req.stop)
-        self._live[progress.slot] = _Live(pending, progress, sampler, text, cached)
+        self._live[progress.slot] = _Live(pending, progress, sampler, text, admission)
         self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
 
     def _fill_batch(self, chunks: list[Chunk]) -> list[int]:
@@ -388,6 +436,8 @@ class Engine:
         progress = live.progress
         progress.num_computed_tokens = chunk.start_pos + len(chunk.tokens)
         progress.pending_token = None
+        if chunk.prefill:
+            self.reuse.after_chunk(live.reuse, progress, progress.prompt_tokens)
         if row < 0:
             return  # a prefill chunk that is not the prompt's last
         req = live.pending.request
@@ -443,21 +493,30 @@ class Engine:
         live = self._live.pop(slot)
         self.scheduler.release(slot)
         self.ctx.seq_remove(slot)
+        self.reuse.release(live.reuse)
         live.sampler.close()
         return live
 
     def _finish(self, slot: int, reason: FinishReason) -> None:
         live = self._release(slot)
         progress = live.progress
-        usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, live.cached_tokens)
+        usage = Usage(
+            len(progress.prompt_tokens), progress.generated_tokens, live.reuse.cached_tokens
+        )
         tail = live.text.finish() if reason != "cancelled" else ""
-        live.pending.emit(Finished(reason, usage, text=tail, stats=self.stats()))
+        live.pending.emit(Finished(reason, usage, tail, self.stats(), live.reuse.restore_s))
 
     def _fail(self, slot: int, message: str) -> None:
         if slot not in self._live:
             return
         live = self._release(slot)
         live.pending.emit(Rejected(500, "engine_error", message, stats=self.stats()))
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
 
 
 def new_request_id(prefix: str = "req") -> str:

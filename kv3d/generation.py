@@ -30,6 +30,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely tokens.
     top_logprobs: int | None = None
+    # Where the family prefix (system/developer messages) ends in `prompt_tokens`, if known.
+    family_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class Finished:
     usage: Usage
     text: str = ""  # text released at the very end (held back for a possible stop string)
     stats: EngineStats | None = None
+    snapshot_restore_s: float | None = None  # set when the prefix came from a snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,14 @@ class EngineStats:
     prompt_tokens_total: int
     generated_tokens_total: int
     prefill_tokens_total: int
+    prefix_lookups_total: int = 0
+    prefix_hits_total: int = 0
+    prefix_tokens_reused_total: int = 0
+    hot_prefixes: int = 0
+    hot_prefix_cells: int = 0
+    snapshot_restores_total: int = 0
+    snapshot_rejects_total: int = 0
+    snapshots_published_total: int = 0
 
 
 StreamEvent = TextDelta | Finished | Rejected

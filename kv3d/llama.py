@@ -223,6 +223,9 @@ class ContextParams:
     n_threads_single: int  # llama.cpp uses these when a step carries one token
     kv_type: str = "f16"
     flash_attn: bool = True
+    # Keep every cell of sliding-window layers: sequences can then share and restore a prefix's
+    # cells exactly (a trimmed window would make them depend on which sequence computed them).
+    swa_full: bool = True
 
 
 class LlamaContext(_Owner):
@@ -247,6 +250,7 @@ class LlamaContext(_Owner):
         )
         # One pool of cells for all sequences: lets sequences share prefix cells (seq_cp).
         cparams.kv_unified = True
+        cparams.swa_full = params.swa_full
         cparams.no_perf = True
         handle = llama_cpp.llama_init_from_model(model.handle, cparams)
         if not handle:

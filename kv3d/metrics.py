@@ -29,25 +29,94 @@ disable_created_metrics()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RESTORE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+# (EngineStats field, metric name, kind, help). Counters are named without `_total`.
+_ENGINE_SERIES = (
+    (
+        "running_sequences",
+        "kv3d_engine_running_sequences",
+        "gauge",
+        "Sequences decoding or prefilling now.",
+    ),
+    (
+        "waiting_requests",
+        "kv3d_engine_waiting_requests",
+        "gauge",
+        "Requests queued for a sequence slot (queue depth).",
+    ),
+    ("kv_cells_total", "kv3d_engine_kv_cells_total", "gauge", "KV cells in the replicas' caches."),
+    (
+        "kv_cells_reserved",
+        "kv3d_engine_kv_cells_reserved",
+        "gauge",
+        "KV cells reserved by running sequences.",
+    ),
+    (
+        "max_sequences_in_step",
+        "kv3d_engine_max_sequences_in_step",
+        "max",
+        "Most sequences one decode step carried (max over replicas).",
+    ),
+    ("steps_total", "kv3d_engine_steps", "counter", "Decode steps run."),
+    (
+        "batched_steps_total",
+        "kv3d_engine_batched_steps",
+        "counter",
+        "Decode steps that carried more than one sequence.",
+    ),
+    (
+        "prefill_tokens_total",
+        "kv3d_engine_prefill_tokens",
+        "counter",
+        "Prompt tokens computed by prefill.",
+    ),
+    ("generated_tokens_total", "kv3d_engine_generated_tokens", "counter", "Tokens generated."),
+    (
+        "prefix_lookups_total",
+        "kv3d_prefix_lookups",
+        "counter",
+        "Requests whose prompt prefix was looked up.",
+    ),
+    (
+        "prefix_hits_total",
+        "kv3d_prefix_hits",
+        "counter",
+        "Requests that reused a cached prefix (hot or restored from a snapshot).",
+    ),
+    (
+        "prefix_tokens_reused_total",
+        "kv3d_prefix_tokens_reused",
+        "counter",
+        "Prompt tokens taken from cache instead of prefill.",
+    ),
+    ("hot_prefixes", "kv3d_prefix_hot", "gauge", "Prefixes held hot in the replicas' KV caches."),
+    ("hot_prefix_cells", "kv3d_prefix_hot_cells", "gauge", "KV cells owned by hot prefixes."),
+    (
+        "snapshot_restores_total",
+        "kv3d_snapshot_restores",
+        "counter",
+        "Prefixes restored from the object store.",
+    ),
+    (
+        "snapshot_rejects_total",
+        "kv3d_snapshot_rejects",
+        "counter",
+        "Snapshots refused by validation (the request recomputed).",
+    ),
+    (
+        "snapshots_published_total",
+        "kv3d_snapshots_published",
+        "counter",
+        "Family prefixes published as snapshots.",
+    ),
+)
 
 
 class _EngineCollector(Collector):
     """Sums the newest `EngineStats` of every replica that reported one."""
-
-    _GAUGES = {
-        "running_sequences": "Sequences decoding or prefilling now.",
-        "waiting_requests": "Requests queued for a sequence slot (queue depth).",
-        "kv_cells_total": "KV cells in the replicas' caches.",
-        "kv_cells_reserved": "KV cells reserved by running sequences.",
-        "max_sequences_in_step": "Most sequences one decode step carried (max over replicas).",
-    }
-    _COUNTERS = {
-        "steps_total": "Decode steps run.",
-        "batched_steps_total": "Decode steps that carried more than one sequence.",
-        "prefill_tokens_total": "Prompt tokens computed by prefill.",
-        "generated_tokens_total": "Tokens generated.",
-    }
 
     def __init__(self) -> None:
         self._latest: dict[str, EngineStats] = {}
@@ -59,18 +128,38 @@ class _EngineCollector(Collector):
             if old is None or old.taken_at_s <= stats.taken_at_s:
                 self._latest[stats.replica_id] = stats
 
-    def collect(self) -> Iterator:
+    def totals(self) -> dict[str, float]:
         with self._lock:
             stats = list(self._latest.values())
-        yield GaugeMetricFamily("kv3d_engine_replicas", "Replicas that reported.", len(stats))
-        for name, doc in self._GAUGES.items():
-            values = [getattr(s, name) for s in stats]
-            value = max(values, default=0) if name.startswith("max_") else sum(values)
-            yield GaugeMetricFamily(f"kv3d_engine_{name}", doc, value)
-        for name, doc in self._COUNTERS.items():
-            base = name.removesuffix("_total")
-            total = sum(getattr(s, name) for s in stats)
-            yield CounterMetricFamily(f"kv3d_engine_{base}", doc, total)
+        out = {}
+        for field, _, kind, _ in _ENGINE_SERIES:
+            values = [getattr(s, field) for s in stats]
+            out[field] = max(values, default=0) if kind == "max" else sum(values)
+        out["replicas"] = len(stats)
+        return out
+
+    def collect(self) -> Iterator:
+        totals = self.totals()
+        yield GaugeMetricFamily(
+            "kv3d_engine_replicas", "Replicas that reported.", totals["replicas"]
+        )
+        for field, name, kind, doc in _ENGINE_SERIES:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, doc, totals[field])
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self) -> None:
+        self.snapshots = 0
+        self.bytes = 0
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily(
+            "kv3d_snapshots", "Prefix snapshots in the object store.", self.snapshots
+        )
+        yield GaugeMetricFamily(
+            "kv3d_snapshot_bytes", "Bytes of prefix snapshots stored.", self.bytes
+        )
 
 
 class ServerMetrics:
@@ -104,8 +193,24 @@ class ServerMetrics:
             buckets=ITL_BUCKETS_S,
             registry=r,
         )
+        self.restore = Histogram(
+            "kv3d_snapshot_restore_seconds",
+            "Restoring a prefix snapshot from the object store.",
+            buckets=RESTORE_BUCKETS_S,
+            registry=r,
+        )
         self.engine = _EngineCollector()
+        self.snapshots = _SnapshotCollector()
         r.register(self.engine)
+        r.register(self.snapshots)
+
+    def hit_rate(self) -> float:
+        totals = self.engine.totals()
+        lookups = totals["prefix_lookups_total"]
+        return totals["prefix_hits_total"] / lookups if lookups else 0.0
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        # The hit rate goes last as an untyped sample without HELP/TYPE lines, so that
+        # `curl -s …/metrics | grep hit_rate` prints exactly the one line the README promises.
+        rate = f"kv3d_prefix_hit_rate {round(self.hit_rate(), 6)}\n".encode()
+        return generate_latest(self.registry) + rate

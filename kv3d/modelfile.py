@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 from pathlib import Path
 
@@ -48,3 +49,21 @@ def model_id_for(path: Path, configured_id: str) -> str:
         return configured_id
     name = path.name
     return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def model_fingerprint(path: Path, *, kv_type: str, flash_attn: bool, engine_version: str) -> bytes:
+    """16 bytes naming the model file, the llama.cpp build and the KV cache layout.
+
+    Hashes the file's size and its first and last 8 MiB (a multi-GB GGUF is not read whole at
+    start-up; its header, tokenizer and last tensors differ between models and quantisations).
+    """
+    window = 8 * 1024 * 1024
+    size = path.stat().st_size
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"kv3d-fp-v1|{size}|{kv_type}|fa={int(flash_attn)}|{engine_version}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(window))
+        if size > window:
+            f.seek(max(window, size - window))
+            h.update(f.read(window))
+    return h.digest()

@@ -1,29 +1,230 @@
-"""Prefix reuse: the place where a request's prompt prefix is looked up before prefill.
+"""Exact-prefix detection and the replica's hot prefixes.
 
-The engine asks its `PrefixReuse` to attach whatever KV it already holds for a prompt to a fresh
-sequence slot; the returned count of tokens is skipped by prefill and reported to the client as
-`cached_tokens`. Exact-prefix detection and shared snapshots implement this protocol.
+Identity: a prompt is cut into blocks of `block_tokens`; a block also ends exactly at the
+family boundary (the end of the system/developer messages) so that a family's prefix is one chain
+whatever its length. Each block's key is a chained 64-bit hash over (parent key, block tokens),
+seeded by the model fingerprint, so a key never matches across models or cache layouts. A hit is
+confirmed by comparing tokens: a hash collision costs a miss, never wrong KV.
+
+Reuse: a hot prefix's KV cells belong to a holder sequence of the llama.cpp context; a session
+that shares it gets the cells added to its own sequence (`seq_cp` in a unified cache: no copy).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from kv3d.llama import LlamaContext
 
-
-class PrefixReuse(Protocol):
-    def attach(self, ctx: LlamaContext, slot: int, prompt_tokens: tuple[int, ...]) -> int:
-        """Place reusable KV for a prefix of `prompt_tokens` into `slot`; return its length.
-
-        Must return at most `len(prompt_tokens) - 1`: the last prompt token is always decoded,
-        since its logits choose the first generated token.
-        """
-        ...
+KEY_BYTES = 8
 
 
-class NoPrefixReuse:
-    """Reuses nothing: every prompt is prefilled in full."""
+@dataclass(frozen=True, slots=True)
+class Block:
+    key: int  # chained hash of every token up to `end_tokens`
+    end_tokens: int
 
-    def attach(self, ctx: LlamaContext, slot: int, prompt_tokens: tuple[int, ...]) -> int:
-        return 0
+
+def cut_points(n_tokens: int, block_tokens: int, boundary: int | None = None) -> list[int]:
+    """Block ends for `n_tokens` tokens: every `block_tokens`, restarting at `boundary`.
+
+    Only whole blocks are listed (a tail shorter than a block is recomputed, never guessed),
+    except that the block ending at `boundary` may be short.
+    """
+    ends: list[int] = []
+    start = 0
+    if boundary is not None and 0 < boundary <= n_tokens:
+        ends.extend(range(block_tokens, boundary, block_tokens))
+        ends.append(boundary)
+        start = boundary
+    ends.extend(range(start + block_tokens, n_tokens + 1, block_tokens))
+    return ends
+
+
+def chain_blocks(
+    tokens: Sequence[int], block_tokens: int, seed: bytes, boundary: int | None = None
+) -> list[Block]:
+    """The chained block keys of `tokens` (see `cut_points`)."""
+    data = np.asarray(tokens, dtype="<i4").tobytes()
+    parent = hashlib.blake2b(seed, digest_size=KEY_BYTES).digest()
+    blocks, start = [], 0
+    for end in cut_points(len(tokens), block_tokens, boundary):
+        h = hashlib.blake2b(parent, digest_size=KEY_BYTES)
+        h.update(data[4 * start : 4 * end])
+        parent = h.digest()
+        blocks.append(Block(int.from_bytes(parent, "little"), end))
+        start = end
+    return blocks
+
+
+def reusable_blocks(
+    prompt: Sequence[int], block_tokens: int, seed: bytes, boundary: int | None
+) -> list[Block]:
+    """Blocks of the part of `prompt` that may come from cache: all but its last token, whose
+    logits pick the first generated token."""
+    usable = prompt[: len(prompt) - 1]
+    if boundary is not None and boundary > len(usable):
+        boundary = None
+    return chain_blocks(usable, block_tokens, seed, boundary)
+
+
+@dataclass(slots=True)
+class HotPrefix:
+    key: int  # key of its last block: the family id
+    tokens: tuple[int, ...]
+    seq_id: int  # the holder sequence that owns its cells
+    blocks: tuple[Block, ...]
+    refs: int = 0  # running sequences whose cells include it
+    hits: int = 0
+    last_used_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    prefix: HotPrefix
+    n_tokens: int  # how much of the prefix the prompt shares (a block end)
+
+
+class PrefixCache:
+    """The hot prefixes of one llama.cpp context.
+
+    Invariants (`check_invariants`): each hot prefix owns one holder sequence id and exactly
+    `n_tokens` cells, counted in `cells_held`; a prefix with `refs > 0` is never evicted; every
+    key in the block index points at a live prefix that has that block. Eviction order is least
+    recently used among prefixes with no references. Engine thread only, except `peek`.
+    """
+
+    def __init__(self, ctx: LlamaContext, holder_seq_ids: Sequence[int]):
+        self._ctx = ctx
+        self._free_holders = list(reversed(holder_seq_ids))
+        self._num_holders = len(holder_seq_ids)
+        self._by_block: dict[int, HotPrefix] = {}
+        self._prefixes: dict[int, HotPrefix] = {}  # by holder seq id
+        self.cells_held = 0
+
+    # --- lookups --------------------------------------------------------------------------------
+    def match(self, blocks: Sequence[Block], prompt: Sequence[int]) -> PrefixMatch | None:
+        """The deepest block of `blocks` held hot whose tokens equal the prompt's."""
+        best = None
+        for block in blocks:
+            prefix = self._by_block.get(block.key)
+            if prefix is None:
+                break
+            end = block.end_tokens
+            if prefix.tokens[:end] != tuple(prompt[:end]):
+                break  # a hash collision: treat as a miss from here on
+            best = PrefixMatch(prefix, end)
+        return best
+
+    def peek(self, blocks: Sequence[Block]) -> int:
+        """Tokens hot for `blocks` by key alone (no token check); safe from any thread."""
+        n = 0
+        for block in blocks:
+            if block.key not in self._by_block:
+                break
+            n = block.end_tokens
+        return n
+
+    # --- references -----------------------------------------------------------------------------
+    def attach(self, match: PrefixMatch, slot: int) -> None:
+        """Share the matched cells into sequence `slot` and hold a reference for it."""
+        self._ctx.seq_copy(match.prefix.seq_id, slot, 0, match.n_tokens)
+        self._ref(match.prefix)
+        match.prefix.hits += 1
+
+    def release(self, prefix: HotPrefix) -> None:
+        prefix.refs -= 1
+        prefix.last_used_s = time.monotonic()
+
+    # --- admission of new prefixes -------------------------------------------------------------
+    def register_from(self, slot: int, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+        """Make the first `len(tokens)` cells of `slot` a hot prefix (shared, not copied)."""
+        prefix = self._new_prefix(tokens, blocks)
+        self._ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
+        self._ref(prefix)  # the creating sequence shares its cells
+        return prefix
+
+    def restore(self, state: bytes, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+        """Load a snapshot's sequence state as a new hot prefix."""
+        prefix = self._new_prefix(tokens, blocks)
+        try:
+            self._ctx.set_seq_state(prefix.seq_id, state)
+            if self._ctx.seq_pos_max(prefix.seq_id) != len(tokens) - 1:
+                raise ValueError("restored state does not cover the prefix's positions")
+        except Exception:
+            self._drop(prefix)
+            raise
+        return prefix
+
+    def export_state(self, prefix: HotPrefix) -> bytes:
+        return self._ctx.seq_state(prefix.seq_id)
+
+    def evict_unused(self, cells_needed: int) -> int:
+        """Evict least recently used unreferenced prefixes until `cells_needed` cells are freed
+        (or none is left); returns the cells freed."""
+        freed = 0
+        idle = sorted(
+            (p for p in self._prefixes.values() if p.refs == 0), key=lambda p: p.last_used_s
+        )
+        for prefix in idle:
+            if freed >= cells_needed:
+                break
+            freed += prefix.n_tokens
+            self._drop(prefix)
+        return freed
+
+    def free_a_holder(self) -> bool:
+        """Make sure a holder sequence is free, evicting the least recently used idle prefix."""
+        if not self._free_holders:
+            idle = [p for p in self._prefixes.values() if p.refs == 0]
+            if idle:
+                self._drop(min(idle, key=lambda p: p.last_used_s))
+        return bool(self._free_holders)
+
+    @property
+    def num_hot(self) -> int:
+        return len(self._prefixes)
+
+    def hot(self) -> list[HotPrefix]:
+        return list(self._prefixes.values())
+
+    # --- internals ------------------------------------------------------------------------------
+    def _new_prefix(self, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+        if not self._free_holders:
+            raise RuntimeError("no free holder sequence for a new prefix")
+        prefix = HotPrefix(blocks[-1].key, tuple(tokens), self._free_holders.pop(), tuple(blocks))
+        self._prefixes[prefix.seq_id] = prefix
+        for block in blocks:
+            self._by_block[block.key] = prefix
+        self.cells_held += prefix.n_tokens
+        return prefix
+
+    def _ref(self, prefix: HotPrefix) -> None:
+        prefix.refs += 1
+        prefix.last_used_s = time.monotonic()
+
+    def _drop(self, prefix: HotPrefix) -> None:
+        self._ctx.seq_remove(prefix.seq_id)
+        del self._prefixes[prefix.seq_id]
+        for block in prefix.blocks:
+            if self._by_block.get(block.key) is prefix:
+                del self._by_block[block.key]
+        self._free_holders.append(prefix.seq_id)
+        self.cells_held -= prefix.n_tokens
+
+    def check_invariants(self) -> None:
+        assert self.cells_held == sum(p.n_tokens for p in self._prefixes.values())
+        assert len(self._prefixes) + len(self._free_holders) == self._num_holders
+        assert all(p.refs >= 0 for p in self._prefixes.values())
+        for key, prefix in self._by_block.items():
+            assert prefix.seq_id in self._prefixes, "index points at an evicted prefix"
+            assert any(b.key == key for b in prefix.blocks)

@@ -32,6 +32,7 @@ class RequestTooLargeError(ValueError):
 class Pending:
     request: GenerationRequest
     emit: Emit
+    snapshot: object | None = None  # a prefix snapshot fetched for this request (bytes-like)
 
     @property
     def cells_needed(self) -> int:
@@ -59,6 +60,7 @@ class SeqProgress:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     pending_token: int | None = None  # sampled, not yet decoded
     generated_tokens: int = 0
+    chunk_stop: int | None = None  # prefill chunks must end here (a prefix to register)
 
     @property
     def prefilling(self) -> bool:
@@ -81,6 +83,7 @@ class Scheduler:
     max_waiting: int
     running: dict[int, SeqProgress] = field(default_factory=dict)
     kv_cells_reserved: int = 0
+    kv_cells_held: int = 0  # cells owned by hot prefixes (the engine keeps this in sync)
     _waiting: deque[Pending] = field(default_factory=deque)
     _free_slots: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -158,11 +161,26 @@ class Scheduler:
                 continue
             start = seq.num_computed_tokens
             take = min(len(seq.prompt_tokens) - start, budget)
+            if seq.chunk_stop is not None and start < seq.chunk_stop:
+                take = min(take, seq.chunk_stop - start)
             last = start + take == len(seq.prompt_tokens)
             tokens = list(seq.prompt_tokens[start : start + take])
             chunks.append(Chunk(seq.slot, tokens, start, want_logits=last, prefill=True))
             budget -= take
         return chunks
+
+    def unreserve(self, progress: SeqProgress, cells: int) -> None:
+        """`cells` of a running sequence's reservation are not its own (a shared prefix)."""
+        progress.cells_reserved -= cells
+        self.kv_cells_reserved -= cells
+
+    def cells_short_for_head(self) -> int:
+        """Cells the first waiting request lacks while a slot is free; 0 when none."""
+        with self._lock:
+            if not self._waiting or not self._free_slots:
+                return 0
+            need = self._waiting[0].cells_needed
+        return max(0, self.kv_cells_reserved + self.kv_cells_held + need - self.kv_cells_total)
 
     def release(self, slot: int) -> SeqProgress:
         progress = self.running.pop(slot)
@@ -171,9 +189,8 @@ class Scheduler:
         return progress
 
     def _can_admit_now(self, pending: Pending) -> bool:
-        return bool(self._free_slots) and (
-            self.kv_cells_reserved + pending.cells_needed <= self.kv_cells_total
-        )
+        used = self.kv_cells_reserved + self.kv_cells_held
+        return bool(self._free_slots) and used + pending.cells_needed <= self.kv_cells_total
 
     def check_invariants(self) -> None:
         held = set(self.running)
@@ -183,4 +200,5 @@ class Scheduler:
         assert len(self._free_slots) == len(free), "a slot is free twice"
         reserved = sum(s.cells_reserved for s in self.running.values())
         assert reserved == self.kv_cells_reserved, "reservation count drifted"
-        assert self.kv_cells_reserved <= self.kv_cells_total, "cells over-reserved"
+        used = self.kv_cells_reserved + self.kv_cells_held
+        assert used <= self.kv_cells_total, "cells over-reserved"

@@ -1,0 +1,98 @@
+"""The snapshot catalog: which prefix snapshots exist, within a RAM budget, least recently used
+out first. Plain Python; the Ray registry actor (deployments/registry.py) owns one."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class CatalogEntry:
+    key: int  # the family key: hash of the prefix's last block
+    fingerprint: bytes
+    n_tokens: int
+    nbytes: int
+    block_keys: tuple[int, ...]
+    handle: Any = None  # what the owner keeps alive for this entry (an ObjectRef)
+    created_s: float = field(default_factory=time.time)
+    last_used_s: float = field(default_factory=time.time)
+    hits: int = 0
+
+
+class SnapshotCatalog:
+    """Invariants (`check_invariants`): `total_bytes` is the sum of the entries' bytes and never
+    exceeds `budget_bytes`; a block key maps to an entry that has it. `_entries` is kept in
+    least-recently-used order, which is the eviction order."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.total_bytes = 0
+        self._entries: OrderedDict[int, CatalogEntry] = OrderedDict()
+        self._by_block: dict[int, int] = {}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, entry: CatalogEntry) -> list[CatalogEntry] | None:
+        """Insert `entry`, evicting as needed; returns the evicted entries, or None when the
+        entry alone exceeds the budget (it is then not added)."""
+        if entry.nbytes > self.budget_bytes:
+            return None
+        if entry.key in self._entries:
+            self._drop(self._entries[entry.key])
+        evicted = []
+        while self.total_bytes + entry.nbytes > self.budget_bytes:
+            evicted.append(self._drop(next(iter(self._entries.values()))))
+        self._entries[entry.key] = entry
+        self.total_bytes += entry.nbytes
+        for block_key in entry.block_keys:
+            self._by_block[block_key] = entry.key
+        return evicted
+
+    def lookup(self, fingerprint: bytes, block_keys: Sequence[int]) -> CatalogEntry | None:
+        """The entry for the deepest of `block_keys` that one holds (touches it)."""
+        found = None
+        for block_key in block_keys:
+            key = self._by_block.get(block_key)
+            if key is None:
+                break
+            entry = self._entries[key]
+            if entry.fingerprint == fingerprint:
+                found = entry
+        if found is not None:
+            found.hits += 1
+            found.last_used_s = time.time()
+            self._entries.move_to_end(found.key)
+        return found
+
+    def touch(self, key: int) -> None:
+        self._entries[key].last_used_s = time.time()
+        self._entries.move_to_end(key)
+
+    def remove(self, key: int) -> CatalogEntry | None:
+        entry = self._entries.get(key)
+        return self._drop(entry) if entry is not None else None
+
+    def entries(self) -> list[CatalogEntry]:
+        return list(self._entries.values())
+
+    def _drop(self, entry: CatalogEntry) -> CatalogEntry:
+        del self._entries[entry.key]
+        self.total_bytes -= entry.nbytes
+        for block_key in entry.block_keys:
+            if self._by_block.get(block_key) == entry.key:
+                del self._by_block[block_key]
+        return entry
+
+    def check_invariants(self) -> None:
+        assert self.total_bytes == sum(e.nbytes for e in self._entries.values())
+        assert self.total_bytes <= self.budget_bytes
+        for block_key, key in self._by_block.items():
+            assert block_key in self._entries[key].block_keys

@@ -1,0 +1,252 @@
+"""Prefix reuse policy: what each admitted sequence takes from cache, and what a miss leaves.
+
+On admission a prompt's blocks are matched against the replica's hot prefixes; on a hit the
+matched cells are shared into the sequence and prefill starts after them. Otherwise a snapshot
+fetched from the object store for this request (if any) is verified and restored as a new hot
+prefix. On a full miss the prompt's registration prefix (its family prefix, else its whole
+blocks) is prefilled as its own chunk, then kept hot and published as a snapshot. The engine
+calls this object from its step thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kv3d.llama import LlamaContext
+from kv3d.prefix import (
+    Block,
+    HotPrefix,
+    PrefixCache,
+    PrefixMatch,
+    cut_points,
+    reusable_blocks,
+)
+from kv3d.scheduler import Pending, Scheduler, SeqProgress
+from kv3d.snapshot import SnapshotError, SnapshotMeta, decode_snapshot, encode_snapshot
+from kv3d.statefmt import SeqState, parse_seq_state
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[SnapshotMeta, bytes], None]  # (what it is, the encoded snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseSettings:
+    block_tokens: int = 32
+    min_tokens: int = 8
+    snapshots: bool = True
+    snapshot_min_tokens: int = 64
+
+
+@dataclass(slots=True)
+class Admission:
+    """What reuse did for one sequence."""
+
+    cached_tokens: int = 0
+    prefix: HotPrefix | None = None  # the prefix this sequence holds a reference on
+    register_blocks: tuple[Block, ...] = ()  # on a miss: the prefix to keep once prefilled
+    restore_s: float | None = None
+
+
+def check_prefix_state(state: SeqState, n_tokens: int) -> None:
+    """A prefix's state must hold exactly positions 0…n-1 in its full-attention cache."""
+    if not state.sections:
+        raise SnapshotError("snapshot state holds no KV cache")
+    streams = [s for s in state.sections[0].streams if s.n_cells]
+    positions = np.concatenate([s.cell_positions for s in streams]) if streams else np.empty(0)
+    if not np.array_equal(np.sort(positions), np.arange(n_tokens)):
+        raise SnapshotError(f"snapshot state does not hold positions 0..{n_tokens - 1}")
+
+
+def registration_end(
+    block_ends: list[int], family_tokens: int | None, settings: ReuseSettings
+) -> int | None:
+    """Where a prompt's prefill breaks into two chunks, and the prefix a miss keeps hot: the
+    family prefix (what other sessions share), else all whole blocks.
+
+    The break is made with reuse on or off, on a hit or a miss, so that a prompt's numerics never
+    depend on the cache (DESIGN.md §3: chunking changes logits).
+    """
+    ends = block_ends
+    if family_tokens is not None:
+        ends = [e for e in block_ends if e <= family_tokens]
+    if not ends or ends[-1] < settings.min_tokens:
+        return None
+    return ends[-1]
+
+
+class PrefixReuse:
+    """Invariant: the scheduler's `kv_cells_held` always equals the prefix cache's cells."""
+
+    def __init__(
+        self,
+        ctx: LlamaContext,
+        scheduler: Scheduler,
+        holder_seq_ids: list[int],
+        settings: ReuseSettings,
+        fingerprint: bytes,
+        publish: Publish | None = None,
+    ):
+        self.cache = PrefixCache(ctx, holder_seq_ids)
+        self._scheduler = scheduler
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.publish = publish
+        self.counters = dict(
+            prefix_lookups_total=0,
+            prefix_hits_total=0,
+            prefix_tokens_reused_total=0,
+            snapshot_restores_total=0,
+            snapshot_rejects_total=0,
+            snapshots_published_total=0,
+        )
+
+    def blocks_for(self, prompt: tuple[int, ...], family_tokens: int | None) -> list[Block]:
+        return reusable_blocks(prompt, self.settings.block_tokens, self.fingerprint, family_tokens)
+
+    def hot_tokens(self, blocks: list[Block]) -> int:
+        return self.cache.peek(blocks)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self.counters,
+            "hot_prefixes": self.cache.num_hot,
+            "hot_prefix_cells": self.cache.cells_held,
+        }
+
+    # --- engine hooks -------------------------------------------------------------------------
+    def make_room(self) -> None:
+        """Evict idle prefixes when the next waiting request lacks cells."""
+        short = self._scheduler.cells_short_for_head()
+        if short > 0 and self.cache.evict_unused(short):
+            self._sync()
+
+    def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
+        req = pending.request
+        self.counters["prefix_lookups_total"] += 1
+        blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
+        if not blocks:
+            return Admission()
+        match = self.cache.match(blocks, req.prompt_tokens)
+        restore_s = None
+        if match is None and pending.snapshot is not None:
+            match, restore_s = self._restore(pending.snapshot, req.prompt_tokens)
+        if match is not None:
+            self.cache.attach(match, progress.slot)
+            # The shared cells are the prefix's: they leave this sequence's reservation.
+            self._scheduler.unreserve(progress, match.n_tokens)
+            progress.num_computed_tokens = match.n_tokens
+            self.counters["prefix_hits_total"] += 1
+            self.counters["prefix_tokens_reused_total"] += match.n_tokens
+            return Admission(match.n_tokens, match.prefix, restore_s=restore_s)
+        return self._plan_registration(blocks, req.family_tokens, progress)
+
+    def after_chunk(self, admission: Admission, progress: SeqProgress, prompt: tuple) -> None:
+        """Keep the registration prefix hot once its last chunk is in the cache."""
+        blocks = admission.register_blocks
+        if not blocks or progress.num_computed_tokens < blocks[-1].end_tokens:
+            return
+        n = blocks[-1].end_tokens
+        admission.register_blocks = ()
+        progress.chunk_stop = None
+        if not self.cache.free_a_holder():
+            return  # every hot prefix is in use: this one stays private to its sequence
+        prefix = self.cache.register_from(progress.slot, prompt[:n], blocks)
+        self._scheduler.unreserve(progress, n)
+        self._sync()
+        admission.prefix = prefix
+        if self.publish and n >= self.settings.snapshot_min_tokens:
+            self._publish(prefix)
+
+    def release(self, admission: Admission) -> None:
+        if admission.prefix is not None:
+            self.cache.release(admission.prefix)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _plan_registration(
+        self, blocks: list[Block], family_tokens: int | None, progress: SeqProgress
+    ) -> Admission:
+        end = registration_end([b.end_tokens for b in blocks], family_tokens, self.settings)
+        if end is None:
+            return Admission()
+        progress.chunk_stop = end
+        return Admission(register_blocks=tuple(b for b in blocks if b.end_tokens <= end))
+
+    def _restore(self, raw, prompt: tuple[int, ...]) -> tuple[PrefixMatch | None, float | None]:
+        started = time.perf_counter()
+        try:
+            snap = decode_snapshot(raw, self.fingerprint)
+            n = snap.meta.n_tokens
+            if snap.tokens != tuple(prompt[:n]) or n >= len(prompt):
+                raise SnapshotError("snapshot tokens do not prefix this prompt")
+            check_prefix_state(parse_seq_state(snap.state), n)
+            if not self.cache.free_a_holder():
+                return None, None
+            prefix = self.cache.restore(bytes(snap.state), snap.tokens, snap.blocks)
+        except (SnapshotError, ValueError, RuntimeError) as exc:
+            self.counters["snapshot_rejects_total"] += 1
+            log.warning("snapshot not applied, recomputing: %s", exc)
+            return None, None
+        self._sync()
+        self.counters["snapshot_restores_total"] += 1
+        return PrefixMatch(prefix, n), time.perf_counter() - started
+
+    def _publish(self, prefix: HotPrefix) -> None:
+        try:
+            state = self.cache.export_state(prefix)
+            blob = encode_snapshot(
+                prefix.key, self.fingerprint, prefix.tokens, prefix.blocks, state
+            )
+            meta = SnapshotMeta(
+                prefix.key,
+                self.fingerprint,
+                prefix.n_tokens,
+                len(state),
+                tuple(b.key for b in prefix.blocks),
+            )
+            self.publish(meta, blob)
+            self.counters["snapshots_published_total"] += 1
+        except Exception:  # publishing is an optimisation: never fail the request for it
+            log.exception("could not publish the snapshot of prefix %016x", prefix.key)
+
+    def _sync(self) -> None:
+        self._scheduler.kv_cells_held = self.cache.cells_held
+
+
+class NoReuse:
+    """Reuse turned off (`prefix.enabled = false`): every prompt is prefilled in full, in the
+    same chunks as with reuse on."""
+
+    def __init__(self, settings: ReuseSettings):
+        self.settings = settings
+
+    def blocks_for(self, prompt: tuple[int, ...], family_tokens: int | None) -> list[Block]:
+        return []
+
+    def hot_tokens(self, blocks: list[Block]) -> int:
+        return 0
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def make_room(self) -> None:
+        pass
+
+    def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
+        req = pending.request
+        usable = len(req.prompt_tokens) - 1
+        family = req.family_tokens if req.family_tokens and req.family_tokens <= usable else None
+        ends = cut_points(usable, self.settings.block_tokens, family)
+        progress.chunk_stop = registration_end(ends, family, self.settings)
+        return Admission()
+
+    def after_chunk(self, admission: Admission, progress: SeqProgress, prompt: tuple) -> None:
+        pass
+
+    def release(self, admission: Admission) -> None:
+        pass

@@ -1,0 +1,205 @@
+"""Prefix reuse on the real models, in-process: hits, exactness, snapshots, fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kv3d.chat import ChatMessage, Tokenizer
+from kv3d.config import load_config
+from kv3d.engine import Engine, new_request_id
+from kv3d.generation import Finished, GenerationRequest, SamplingParams, TextDelta
+
+pytestmark = pytest.mark.integration
+
+GREEDY = SamplingParams(temperature=0.0)
+# ~300 tokens: long enough to span blocks, short enough (< 512 cells) that llama.cpp's CPU flash
+# attention keeps results independent of where the cells sit (see README, "Exactness").
+SYSTEM = (
+    "You are the support assistant of a company that builds inference servers. Answer briefly, "
+    "cite the documentation section you rely on, and never invent configuration keys. "
+) * 8
+
+
+def config(model_path=None, **prefix):
+    overrides = {
+        "cache": {"gpu_hot_mb": 128},
+        "server": {"threads": 2},
+        "model": {"context_tokens": 2048},
+        "engine": {"max_sequences": 4},
+        "prefix": {"snapshot_min_tokens": 16, **prefix},
+    }
+    if model_path is not None:
+        overrides["model"]["path"] = str(model_path)
+    return load_config(overrides=overrides)
+
+
+class Published:
+    """Collects what an engine publishes (what the registry would receive)."""
+
+    def __init__(self):
+        self.items = []
+
+    def __call__(self, meta, blob):
+        self.items.append((meta, blob))
+
+
+def make_request(tok: Tokenizer, question: str, max_tokens=1, top_logprobs=20, system=SYSTEM):
+    msgs = [ChatMessage("system", system), ChatMessage("user", question)]
+    prompt = tok.encode_chat(msgs)
+    return GenerationRequest(
+        new_request_id(),
+        tuple(prompt),
+        max_tokens,
+        GREEDY,
+        top_logprobs=top_logprobs,
+        family_tokens=tok.family_tokens(msgs, prompt),
+    )
+
+
+def fresh(request: GenerationRequest) -> GenerationRequest:
+    return GenerationRequest(
+        new_request_id(),
+        request.prompt_tokens,
+        request.max_tokens,
+        request.sampling,
+        top_logprobs=request.top_logprobs,
+        family_tokens=request.family_tokens,
+    )
+
+
+def run(engine: Engine, request: GenerationRequest, snapshot=None):
+    async def go():
+        text, logprobs, end = "", [], None
+        async for event in engine.stream(request, snapshot):
+            if isinstance(event, TextDelta):
+                text += event.text
+                logprobs.extend(event.logprobs)
+            else:
+                end = event
+        return text, logprobs, end
+
+    return asyncio.run(go())
+
+
+def first_logits(logprobs) -> list[tuple[int, float]]:
+    return [(token, lp) for token, _, lp in logprobs[0].top]
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_path):
+    tok = Tokenizer.load(smollm2_path)
+    yield tok
+    tok.close()
+
+
+def test_second_request_of_a_family_is_a_hit_with_cached_tokens(smol_tok):
+    with Engine.from_config(config()) as engine:
+        a = make_request(smol_tok, "How do I change the port?", max_tokens=4)
+        b = make_request(smol_tok, "Which metrics exist?", max_tokens=4)
+        assert a.family_tokens == b.family_tokens and a.family_tokens > 200
+        _, _, end_a = run(engine, a)
+        _, _, end_b = run(engine, b)
+        stats = engine.stats()
+        engine.scheduler.check_invariants()
+        engine.reuse.cache.check_invariants()
+    assert end_a.usage.cached_tokens == 0
+    assert end_b.usage.cached_tokens == a.family_tokens
+    assert (stats.prefix_lookups_total, stats.prefix_hits_total) == (2, 1)
+    assert stats.prefix_tokens_reused_total == a.family_tokens
+    assert (
+        stats.prefill_tokens_total == len(a.prompt_tokens) + len(b.prompt_tokens) - b.family_tokens
+    )
+    assert stats.hot_prefixes == 1 and stats.kv_cells_reserved == 0
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_hit_and_snapshot_restore_give_bit_identical_logits(model, request):
+    """Chunking held fixed (a miss prefills the family prefix as its own chunk), the logits after
+    a shared-cells hit and after a snapshot restore equal computing the prefix in place."""
+    path = request.getfixturevalue(f"{model}_path")
+    tok = Tokenizer.load(path)
+    published = Published()
+    try:
+        probe = make_request(tok, "How do I change the port?")
+        with Engine.from_config(config(path), publish=published) as first:
+            _, computed, miss = run(first, probe)
+            _, shared, hit = run(first, fresh(probe))
+        ((meta, blob),) = published.items
+        with Engine.from_config(config(path)) as second:  # another replica: cold cache
+            _, restored, via_snapshot = run(second, fresh(probe), snapshot=blob)
+            restores = second.stats().snapshot_restores_total
+    finally:
+        tok.close()
+    family = probe.family_tokens or meta.n_tokens
+    assert miss.usage.cached_tokens == 0
+    assert hit.usage.cached_tokens == family
+    assert via_snapshot.usage.cached_tokens == meta.n_tokens and restores == 1
+    assert via_snapshot.snapshot_restore_s is not None
+    assert first_logits(shared) == first_logits(computed)
+    assert first_logits(restored) == first_logits(computed)
+
+
+def test_reuse_off_gives_the_same_text_at_temperature_zero(smol_tok):
+    questions = ["How do I change the port?", "Which metrics exist?", "How do I stop it?"]
+    texts = {}
+    for enabled in (True, False):
+        with Engine.from_config(config(enabled=enabled)) as engine:
+            texts[enabled] = [
+                run(engine, make_request(smol_tok, q, max_tokens=24, top_logprobs=None))[0]
+                for q in questions
+            ]
+            if enabled:
+                assert engine.stats().prefix_hits_total == 2
+            else:
+                assert engine.stats().prefix_lookups_total == 0
+    assert texts[True] == texts[False]
+
+
+def test_a_damaged_or_foreign_snapshot_is_refused_and_the_request_recomputes(smol_tok, gemma3_path):
+    published = Published()
+    probe = make_request(smol_tok, "How do I change the port?", max_tokens=8, top_logprobs=None)
+    with Engine.from_config(config(), publish=published) as first:
+        expected, _, _ = run(first, probe)
+    ((_, blob),) = published.items
+    damaged = bytearray(blob)
+    damaged[len(damaged) // 2] ^= 0xFF
+    with Engine.from_config(config()) as second:
+        text, _, end = run(second, fresh(probe), snapshot=bytes(damaged))
+        assert isinstance(end, Finished) and end.usage.cached_tokens == 0
+        assert text == expected
+        assert second.stats().snapshot_rejects_total == 1
+    with Engine.from_config(config(gemma3_path)) as other_model:
+        gemma_tok = Tokenizer.load(gemma3_path)
+        try:
+            req = make_request(gemma_tok, "Hi", max_tokens=2, top_logprobs=None)
+        finally:
+            gemma_tok.close()
+        _, _, end = run(other_model, req, snapshot=blob)  # SmolLM2's snapshot, Gemma's replica
+        assert isinstance(end, Finished) and end.usage.cached_tokens == 0
+        assert other_model.stats().snapshot_rejects_total == 1
+
+
+def test_idle_prefixes_are_evicted_when_cells_run_short(smol_tok):
+    cfg = config()
+    cfg.cache.gpu_hot_mb = 32  # ~1400 cells: room for few families beside a running request
+    cfg.model.context_tokens = 1024
+    cfg.engine.max_sequences = 1
+    with Engine.from_config(cfg) as engine:
+        for n in range(6):
+            system = f"Family {n}. " + SYSTEM
+            _, _, end = run(
+                engine,
+                make_request(smol_tok, "Hi", max_tokens=300, top_logprobs=None, system=system),
+            )
+            assert isinstance(end, Finished)
+            engine.scheduler.check_invariants()
+            engine.reuse.cache.check_invariants()
+        stats = engine.stats()
+        newest = make_request(
+            smol_tok, "Hello", max_tokens=2, top_logprobs=None, system="Family 5. " + SYSTEM
+        )
+        _, _, end = run(engine, newest)
+    assert stats.hot_prefixes < 6  # older families made room for newer requests
+    assert end.usage.cached_tokens == newest.family_tokens  # the most recent one stayed hot
