@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.ray_metrics import RayMetricsExporter
 from deployments.registry import SnapshotClient, get_registry
 from kv3d.config import KV3DConfig
 from kv3d.engine import MIB, Engine
@@ -36,6 +37,7 @@ class ModelReplica:
             self._snapshots = SnapshotClient(registry, self._engine.fingerprint)
             self._engine.set_snapshot_sink(self._snapshots.publish)
         self._engine.start()
+        self._ray_metrics = RayMetricsExporter(self._engine).start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         snapshot = await self._snapshot_for(request)
@@ -60,6 +62,9 @@ class ModelReplica:
             raise RuntimeError("engine is closed")
 
     def __del__(self) -> None:
+        exporter = getattr(self, "_ray_metrics", None)
+        if exporter is not None:
+            exporter.close()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()

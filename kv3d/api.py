@@ -406,7 +406,7 @@ class _ChatView:
                     "finish_reason": _finish_reason(finish),
                 }
             ],
-            "usage": usage_dict(finish.usage),
+            **_usage_fields(finish),
         }
 
     def _chunk(self, delta: dict, finish_reason: str | None, logprobs=None) -> dict[str, Any]:
@@ -431,7 +431,7 @@ class _ChatView:
                 {
                     **self._envelope("chat.completion.chunk"),
                     "choices": [],
-                    "usage": usage_dict(event.usage),
+                    **_usage_fields(event),
                 }
             )
         return out
@@ -464,7 +464,7 @@ class _CompletionView:
         return {
             **self._envelope(),
             "choices": [self._choice(result.text, _finish_reason(finish), lp)],
-            "usage": usage_dict(finish.usage),
+            **_usage_fields(finish),
         }
 
     def opening(self) -> dict[str, Any]:
@@ -481,8 +481,21 @@ class _CompletionView:
             return []
         out = [{**self._envelope(), "choices": [self._choice(event.text, _finish_reason(event))]}]
         if self.include_usage:
-            out.append({**self._envelope(), "choices": [], "usage": usage_dict(event.usage)})
+            out.append({**self._envelope(), "choices": [], **_usage_fields(event)})
         return out
+
+
+def _usage_fields(finish: Finished) -> dict[str, Any]:
+    """`usage`, plus a KV3D extension saying where the prompt's KV came from (clients that do
+    not know it ignore it): `miss`, `hot` (shared cells) or `snapshot` (object store)."""
+    if finish.snapshot_restore_s is not None:
+        source = "snapshot"
+    else:
+        source = "hot" if finish.usage.cached_tokens else "miss"
+    ext = {"prefix_source": source}
+    if finish.stats is not None:
+        ext["replica"] = finish.stats.replica_id
+    return {"usage": usage_dict(finish.usage), "kv3d": ext}
 
 
 def _finish_reason(finish: Finished) -> str:

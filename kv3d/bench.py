@@ -1,6 +1,9 @@
 """Benchmark driver: measures a running OpenAI-compatible server and prints one JSON report.
 
 Phases, each against the same server in one run:
+- `prefix`: a ~1,000-token system prompt shared by successive requests; TTFT when its KV was
+  computed (miss), shared from the replica's hot cache, or restored from a snapshot (seen with
+  2+ replicas), read from KV3D's `kv3d.prefix_source` response extension;
 - `prefill`: one long prompt, `max_tokens=1`; prompt tokens / time to first token;
 - `single_stream`: one streaming request; decode tokens/s after the first token;
 - `concurrent`: N streaming requests at once; aggregate generated tokens/s, TTFT p50/p95.
@@ -30,6 +33,8 @@ class StreamResult:
     completion_tokens: int
     prompt_tokens: int
     itl_s: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
+    prefix_source: str = "miss"  # KV3D's extension: miss | hot | snapshot
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -52,7 +57,7 @@ async def stream_chat(
     started = time.perf_counter()
     first = last = None
     itl: list[float] = []
-    usage = None
+    usage = ext = None
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -63,6 +68,7 @@ async def stream_chat(
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             usage = chunk.get("usage") or usage
+            ext = chunk.get("kv3d") or ext
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
                 if first is None:
@@ -79,7 +85,38 @@ async def stream_chat(
         completion_tokens=usage["completion_tokens"],
         prompt_tokens=usage["prompt_tokens"],
         itl_s=itl,
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+        prefix_source=(ext or {}).get("prefix_source", "miss"),
     )
+
+
+async def prefix_phase(
+    http: httpx.AsyncClient, url: str, system_words: int, max_tries: int = 12
+) -> dict:
+    """TTFT with a long shared system prompt: the first request (miss), then the same family
+    until requests have been served both hot and, with 2+ replicas, from a snapshot."""
+    nonce = f"Deployment {time.time_ns()}."  # a family no earlier run left in any cache
+    system = nonce + " " + " ".join((FILLER * (system_words // 20 + 1)).split()[:system_words])
+    by_source: dict[str, list[StreamResult]] = {}
+    for i in range(max_tries):
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Question {i}: what does KV3D share?"},
+        ]
+        result = await stream_chat(http, url, messages, 1)
+        by_source.setdefault(result.prefix_source, []).append(result)
+        if i >= 2 and "hot" in by_source and "snapshot" in by_source:
+            break
+        await asyncio.sleep(0.2)  # lets a published snapshot reach the registry
+    miss = by_source["miss"][0]
+    out = {"prompt_tokens": miss.prompt_tokens, "requests": sum(map(len, by_source.values()))}
+    for source, results in by_source.items():
+        out[f"ttft_{source}_s"] = round(statistics.median(r.ttft_s for r in results), 4)
+        out[f"cached_tokens_{source}"] = results[0].cached_tokens
+    for source in ("hot", "snapshot"):
+        if f"ttft_{source}_s" in out:
+            out[f"speedup_{source}"] = round(out["ttft_miss_s"] / out[f"ttft_{source}_s"], 1)
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -90,14 +127,24 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def run_bench(
-    url: str, *, concurrency: int = 8, max_tokens: int = 128, prefill_words: int = 600
+    url: str,
+    *,
+    concurrency: int = 8,
+    max_tokens: int = 128,
+    prefill_words: int = 600,
+    prefix_words: int = 750,
 ) -> dict:
     timeout = httpx.Timeout(600.0)
     async with httpx.AsyncClient(timeout=timeout) as http:
         ask = lambda text: [{"role": "user", "content": text}]  # noqa: E731
         await stream_chat(http, url, ask("Warm up."), 4)
 
-        long_prompt = " ".join((FILLER * (prefill_words // 20 + 1)).split()[:prefill_words])
+        prefix = await prefix_phase(http, url, prefix_words)
+
+        # Unique per run: a cached copy from an earlier run would not measure prefill.
+        long_prompt = f"Run {time.time_ns()}. " + " ".join(
+            (FILLER * (prefill_words // 20 + 1)).split()[:prefill_words]
+        )
         prefill = await stream_chat(http, url, ask(long_prompt + "\nSummarise."), 1)
 
         # Sampled, not greedy: a story prompt then usually runs to max_tokens.
@@ -118,6 +165,7 @@ async def run_bench(
     generated = sum(r.completion_tokens for r in many)
     return {
         "url": url,
+        "prefix": prefix,
         "prefill": {
             "prompt_tokens": prefill.prompt_tokens,
             "ttft_s": round(prefill.ttft_s, 4),

@@ -164,9 +164,15 @@ class Engine:
         self.settings = settings
         self.replica_id = replica_id
         self.model_id = settings.model_id
-        num_holders = settings.max_hot_prefixes if settings.reuse_enabled else 0
         t0 = time.perf_counter()
         self.model = LlamaModel(settings.model_path, n_gpu_layers=settings.n_gpu_layers)
+        reuse_on = settings.reuse_enabled and self.model.has_per_cell_kv
+        if settings.reuse_enabled and not reuse_on:
+            log.warning(
+                "prefix reuse is off: %s keeps no per-token KV cells to share",
+                self.model.description,
+            )
+        num_holders = settings.max_hot_prefixes if reuse_on else 0
         try:
             self.kv_cells_total, self.context_tokens = plan_kv_cells(settings, self.model)
             self.ctx = LlamaContext(
@@ -199,7 +205,7 @@ class Engine:
             engine_version=llama_cpp_version(),
         )
         self.reuse: PrefixReuse | NoReuse = NoReuse(settings.reuse)
-        if settings.reuse_enabled:
+        if reuse_on:
             holders = list(range(settings.max_sequences, settings.max_sequences + num_holders))
             snapshot_sink = publish if settings.reuse.snapshots else None
             self.reuse = PrefixReuse(

@@ -132,6 +132,13 @@ class LlamaModel(_Owner):
     def size_bytes(self) -> int:
         return llama_cpp.llama_model_size(self.handle)
 
+    @property
+    def has_per_cell_kv(self) -> bool:
+        """False for recurrent and hybrid models, whose state is not a set of KV cells that
+        sequences can share or restore piecewise."""
+        h = self.handle
+        return not (llama_cpp.llama_model_is_recurrent(h) or llama_cpp.llama_model_is_hybrid(h))
+
     def chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self.handle, None)
         return raw.decode("utf-8") if raw else None
@@ -305,11 +312,14 @@ class LlamaContext(_Owner):
             raise LlamaError(f"state export wrote {written} of {size} bytes")
         return bytes(buf)
 
-    def set_seq_state(self, seq_id: int, blob: bytes) -> None:
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        read = llama_cpp.llama_state_seq_set_data(self.handle, buf, len(blob), seq_id)
-        if read != len(blob):
-            raise LlamaError(f"state import read {read} of {len(blob)} bytes")
+    def set_seq_state(self, seq_id: int, blob) -> None:
+        """Load a sequence state from any bytes-like object, read in place (no copy: snapshots
+        arrive as read-only Arrow buffers mapped from the object store)."""
+        data = np.frombuffer(blob, dtype=np.uint8)
+        ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(self.handle, ptr, data.size, seq_id)
+        if read != data.size:
+            raise LlamaError(f"state import read {read} of {data.size} bytes")
 
 
 class LlamaBatch(_Owner):

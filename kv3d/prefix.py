@@ -153,7 +153,7 @@ class PrefixCache:
         self._ref(prefix)  # the creating sequence shares its cells
         return prefix
 
-    def restore(self, state: bytes, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+    def restore(self, state, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
         """Load a snapshot's sequence state as a new hot prefix."""
         prefix = self._new_prefix(tokens, blocks)
         try:

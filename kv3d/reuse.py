@@ -187,7 +187,7 @@ class PrefixReuse:
             check_prefix_state(parse_seq_state(snap.state), n)
             if not self.cache.free_a_holder():
                 return None, None
-            prefix = self.cache.restore(bytes(snap.state), snap.tokens, snap.blocks)
+            prefix = self.cache.restore(snap.state, snap.tokens, snap.blocks)
         except (SnapshotError, ValueError, RuntimeError) as exc:
             self.counters["snapshot_rejects_total"] += 1
             log.warning("snapshot not applied, recomputing: %s", exc)
