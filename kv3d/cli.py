@@ -85,6 +85,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args.url, args.concurrency, args.max_tokens, args.json)
 
 
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kv3d.fidelity import heldout_text, measure_fidelity
+    from kv3d.modelfile import resolve_model_path
+
+    text = Path(args.text).read_text() if args.text else heldout_text()
+    report = measure_fidelity(
+        resolve_model_path(args.model or ""), text, max_windows=args.windows, group=args.group
+    )
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    for key, value in report.as_dict().items():
+        print(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kv3d", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128, help="tokens per stream")
     bench.add_argument("--json", help="also write the report to this file")
     bench.set_defaults(func=cmd_bench)
+
+    fidelity = sub.add_parser("fidelity", help="int8 session delta vs uncompressed, held-out text")
+    fidelity.add_argument("--model", help="GGUF file (default: the bundled model)")
+    fidelity.add_argument("--text", help="held-out text file (default: one shipped with KV3D)")
+    fidelity.add_argument("--windows", type=int, default=8, help="text windows to score")
+    fidelity.add_argument("--group", type=int, default=32, help="channels per int8 scale")
+    fidelity.add_argument("--json", action="store_true", help="print one JSON object last")
+    fidelity.set_defaults(func=cmd_fidelity)
     return parser
 
 
