@@ -136,8 +136,15 @@ def build_api(
             family = served.tokenizer.family_tokens(messages, prompt)
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
+        session_id = request.headers.get("x-session-id") or req.user
         gen = _generation_request(
-            "chatcmpl", req, prompt, served.context_tokens, req.requested_top_logprobs(), family
+            "chatcmpl",
+            req,
+            prompt,
+            served.context_tokens,
+            req.requested_top_logprobs(),
+            family,
+            session_id,
         )
         view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
         return await _respond(backend, metrics, gen, view, req.stream, started_s)
@@ -189,6 +196,7 @@ def _generation_request(
     context_tokens: int,
     top_logprobs: int | None,
     family_tokens: int | None = None,
+    session_id: str | None = None,
 ) -> GenerationRequest:
     if not prompt:
         raise APIError(400, "the prompt is empty after tokenization", param="messages")
@@ -211,6 +219,7 @@ def _generation_request(
         stop=req.stop_strings(),
         top_logprobs=top_logprobs,
         family_tokens=family_tokens,
+        session_id=session_id,
     )
 
 
@@ -321,6 +330,8 @@ class _Observed:
             m.completion_tokens.inc(event.usage.completion_tokens)
             if event.snapshot_restore_s is not None:
                 m.restore.observe(event.snapshot_restore_s)
+            if event.session_resume_s is not None:
+                m.resume.labels(event.session_tier or "warm").observe(event.session_resume_s)
         if getattr(event, "stats", None) is not None:
             m.engine.observe(event.stats)
 
@@ -488,11 +499,15 @@ class _CompletionView:
 def _usage_fields(finish: Finished) -> dict[str, Any]:
     """`usage`, plus a KV3D extension saying where the prompt's KV came from (clients that do
     not know it ignore it): `miss`, `hot` (shared cells) or `snapshot` (object store)."""
-    if finish.snapshot_restore_s is not None:
+    if finish.session_resume_s is not None:
+        source = "session"
+    elif finish.snapshot_restore_s is not None:
         source = "snapshot"
     else:
         source = "hot" if finish.usage.cached_tokens else "miss"
     ext = {"prefix_source": source}
+    if finish.session_tier is not None:
+        ext["session_resumed_from"] = finish.session_tier
     if finish.stats is not None:
         ext["replica"] = finish.stats.replica_id
     return {"usage": usage_dict(finish.usage), "kv3d": ext}

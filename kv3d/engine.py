@@ -52,7 +52,9 @@ from kv3d.scheduler import (
     Scheduler,
     SeqProgress,
 )
+from kv3d.statefmt import build_seq_state, cells_from, parse_seq_state
 from kv3d.textstream import IncrementalText
+from kv3d.tiers import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class EngineSettings:
     reuse: ReuseSettings
     reuse_enabled: bool
     max_hot_prefixes: int
+    warm_budget_bytes: int
+    cold_path: str
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -106,6 +110,8 @@ class EngineSettings:
             reuse=_reuse_settings(config),
             reuse_enabled=config.prefix.enabled,
             max_hot_prefixes=config.prefix.max_hot,
+            warm_budget_bytes=config.cache.ram_warm_mb * MIB,
+            cold_path=config.cache.ssd_cold_path,
         )
 
 
@@ -143,6 +149,7 @@ class _Live:
     sampler: SamplerChain
     text: IncrementalText
     reuse: Admission
+    output_ids: list[int]
 
 
 class Engine:
@@ -191,6 +198,7 @@ class Engine:
             self.model.close()
             raise
         self.kv_cells_total = self.ctx.n_ctx_cells
+        self._bytes_per_cell = self.model.kv_bytes_per_cell(settings.kv_type)
         self.batch = LlamaBatch(settings.batch_tokens)
         self.scheduler = Scheduler(
             num_slots=settings.max_sequences,
@@ -211,6 +219,10 @@ class Engine:
             self.reuse = PrefixReuse(
                 self.ctx, self.scheduler, holders, settings.reuse, self.fingerprint, snapshot_sink
             )
+        # Sessions need prefix reuse: their deltas compose with a shared family prefix.
+        self.sessions: SessionStore | None = None
+        if reuse_on:
+            self.sessions = SessionStore(settings.warm_budget_bytes, settings.cold_path)
         self._live: dict[int, _Live] = {}
         self._cancelled: set[str] = set()
         self._wake = threading.Condition()
@@ -262,6 +274,8 @@ class Engine:
             self._finish(slot, "cancelled")
         for pending in self.scheduler.drain_waiting():
             pending.emit(Rejected(503, "shutting_down", "the engine is shutting down"))
+        if self.sessions is not None:
+            self.sessions.close()
         self.batch.close()
         self.ctx.close()
         self.model.close()
@@ -280,8 +294,11 @@ class Engine:
         `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
         object); it is verified before use and ignored when it does not apply.
         """
+        session = None
+        if request.session_id and self.sessions is not None:
+            session = self.sessions.take(request.session_id)  # decodes while the request waits
         try:
-            self.scheduler.enqueue(Pending(request, emit, snapshot))
+            self.scheduler.enqueue(Pending(request, emit, snapshot, session))
         except RequestTooLargeError as exc:
             emit(Rejected(400, "context_length_exceeded", str(exc), stats=self.stats()))
             return
@@ -359,7 +376,18 @@ class Engine:
             kv_cells_reserved=sched.kv_cells_reserved,
             **self._counters,
             **self.reuse.stats(),
+            **(self.sessions.stats() if self.sessions is not None else {}),
+            kv_bytes_used=self._kv_bytes_used(),
         )
+
+    def _kv_bytes_used(self) -> int:
+        # A snapshot of another thread's dicts: figures for metrics, not for decisions.
+        cells = self.reuse.stats().get("hot_prefix_cells", 0)
+        cells += sum(
+            live.progress.num_computed_tokens - live.reuse.prefix_tokens
+            for live in list(self._live.values())
+        )
+        return cells * self._bytes_per_cell
 
     # --- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -410,7 +438,7 @@ class Engine:
         # Tokens whose KV reuse places into the slot need no prefill.
         admission = self.reuse.admit(pending, progress)
         text = IncrementalText(req.stop)
-        self._live[progress.slot] = _Live(pending, progress, sampler, text, admission)
+        self._live[progress.slot] = _Live(pending, progress, sampler, text, admission, [])
         self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
 
     def _fill_batch(self, chunks: list[Chunk]) -> list[int]:
@@ -455,6 +483,7 @@ class Engine:
             self._finish(chunk.slot, "stop")
             return
         progress.generated_tokens += 1
+        live.output_ids.append(token)
         self._counters["generated_tokens_total"] += 1
         piece = self.model.token_to_piece(token)
         text = live.text.push(piece)
@@ -503,20 +532,63 @@ class Engine:
         live.sampler.close()
         return live
 
+    def _park(self, slot: int) -> None:
+        """Keep a finished conversation's KV: its private cells go to the session store."""
+        live = self._live[slot]
+        req = live.pending.request
+        n = live.progress.num_computed_tokens
+        history = (req.prompt_tokens + tuple(live.output_ids))[:n]
+        blob = self.ctx.seq_state(slot)
+        self.sessions.park(
+            req.session_id,
+            self.fingerprint,
+            history,
+            live.reuse.prefix_tokens,
+            _private_cells(blob, live.reuse.prefix_tokens),
+        )
+
     def _finish(self, slot: int, reason: FinishReason) -> None:
+        if reason != "cancelled" and self.sessions is not None:
+            if self._live[slot].pending.request.session_id:
+                try:
+                    self._park(slot)
+                except Exception:  # keeping a session is an optimisation, never a failure
+                    log.exception("could not keep the session of slot %d", slot)
         live = self._release(slot)
         progress = live.progress
         usage = Usage(
             len(progress.prompt_tokens), progress.generated_tokens, live.reuse.cached_tokens
         )
         tail = live.text.finish() if reason != "cancelled" else ""
-        live.pending.emit(Finished(reason, usage, tail, self.stats(), live.reuse.restore_s))
+        adm = live.reuse
+        live.pending.emit(
+            Finished(
+                reason, usage, tail, self.stats(), adm.restore_s, adm.resume_s, adm.resume_tier
+            )
+        )
 
     def _fail(self, slot: int, message: str) -> None:
         if slot not in self._live:
             return
         live = self._release(slot)
         live.pending.emit(Rejected(500, "engine_error", message, stats=self.stats()))
+
+
+def _private_cells(blob: bytes, prefix_tokens: int):
+    """The part of a sequence state that is the session's own: cells at or after the prefix."""
+    if prefix_tokens == 0:
+        return blob
+    return _LazyPrivate(blob, prefix_tokens)
+
+
+class _LazyPrivate:
+    """Defers cutting the prefix cells out to the session store's worker thread."""
+
+    def __init__(self, blob: bytes, prefix_tokens: int):
+        self.blob, self.prefix_tokens = blob, prefix_tokens
+
+    def __bytes__(self) -> bytes:
+        return build_seq_state(cells_from(parse_seq_state(self.blob), self.prefix_tokens))
 
 
 def llama_cpp_version() -> str:

@@ -32,6 +32,8 @@ class GenerationRequest:
     top_logprobs: int | None = None
     # Where the family prefix (system/developer messages) ends in `prompt_tokens`, if known.
     family_tokens: int | None = None
+    # A conversation: its KV is kept (as an int8 delta) after the request and resumed later.
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,8 @@ class Finished:
     text: str = ""  # text released at the very end (held back for a possible stop string)
     stats: EngineStats | None = None
     snapshot_restore_s: float | None = None  # set when the prefix came from a snapshot
+    session_resume_s: float | None = None  # set when a stored session was resumed
+    session_tier: str | None = None  # where it was resumed from: warm | cold
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,18 @@ class EngineStats:
     snapshot_restores_total: int = 0
     snapshot_rejects_total: int = 0
     snapshots_published_total: int = 0
+    session_parks_total: int = 0
+    session_resumes_total: int = 0
+    session_demotions_total: int = 0
+    session_drops_total: int = 0
+    session_rejects_total: int = 0
+    session_restore_failures_total: int = 0
+    sessions_warm: int = 0
+    sessions_cold: int = 0
+    warm_bytes: int = 0
+    cold_bytes: int = 0
+    delta_compression_ratio: float = 0.0
+    kv_bytes_used: int = 0  # KV bytes of running sequences and hot prefixes (the hot tier)
 
 
 StreamEvent = TextDelta | Finished | Rejected

@@ -112,6 +112,49 @@ _ENGINE_SERIES = (
         "counter",
         "Family prefixes published as snapshots.",
     ),
+    (
+        "session_parks_total",
+        "kv3d_session_parks",
+        "counter",
+        "Finished conversations whose KV was kept as an int8 delta.",
+    ),
+    (
+        "session_resumes_total",
+        "kv3d_session_promotions",
+        "counter",
+        "Sessions brought back from the warm or cold tier into the KV cache.",
+    ),
+    (
+        "session_demotions_total",
+        "kv3d_session_demotions",
+        "counter",
+        "Sessions moved from the warm tier to the cold tier.",
+    ),
+    (
+        "session_drops_total",
+        "kv3d_session_evictions",
+        "counter",
+        "Sessions dropped for lack of room (recomputed if they return).",
+    ),
+    (
+        "session_rejects_total",
+        "kv3d_session_rejects",
+        "counter",
+        "Stored sessions refused by validation (recomputed).",
+    ),
+    (
+        "delta_compression_ratio",
+        "kv3d_delta_compression_ratio",
+        "max",
+        "f16 bytes / int8 delta bytes of the sessions kept so far.",
+    ),
+)
+
+# Sessions and bytes per tier: (tier, EngineStats field for sessions, for bytes).
+_TIERS = (
+    ("hot", "running_sequences", "kv_bytes_used"),
+    ("warm", "sessions_warm", "warm_bytes"),
+    ("cold", "sessions_cold", "cold_bytes"),
 )
 
 
@@ -135,6 +178,9 @@ class _EngineCollector(Collector):
         for field, _, kind, _ in _ENGINE_SERIES:
             values = [getattr(s, field) for s in stats]
             out[field] = max(values, default=0) if kind == "max" else sum(values)
+        for _, count_field, bytes_field in _TIERS:
+            for name in (count_field, bytes_field):
+                out[name] = sum(getattr(s, name) for s in stats)
         out["replicas"] = len(stats)
         return out
 
@@ -146,6 +192,13 @@ class _EngineCollector(Collector):
         for field, name, kind, doc in _ENGINE_SERIES:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, doc, totals[field])
+        sessions = GaugeMetricFamily("kv3d_sessions", "Sessions per tier.", labels=["tier"])
+        tier_bytes = GaugeMetricFamily("kv3d_tier_bytes", "Bytes held per tier.", labels=["tier"])
+        for tier, count_field, bytes_field in _TIERS:
+            sessions.add_metric([tier], totals[count_field])
+            tier_bytes.add_metric([tier], totals[bytes_field])
+        yield sessions
+        yield tier_bytes
 
 
 class _SnapshotCollector(Collector):
@@ -196,6 +249,13 @@ class ServerMetrics:
         self.restore = Histogram(
             "kv3d_snapshot_restore_seconds",
             "Restoring a prefix snapshot from the object store.",
+            buckets=RESTORE_BUCKETS_S,
+            registry=r,
+        )
+        self.resume = Histogram(
+            "kv3d_resume_seconds",
+            "Bringing a stored session back: fetch, decode, restore.",
+            ["tier"],
             buckets=RESTORE_BUCKETS_S,
             registry=r,
         )

@@ -104,6 +104,7 @@ class PrefixCache:
     """
 
     def __init__(self, ctx: LlamaContext, holder_seq_ids: Sequence[int]):
+        self.ctx = ctx
         self._ctx = ctx
         self._free_holders = list(reversed(holder_seq_ids))
         self._num_holders = len(holder_seq_ids)

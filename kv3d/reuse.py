@@ -49,8 +49,13 @@ class Admission:
 
     cached_tokens: int = 0
     prefix: HotPrefix | None = None  # the prefix this sequence holds a reference on
+    prefix_tokens: int = 0  # cells [0, prefix_tokens) of the sequence are the prefix's
     register_blocks: tuple[Block, ...] = ()  # on a miss: the prefix to keep once prefilled
     restore_s: float | None = None
+    resume_s: float | None = None  # a stored session was resumed (fetch + decode + restore)
+    resume_tier: str | None = None
+    # A stored session waiting for its family prefix to be recomputed (after a restart).
+    deferred_session: object | None = None
 
 
 def check_prefix_state(state: SeqState, n_tokens: int) -> None:
@@ -61,6 +66,12 @@ def check_prefix_state(state: SeqState, n_tokens: int) -> None:
     positions = np.concatenate([s.cell_positions for s in streams]) if streams else np.empty(0)
     if not np.array_equal(np.sort(positions), np.arange(n_tokens)):
         raise SnapshotError(f"snapshot state does not hold positions 0..{n_tokens - 1}")
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
 
 
 def registration_end(
@@ -104,6 +115,7 @@ class PrefixReuse:
             snapshot_restores_total=0,
             snapshot_rejects_total=0,
             snapshots_published_total=0,
+            session_restore_failures_total=0,
         )
 
     def blocks_for(self, prompt: tuple[int, ...], family_tokens: int | None) -> list[Block]:
@@ -132,6 +144,10 @@ class PrefixReuse:
         blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
         if not blocks:
             return Admission()
+        if pending.session is not None:
+            resumed = self._resume(pending.session.result(), req.prompt_tokens, blocks, progress)
+            if resumed is not None:
+                return resumed
         match = self.cache.match(blocks, req.prompt_tokens)
         restore_s = None
         if match is None and pending.snapshot is not None:
@@ -143,14 +159,22 @@ class PrefixReuse:
             progress.num_computed_tokens = match.n_tokens
             self.counters["prefix_hits_total"] += 1
             self.counters["prefix_tokens_reused_total"] += match.n_tokens
-            return Admission(match.n_tokens, match.prefix, restore_s=restore_s)
+            return Admission(match.n_tokens, match.prefix, match.n_tokens, restore_s=restore_s)
         return self._plan_registration(blocks, req.family_tokens, progress)
 
     def after_chunk(self, admission: Admission, progress: SeqProgress, prompt: tuple) -> None:
-        """Keep the registration prefix hot once its last chunk is in the cache."""
+        """Keep the registration prefix hot once its last chunk is in the cache (and put a
+        deferred session back on top of it)."""
         blocks = admission.register_blocks
         if not blocks or progress.num_computed_tokens < blocks[-1].end_tokens:
             return
+        self._register(admission, progress, prompt, blocks)
+        if admission.deferred_session is not None:
+            self._resume_deferred(admission, progress, prompt)
+
+    def _register(
+        self, admission: Admission, progress: SeqProgress, prompt: tuple, blocks: tuple[Block, ...]
+    ) -> None:
         n = blocks[-1].end_tokens
         admission.register_blocks = ()
         progress.chunk_stop = None
@@ -160,6 +184,7 @@ class PrefixReuse:
         self._scheduler.unreserve(progress, n)
         self._sync()
         admission.prefix = prefix
+        admission.prefix_tokens = n
         if self.publish and n >= self.settings.snapshot_min_tokens:
             self._publish(prefix)
 
@@ -195,6 +220,87 @@ class PrefixReuse:
         self._sync()
         self.counters["snapshot_restores_total"] += 1
         return PrefixMatch(prefix, n), time.perf_counter() - started
+
+    def _resume(
+        self, resumable, prompt: tuple[int, ...], blocks: list[Block], progress: SeqProgress
+    ) -> Admission | None:
+        """Put a stored session's cells back: its private delta restored into the slot, its
+        family prefix shared back from the hot prefix. None when it cannot be done exactly."""
+        if resumable is None:
+            return None
+        started = time.perf_counter()
+        record = resumable.record
+        common = _common_prefix(record.tokens, prompt, len(prompt) - 1)
+        p = record.prefix_tokens
+        if record.fingerprint != self.fingerprint or common <= p:
+            return None
+        match = None
+        if p > 0:
+            hot = self.cache.match(blocks, prompt)
+            if hot is None or hot.n_tokens < p:
+                return self._defer(resumable, blocks, progress)
+            match = PrefixMatch(hot.prefix, p)
+        ctx = self.cache.ctx
+        try:
+            ctx.set_seq_state(progress.slot, resumable.blob)
+            if ctx.seq_pos_max(progress.slot) != len(record.tokens) - 1:
+                raise ValueError("restored session does not end where its history does")
+        except (ValueError, RuntimeError) as exc:
+            ctx.seq_remove(progress.slot)
+            self.counters["session_restore_failures_total"] += 1
+            log.warning("session not restored, recomputing: %s", exc)
+            return None
+        if match is not None:
+            self.cache.attach(match, progress.slot)
+            self._scheduler.unreserve(progress, p)
+        if common < len(record.tokens):
+            ctx.seq_remove(progress.slot, common, -1)  # the history diverged: drop the rest
+        progress.num_computed_tokens = common
+        resume_s = resumable.decode_s + time.perf_counter() - started
+        return Admission(
+            common,
+            match.prefix if match else None,
+            p,
+            resume_s=resume_s,
+            resume_tier=resumable.tier,
+        )
+
+    def _defer(self, resumable, blocks: list[Block], progress: SeqProgress) -> Admission | None:
+        """The session's family prefix is not hot (a restart, an eviction): prefill it as a
+        miss would, then restore the session's delta on top (`after_chunk`)."""
+        p = resumable.record.prefix_tokens
+        register = tuple(b for b in blocks if b.end_tokens <= p)
+        if not register or register[-1].end_tokens != p:
+            return None
+        progress.chunk_stop = p
+        return Admission(register_blocks=register, deferred_session=resumable)
+
+    def _resume_deferred(self, admission: Admission, progress: SeqProgress, prompt) -> None:
+        resumable, admission.deferred_session = admission.deferred_session, None
+        started = time.perf_counter()
+        record = resumable.record
+        p = record.prefix_tokens
+        if admission.prefix is None or admission.prefix_tokens != p:
+            return  # the prefix could not be kept hot: its cells stay private, no delta
+        common = _common_prefix(record.tokens, prompt, len(prompt) - 1)
+        ctx = self.cache.ctx
+        try:
+            ctx.set_seq_state(progress.slot, resumable.blob)  # replaces the slot's cells
+            if ctx.seq_pos_max(progress.slot) != len(record.tokens) - 1:
+                raise ValueError("restored session does not end where its history does")
+        except (ValueError, RuntimeError) as exc:
+            self.counters["session_restore_failures_total"] += 1
+            log.warning("session not restored after its prefix, recomputing: %s", exc)
+            ctx.seq_remove(progress.slot)
+            ctx.seq_copy(admission.prefix.seq_id, progress.slot, 0, p)
+            return
+        ctx.seq_copy(admission.prefix.seq_id, progress.slot, 0, p)
+        if common < len(record.tokens):
+            ctx.seq_remove(progress.slot, common, -1)
+        progress.num_computed_tokens = common
+        admission.cached_tokens = common - p
+        admission.resume_s = resumable.decode_s + time.perf_counter() - started
+        admission.resume_tier = resumable.tier
 
     def _publish(self, prefix: HotPrefix) -> None:
         try:

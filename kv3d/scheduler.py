@@ -33,6 +33,7 @@ class Pending:
     request: GenerationRequest
     emit: Emit
     snapshot: object | None = None  # a prefix snapshot fetched for this request (bytes-like)
+    session: object | None = None  # Future of a stored session being decoded for this request
 
     @property
     def cells_needed(self) -> int:

@@ -154,6 +154,47 @@ def with_seq_id(state: SeqState, seq_id: int) -> SeqState:
     return dataclasses.replace(state, seq_id=seq_id)
 
 
+def cells_from(state: SeqState, pos_from: int) -> SeqState:
+    """Only the cells at positions >= `pos_from`, in every section (copies the kept bytes).
+
+    A session's private delta: restored into a sequence, it composes with the prefix cells
+    [0, pos_from) shared back in from a hot prefix (DESIGN.md §3)."""
+    return dataclasses.replace(
+        state,
+        sections=tuple(
+            CacheSection(tuple(_stream_from(s, pos_from) for s in section.streams))
+            for section in state.sections
+        ),
+    )
+
+
+def _stream_from(stream: StreamState, pos_from: int) -> StreamState:
+    keep = np.flatnonzero(stream.cell_positions >= pos_from)
+    if len(keep) == stream.n_cells:
+        return stream
+    n = stream.n_cells
+
+    def select(layer: LayerTensor) -> LayerTensor:
+        rows = layer.rows(n)
+        if layer.transposed:
+            per_cell = rows.reshape(layer.n_embd_v_gqa, n, layer.el_size)[:, keep, :]
+        else:
+            per_cell = rows[keep]
+        return dataclasses.replace(layer, data=np.ascontiguousarray(per_cell).reshape(-1))
+
+    if len(keep) == 0:
+        return StreamState(np.empty(0, np.int32), (), None, stream.v_trans, (), ())
+    ext = None if stream.cell_ext is None else np.ascontiguousarray(stream.cell_ext[keep])
+    return StreamState(
+        cell_positions=np.ascontiguousarray(stream.cell_positions[keep]),
+        cell_seq_ids=tuple(stream.cell_seq_ids[i] for i in keep),
+        cell_ext=ext,
+        v_trans=stream.v_trans,
+        k_layers=tuple(select(layer) for layer in stream.k_layers),
+        v_layers=tuple(select(layer) for layer in stream.v_layers),
+    )
+
+
 # --- parsing -----------------------------------------------------------------------------------
 class _Reader:
     """A cursor over the blob that checks every length against what remains before reading."""

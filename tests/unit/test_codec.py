@@ -137,3 +137,16 @@ def test_tensors_that_are_not_f16_are_kept_verbatim():
 def test_damaged_deltas_are_refused(damage, message):
     with pytest.raises(DeltaError, match=message):
         decode_delta(damage(encode_delta(make_state(), "int8", 32)))
+
+
+@pytest.mark.parametrize("v_trans", [False, True])
+def test_cells_from_keeps_only_later_positions_with_their_bytes(v_trans):
+    from kv3d.statefmt import cells_from
+
+    blob = make_state(cells=6, v_trans=v_trans)  # positions 10..15
+    full = tensors(blob)
+    part = build_seq_state(cells_from(parse_seq_state(blob), 13))
+    stream = parse_seq_state(part).sections[0].streams[0]
+    assert list(stream.cell_positions) == [13, 14, 15]
+    for x, y in zip(full, tensors(part), strict=True):
+        assert np.array_equal(x[3:], y)

@@ -1,0 +1,268 @@
+"""Idle sessions, tiered: warm (int8 deltas in RAM) and cold (files on disk).
+
+A session that finishes a request leaves the KV cache (hot) at once: its private cells are
+exported, encoded as an int8 delta in a worker thread and kept warm. When the warm budget is
+exceeded, the least recently used deltas are demoted to the cold folder (or dropped without
+one). A returning session is taken out of whichever tier holds it and decoded ahead of its
+admission. Nothing here can make output wrong: a record that fails a check is dropped and the
+session's prompt is recomputed.
+
+Cold file format, version 1 (little-endian), written to a temp file then renamed:
+    magic "KV3DSESS" | u16 version | u16 reserved | 16-byte fingerprint | u32 n_tokens
+    | u32 prefix_tokens | u32 id_bytes | u64 delta_bytes | u32 crc32 of everything after it
+    | session id (utf-8) | i32 tokens[n_tokens] | delta
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kv3d.codec import DeltaError, decode_delta, encode_delta
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KV3DSESS"
+VERSION = 1
+_HEADER = struct.Struct("<8sHH16sIIIQI")
+SUFFIX = ".kv3d"
+
+
+class SessionRecordError(ValueError):
+    """A stored session that must not be resumed (corrupt, truncated, other model)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """An idle session: its token history and the encoded KV of cells [prefix_tokens, n)."""
+
+    session_id: str
+    fingerprint: bytes
+    tokens: tuple[int, ...]
+    prefix_tokens: int  # cells [0, prefix_tokens) come back from the shared family prefix
+    delta: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.delta) + 4 * len(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Resumable:
+    record: SessionRecord
+    blob: bytearray  # the decoded llama.cpp sequence state of the private cells
+    tier: str
+    decode_s: float
+
+
+def encode_record(record: SessionRecord) -> bytes:
+    sid = record.session_id.encode("utf-8")
+    body = sid + np.asarray(record.tokens, dtype="<i4").tobytes() + record.delta
+    head = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        0,
+        record.fingerprint,
+        len(record.tokens),
+        record.prefix_tokens,
+        len(sid),
+        len(record.delta),
+        zlib.crc32(body),
+    )
+    return head + body
+
+
+def decode_record(data: bytes) -> SessionRecord:
+    if len(data) < _HEADER.size:
+        raise SessionRecordError("session file shorter than its header")
+    magic, version, _, fp, n_tokens, prefix, id_bytes, delta_bytes, crc = _HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise SessionRecordError("not a KV3D session file of this version")
+    body = memoryview(data)[_HEADER.size :]
+    if len(body) != id_bytes + 4 * n_tokens + delta_bytes or zlib.crc32(body) != crc:
+        raise SessionRecordError("session file is truncated or corrupt")
+    sid = bytes(body[:id_bytes]).decode("utf-8")
+    tokens = np.frombuffer(body, dtype="<i4", count=n_tokens, offset=id_bytes)
+    delta = bytes(body[id_bytes + 4 * n_tokens :])
+    return SessionRecord(sid, bytes(fp), tuple(tokens.tolist()), prefix, delta)
+
+
+class ColdTier:
+    """Session files in one folder. File names are a hash of the session id, never a path the
+    client chose; links are not followed; a file's own contents are checked before use."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, session_id: str) -> Path:
+        digest = hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32]
+        return self.folder / (digest + SUFFIX)
+
+    def put(self, record: SessionRecord) -> int:
+        path = self._path(record.session_id)
+        data = encode_record(record)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        return len(data)
+
+    def take(self, session_id: str) -> SessionRecord | None:
+        path = self._path(session_id)
+        if path.is_symlink() or not path.is_file():
+            return None
+        try:
+            data = path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+        record = decode_record(data)
+        if record.session_id != session_id:
+            raise SessionRecordError("session file holds another session")
+        return record
+
+    def files(self) -> list[os.DirEntry]:
+        with os.scandir(self.folder) as it:
+            return [e for e in it if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+
+
+class SessionStore:
+    """Warm and cold tiers of idle sessions.
+
+    Invariants: a session id is in at most one tier; `warm_bytes` is the sum of the warm
+    records' bytes and stays within `warm_budget_bytes` once `put` returns (least recently used
+    records move to cold, or are dropped without a cold tier). Thread-safe.
+    """
+
+    def __init__(self, warm_budget_bytes: int, cold_dir: str = "", group: int = 32):
+        self.warm_budget_bytes = warm_budget_bytes
+        self.cold = ColdTier(Path(cold_dir).expanduser()) if cold_dir else None
+        self.group = group
+        self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
+        self.warm_bytes = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv3d-sessions")
+        self.counters = dict(
+            session_parks_total=0,
+            session_resumes_total=0,
+            session_demotions_total=0,
+            session_drops_total=0,
+            session_rejects_total=0,
+        )
+        self._raw_bytes = 0
+        self._coded_bytes = 0
+
+    # --- parking (called from the engine's step thread: must not block) ----------------------
+    def park(
+        self,
+        session_id: str,
+        fingerprint: bytes,
+        tokens: tuple[int, ...],
+        prefix_tokens: int,
+        blob: bytes,
+    ) -> None:
+        self._pool.submit(
+            self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob
+        )
+
+    def _encode_and_put(self, session_id, fingerprint, tokens, prefix_tokens, blob) -> None:
+        try:
+            blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
+            delta = encode_delta(blob, "int8", self.group)
+        except Exception:
+            log.exception("could not encode session %s; it will be recomputed", session_id)
+            return
+        record = SessionRecord(session_id, fingerprint, tokens, prefix_tokens, delta)
+        with self._lock:
+            self._raw_bytes += len(blob)
+            self._coded_bytes += len(delta)
+            self._discard(session_id)
+            self._warm[session_id] = record
+            self.warm_bytes += record.nbytes
+            self.counters["session_parks_total"] += 1
+            demote = self._over_budget()
+        for old in demote:
+            self._demote(old)
+
+    def _over_budget(self) -> list[SessionRecord]:
+        out = []
+        while self.warm_bytes > self.warm_budget_bytes and self._warm:
+            _, old = self._warm.popitem(last=False)
+            self.warm_bytes -= old.nbytes
+            out.append(old)
+        return out
+
+    def _demote(self, record: SessionRecord) -> None:
+        if self.cold is None:
+            self.counters["session_drops_total"] += 1
+            return
+        try:
+            self.cold.put(record)
+            self.counters["session_demotions_total"] += 1
+        except OSError:
+            log.exception("could not write session %s to the cold tier", record.session_id)
+            self.counters["session_drops_total"] += 1
+
+    def _discard(self, session_id: str) -> None:
+        old = self._warm.pop(session_id, None)
+        if old is not None:
+            self.warm_bytes -= old.nbytes
+
+    # --- resuming -----------------------------------------------------------------------------
+    def take(self, session_id: str) -> Future:
+        """Start fetching and decoding a session: a Future of `Resumable` or None."""
+        return self._pool.submit(self._take_now, session_id)
+
+    def _take_now(self, session_id: str) -> Resumable | None:
+        started = time.perf_counter()
+        with self._lock:
+            record = self._warm.pop(session_id, None)
+            if record is not None:
+                self.warm_bytes -= record.nbytes
+        tier = "warm"
+        try:
+            if record is None and self.cold is not None:
+                record, tier = self.cold.take(session_id), "cold"
+            if record is None:
+                return None
+            blob = decode_delta(record.delta)
+        except (SessionRecordError, DeltaError, OSError) as exc:
+            self.counters["session_rejects_total"] += 1
+            log.warning("session %s not resumable, recomputing: %s", session_id, exc)
+            return None
+        self.counters["session_resumes_total"] += 1
+        return Resumable(record, blob, tier, time.perf_counter() - started)
+
+    # --- figures ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        cold_files = self.cold.files() if self.cold is not None else []
+        with self._lock:
+            ratio = self._raw_bytes / self._coded_bytes if self._coded_bytes else 0.0
+            return {
+                **self.counters,
+                "sessions_warm": len(self._warm),
+                "sessions_cold": len(cold_files),
+                "warm_bytes": self.warm_bytes,
+                "cold_bytes": sum(e.stat(follow_symlinks=False).st_size for e in cold_files),
+                "delta_compression_ratio": ratio,
+            }
+
+    def flush(self) -> None:
+        """Wait until parked sessions are stored (tests, shutdown)."""
+        self._pool.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

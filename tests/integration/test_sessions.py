@@ -1,0 +1,134 @@
+"""Sessions on the real model: kept as int8 deltas, resumed from RAM or disk, never wrong."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kv3d.chat import ChatMessage, Tokenizer
+from kv3d.config import load_config
+from kv3d.engine import Engine, new_request_id
+from kv3d.generation import Finished, GenerationRequest, SamplingParams, TextDelta
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = "You are a concise assistant for the operators of an inference server. " * 6
+
+
+def config(cold_dir="", warm_mb=64, enabled=True):
+    return load_config(
+        overrides={
+            "cache": {"gpu_hot_mb": 128, "ram_warm_mb": warm_mb, "ssd_cold_path": str(cold_dir)},
+            "server": {"threads": 2},
+            "model": {"context_tokens": 2048},
+            "engine": {"max_sequences": 4},
+            "prefix": {"enabled": enabled},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    t = Tokenizer.load(smollm2_path)
+    yield t
+    t.close()
+
+
+def request(tok, messages, session_id, max_tokens=24, top_logprobs=None):
+    msgs = [ChatMessage("system", SYSTEM)] + [ChatMessage(r, c) for r, c in messages]
+    prompt = tok.encode_chat(msgs)
+    return GenerationRequest(
+        new_request_id(),
+        tuple(prompt),
+        max_tokens,
+        SamplingParams(temperature=0.0),
+        top_logprobs=top_logprobs,
+        family_tokens=tok.family_tokens(msgs, prompt),
+        session_id=session_id,
+    )
+
+
+def run(engine, req):
+    async def go():
+        text, lps, end = "", [], None
+        async for ev in engine.stream(req):
+            if isinstance(ev, TextDelta):
+                text, lps = text + ev.text, lps + list(ev.logprobs)
+            else:
+                end = ev
+        return text + getattr(end, "text", ""), lps, end
+
+    return asyncio.run(go())
+
+
+def two_turns(engine, tok, session_id, top_logprobs=None):
+    turn1 = [("user", "How do I change the port of the server?")]
+    answer, _, first = run(engine, request(tok, turn1, session_id))
+    if engine.sessions is not None:
+        engine.sessions.flush()
+    turn2 = turn1 + [("assistant", answer), ("user", "And how do I check that it works?")]
+    return first, run(engine, request(tok, turn2, session_id, 1, top_logprobs))
+
+
+def test_returning_session_resumes_from_the_warm_tier_instead_of_prefilling(tok):
+    with Engine.from_config(config()) as engine:
+        first, (_, lps, second) = two_turns(engine, tok, "conv-1", top_logprobs=5)
+        engine.sessions.flush()
+        stats = engine.stats()
+    history = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert isinstance(second, Finished) and second.session_tier == "warm"
+    assert second.session_resume_s is not None and second.session_resume_s < 1.0
+    # Nearly all of turn 1 (prompt + answer) comes back; only the new turn is prefilled.
+    assert second.usage.cached_tokens >= history - 8
+    assert stats.session_parks_total == 2 and stats.session_resumes_total == 1
+    assert 1.8 < stats.delta_compression_ratio < 2.0
+
+    with Engine.from_config(config(enabled=False)) as plain:  # recompute everything
+        _, (_, ref_lps, ref) = two_turns(plain, tok, "conv-1", top_logprobs=5)
+    assert ref.usage.cached_tokens == 0
+    # The int8 delta stays within the engine's noise: same top token, close log-probabilities.
+    assert lps[0].token_id == ref_lps[0].token_id
+    assert abs(lps[0].logprob - ref_lps[0].logprob) < 0.5
+
+
+def test_cold_tier_survives_a_restart_and_a_corrupt_file_means_recompute(tok, tmp_path):
+    cold = tmp_path / "cold"
+    with Engine.from_config(config(cold_dir=cold, warm_mb=0)) as engine:
+        turn1 = [("user", "How do I change the port of the server?")]
+        answer, _, _ = run(engine, request(tok, turn1, "conv-cold"))
+        run(engine, request(tok, [("user", "Hello")], "conv-other"))
+        engine.sessions.flush()
+        stats = engine.stats()
+    assert stats.sessions_warm == 0 and stats.sessions_cold == 2 and stats.cold_bytes > 0
+    assert not list(cold.glob("*.tmp*"))  # written atomically
+
+    turn2 = turn1 + [("assistant", answer), ("user", "And then?")]
+    with Engine.from_config(config(cold_dir=cold, warm_mb=0)) as restarted:
+        _, _, resumed = run(restarted, request(tok, turn2, "conv-cold", 4))
+        # The family prefix was recomputed (nothing was hot after the restart); the private
+        # part of turn 1 came back from disk.
+        assert resumed.session_tier == "cold" and resumed.usage.cached_tokens > 30
+
+        for path in cold.glob("*.kv3d"):  # damage whatever is left on disk
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        again = [("user", "Hello"), ("assistant", "Hi!"), ("user", "Bye")]
+        text, _, end = run(restarted, request(tok, again, "conv-other", 4))
+        assert isinstance(end, Finished) and end.session_tier is None and text
+        assert restarted.stats().session_rejects_total == 1
+
+
+def test_sessions_take_no_kv_cells_while_idle(tok):
+    with Engine.from_config(config()) as engine:
+        for n in range(6):
+            run(engine, request(tok, [("user", f"Question {n}: what is a KV cache?")], f"s{n}"))
+        engine.sessions.flush()
+        stats = engine.stats()
+        per_cell = engine.model.kv_bytes_per_cell("f16")
+    assert stats.sessions_warm == 6 and stats.running_sequences == 0
+    assert stats.kv_cells_reserved == 0
+    # Idle sessions hold no cells: only the one shared family prefix is in the KV cache.
+    assert stats.hot_prefixes == 1 and stats.kv_bytes_used == stats.hot_prefix_cells * per_cell
+    assert stats.warm_bytes > 0
