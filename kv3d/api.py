@@ -220,6 +220,7 @@ def _generation_request(
         top_logprobs=top_logprobs,
         family_tokens=family_tokens,
         session_id=session_id,
+        ignore_eos=req.ignore_eos,
     )
 
 
@@ -508,6 +509,7 @@ def _usage_fields(finish: Finished) -> dict[str, Any]:
     ext = {"prefix_source": source}
     if finish.session_tier is not None:
         ext["session_resumed_from"] = finish.session_tier
+        ext["session_resume_ms"] = round(1000 * (finish.session_resume_s or 0.0), 3)
     if finish.stats is not None:
         ext["replica"] = finish.stats.replica_id
     return {"usage": usage_dict(finish.usage), "kv3d": ext}

@@ -147,14 +147,18 @@ async def run_bench(
         )
         prefill = await stream_chat(http, url, ask(long_prompt + "\nSummarise."), 1)
 
-        # Sampled, not greedy: a story prompt then usually runs to max_tokens.
         story = ask("Write a long, detailed story about a lighthouse keeper.")
-        single = await stream_chat(http, url, story, max_tokens, temperature=0.8, seed=1)
+        # ignore_eos (KV3D extension): every stream runs to max_tokens, so runs compare.
+        single = await stream_chat(
+            http, url, story, max_tokens, temperature=0.8, seed=1, ignore_eos=True
+        )
 
         started = time.perf_counter()
         many = await asyncio.gather(
             *(
-                stream_chat(http, url, story, max_tokens, temperature=0.8, seed=100 + i)
+                stream_chat(
+                    http, url, story, max_tokens, temperature=0.8, seed=100 + i, ignore_eos=True
+                )
                 for i in range(concurrency)
             )
         )

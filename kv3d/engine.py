@@ -479,7 +479,7 @@ class Engine:
         if req.top_logprobs is not None:
             logprob = self._logprob(row, req.top_logprobs)
         token = live.sampler.sample(self.ctx, row)
-        if self.model.is_eog(token):
+        if self.model.is_eog(token) and not req.ignore_eos:
             self._finish(chunk.slot, "stop")
             return
         progress.generated_tokens += 1

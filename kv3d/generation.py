@@ -32,6 +32,8 @@ class GenerationRequest:
     top_logprobs: int | None = None
     # Where the family prefix (system/developer messages) ends in `prompt_tokens`, if known.
     family_tokens: int | None = None
+    # Keep generating past end-of-generation tokens (benchmarks, tests): ends at max_tokens.
+    ignore_eos: bool = False
     # A conversation: its KV is kept (as an int8 delta) after the request and resumed later.
     session_id: str | None = None
 

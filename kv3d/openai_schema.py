@@ -58,6 +58,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="Extension: keep the k most likely tokens; 0 = off.")
+    ignore_eos: bool = Field(False, description="Extension: generate until max_tokens.")
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1

@@ -269,8 +269,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(server_url):
         "model": "m",
         "stream": True,
         "max_tokens": 1500,
-        "temperature": 2.0,
+        "temperature": 1.0,
         "seed": 7,
+        "ignore_eos": True,  # the stream cannot end by itself before the client leaves
         "messages": ask("Tell me everything about the history of Rome."),
     }
     with httpx.Client(timeout=30) as http:
@@ -309,3 +310,35 @@ def test_metrics_exposes_the_promised_series(server_url, client):
         assert series in text, series
     assert metric(server_url, "kv3d_prompt_tokens_total") > 0
     assert metric(server_url, "kv3d_time_to_first_token_seconds_count") > 0
+
+
+def test_session_header_resumes_the_conversation(server_url):
+    system = {"role": "system", "content": "You answer operators of KV3D in one sentence. " * 5}
+    turn1 = [system, {"role": "user", "content": "What does kv3d doctor check?"}]
+    with httpx.Client(base_url=f"{server_url}/v1", timeout=60) as http:
+        headers = {"X-Session-ID": f"conv-{time.time_ns()}"}
+        body = {"model": "m", "temperature": 0, "max_tokens": 16}
+        first = http.post(
+            "/chat/completions", json={**body, "messages": turn1}, headers=headers
+        ).json()
+        answer = first["choices"][0]["message"]["content"]
+        turn2 = turn1 + [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And kv3d bench?"},
+        ]
+        time.sleep(0.5)  # the first turn's delta is encoded in the background
+        second = http.post(
+            "/chat/completions", json={**body, "messages": turn2}, headers=headers
+        ).json()
+        # The `user` field names a session too.
+        by_user = http.post(
+            "/chat/completions", json={**body, "messages": turn1, "user": "alice"}
+        ).json()
+    assert first["kv3d"]["prefix_source"] in ("miss", "hot")
+    assert second["kv3d"]["prefix_source"] == "session"
+    assert second["kv3d"]["session_resumed_from"] == "warm"
+    history = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= history - 8
+    assert by_user["choices"][0]["message"]["content"]
+    text = httpx.get(f"{server_url}/metrics").text
+    assert 'kv3d_sessions{tier="warm"}' in text and "kv3d_resume_seconds_count" in text
