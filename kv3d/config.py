@@ -48,6 +48,11 @@ class CacheConfig(_Section):
     )
     ram_warm_mb: int = Field(8192, ge=0, description="Warm tier budget (snapshots, deltas), MiB.")
     ssd_cold_path: str = Field("", description="Folder of the cold tier; empty = off.")
+    auto_sessions: bool = Field(
+        True,
+        description="Keep every conversation, also without X-Session-ID / user: a request whose "
+        "tokens extend an earlier one's history resumes it.",
+    )
 
 
 class ModelConfig(_Section):

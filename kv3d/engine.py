@@ -85,6 +85,7 @@ class EngineSettings:
     max_hot_prefixes: int
     warm_budget_bytes: int
     cold_path: str
+    auto_sessions: bool
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -112,6 +113,7 @@ class EngineSettings:
             max_hot_prefixes=config.prefix.max_hot,
             warm_budget_bytes=config.cache.ram_warm_mb * MIB,
             cold_path=config.cache.ssd_cold_path,
+            auto_sessions=config.cache.auto_sessions,
         )
 
 
@@ -295,8 +297,9 @@ class Engine:
         object); it is verified before use and ignored when it does not apply.
         """
         session = None
-        if request.session_id and self.sessions is not None:
-            session = self.sessions.take(request.session_id)  # decodes while the request waits
+        key = self._session_key_to_resume(request)
+        if key is not None:
+            session = self.sessions.take(key)  # decodes while the request waits
         try:
             self.scheduler.enqueue(Pending(request, emit, snapshot, session))
         except RequestTooLargeError as exc:
@@ -532,15 +535,43 @@ class Engine:
         live.sampler.close()
         return live
 
+    def _session_key_to_resume(self, request: GenerationRequest) -> str | None:
+        """The stored session this request continues: by its id, else (auto sessions) the
+        deepest of its blocks that ended an earlier conversation's history."""
+        if self.sessions is None:
+            return None
+        if request.session_id:
+            return request.session_id
+        if not self.settings.auto_sessions:
+            return None
+        for block in reversed(self.prefix_blocks(request)):
+            key = _auto_key(block.key)
+            if self.sessions.holds(key):
+                return key
+        return None
+
+    def _session_key_to_keep(self, req: GenerationRequest, history: tuple[int, ...]) -> str | None:
+        if req.session_id:
+            return req.session_id
+        if not self.settings.auto_sessions:
+            return None
+        # Keyed by the history's last whole block: the next turn's prompt repeats the history,
+        # so its blocks include this one.
+        blocks = self.reuse.blocks_for(history + (0,), req.family_tokens)
+        return _auto_key(blocks[-1].key) if blocks else None
+
     def _park(self, slot: int) -> None:
         """Keep a finished conversation's KV: its private cells go to the session store."""
         live = self._live[slot]
         req = live.pending.request
         n = live.progress.num_computed_tokens
         history = (req.prompt_tokens + tuple(live.output_ids))[:n]
+        key = self._session_key_to_keep(req, history)
+        if key is None or n <= live.reuse.prefix_tokens:
+            return
         blob = self.ctx.seq_state(slot)
         self.sessions.park(
-            req.session_id,
+            key,
             self.fingerprint,
             history,
             live.reuse.prefix_tokens,
@@ -549,11 +580,10 @@ class Engine:
 
     def _finish(self, slot: int, reason: FinishReason) -> None:
         if reason != "cancelled" and self.sessions is not None:
-            if self._live[slot].pending.request.session_id:
-                try:
-                    self._park(slot)
-                except Exception:  # keeping a session is an optimisation, never a failure
-                    log.exception("could not keep the session of slot %d", slot)
+            try:
+                self._park(slot)
+            except Exception:  # keeping a session is an optimisation, never a failure
+                log.exception("could not keep the session of slot %d", slot)
         live = self._release(slot)
         progress = live.progress
         usage = Usage(
@@ -572,6 +602,10 @@ class Engine:
             return
         live = self._release(slot)
         live.pending.emit(Rejected(500, "engine_error", message, stats=self.stats()))
+
+
+def _auto_key(block_key: int) -> str:
+    return f"auto:{block_key:016x}"
 
 
 def _private_cells(blob: bytes, prefix_tokens: int):

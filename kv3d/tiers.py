@@ -134,6 +134,10 @@ class ColdTier:
             raise SessionRecordError("session file holds another session")
         return record
 
+    def exists(self, session_id: str) -> bool:
+        path = self._path(session_id)
+        return path.is_file() and not path.is_symlink()
+
     def files(self) -> list[os.DirEntry]:
         with os.scandir(self.folder) as it:
             return [e for e in it if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
@@ -222,6 +226,13 @@ class SessionStore:
             self.warm_bytes -= old.nbytes
 
     # --- resuming -----------------------------------------------------------------------------
+    def holds(self, session_id: str) -> bool:
+        """Whether a session is stored (a hint: it may be taken or evicted meanwhile)."""
+        with self._lock:
+            if session_id in self._warm:
+                return True
+        return self.cold is not None and self.cold.exists(session_id)
+
     def take(self, session_id: str) -> Future:
         """Start fetching and decoding a session: a Future of `Resumable` or None."""
         return self._pool.submit(self._take_now, session_id)

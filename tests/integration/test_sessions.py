@@ -132,3 +132,25 @@ def test_sessions_take_no_kv_cells_while_idle(tok):
     # Idle sessions hold no cells: only the one shared family prefix is in the KV cache.
     assert stats.hot_prefixes == 1 and stats.kv_bytes_used == stats.hot_prefix_cells * per_cell
     assert stats.warm_bytes > 0
+
+
+def test_a_conversation_without_an_id_is_detected_by_its_history(tok):
+    with Engine.from_config(config()) as engine:
+        first, (_, _, second) = two_turns(engine, tok, session_id=None)
+        unrelated = request(tok, [("user", "Something else entirely, please.")], None, 4)
+        _, _, other = run(engine, unrelated)
+    history = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.session_tier == "warm"
+    assert second.usage.cached_tokens >= history - 40  # up to the history's last whole block
+    assert other.session_tier is None  # shares only the family prefix: a prefix hit
+    assert other.usage.cached_tokens == unrelated.family_tokens
+
+
+def test_auto_sessions_can_be_turned_off(tok):
+    cfg = config()
+    cfg.cache.auto_sessions = False
+    with Engine.from_config(cfg) as engine:
+        _, (_, _, second) = two_turns(engine, tok, session_id=None)
+        engine.sessions.flush()
+        assert engine.stats().session_parks_total == 0
+    assert second.session_tier is None
