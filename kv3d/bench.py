@@ -34,7 +34,9 @@ class StreamResult:
     prompt_tokens: int
     itl_s: list[float] = field(default_factory=list)
     cached_tokens: int = 0
-    prefix_source: str = "miss"  # KV3D's extension: miss | hot | snapshot
+    prefix_source: str = "miss"  # KV3D's extension: miss | hot | snapshot | session
+    text: str = ""
+    session_resume_ms: float | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -43,7 +45,12 @@ class StreamResult:
 
 
 async def stream_chat(
-    http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int, **extra
+    http: httpx.AsyncClient,
+    url: str,
+    messages: list[dict],
+    max_tokens: int,
+    headers: dict | None = None,
+    **extra,
 ) -> StreamResult:
     body = {
         "model": "bench",
@@ -58,7 +65,8 @@ async def stream_chat(
     first = last = None
     itl: list[float] = []
     usage = ext = None
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    text = []
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
@@ -70,6 +78,7 @@ async def stream_chat(
             usage = chunk.get("usage") or usage
             ext = chunk.get("kv3d") or ext
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                text.append(chunk["choices"][0]["delta"]["content"])
                 now = time.perf_counter()
                 if first is None:
                     first = now
@@ -87,6 +96,8 @@ async def stream_chat(
         itl_s=itl,
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         prefix_source=(ext or {}).get("prefix_source", "miss"),
+        text="".join(text),
+        session_resume_ms=(ext or {}).get("session_resume_ms"),
     )
 
 
@@ -119,6 +130,113 @@ async def prefix_phase(
     return out
 
 
+def _filler(words: int, nonce: str = "") -> str:
+    return (nonce + " " + " ".join((FILLER * (words // 20 + 1)).split()[:words])).strip()
+
+
+async def session_phase(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    sessions: int = 6,
+    system_words: int = 750,
+    private_words: int = 600,
+) -> dict:
+    """Conversations of a ~1,000-token shared system prompt and ~800 private tokens: their
+    second turn resumed from the warm tier vs the same turn recomputed (family prefix hot)."""
+    nonce = f"Sessions {time.time_ns()}."
+    system = {"role": "system", "content": _filler(system_words, nonce)}
+    resumed, recomputed = [], []
+    for i in range(sessions):
+        headers = {"X-Session-ID": f"{nonce}-{i}"}
+        turn1 = [system, {"role": "user", "content": _filler(private_words, f"Case {i}.")}]
+        first = await stream_chat(http, url, turn1, 24, headers)
+        turn2 = turn1 + [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "Summarise that in one line."},
+        ]
+        await asyncio.sleep(0.3)  # the first turn's delta is encoded off the request path
+        resumed.append(await stream_chat(http, url, turn2, 1, headers))
+        # The same conversation with one changed word early in the private part: only the
+        # family prefix is reusable, the rest is prefilled again.
+        changed = [system, {"role": "user", "content": "Changed. " + turn1[1]["content"]}]
+        changed += turn2[2:]
+        recomputed.append(await stream_chat(http, url, changed, 1))
+    resume_ms = [r.session_resume_ms for r in resumed if r.session_resume_ms is not None]
+    return {
+        "sessions": sessions,
+        "history_tokens": resumed[0].prompt_tokens,
+        "resumed": sum(r.prefix_source == "session" for r in resumed),
+        "cached_tokens_resumed": statistics.median(r.cached_tokens for r in resumed),
+        "resume_ms_p50": round(_pct(resume_ms, 0.5), 2),
+        "resume_ms_p95": round(_pct(resume_ms, 0.95), 2),
+        "ttft_resumed_s": round(statistics.median(r.ttft_s for r in resumed), 4),
+        "ttft_recomputed_s": round(statistics.median(r.ttft_s for r in recomputed), 4),
+    }
+
+
+async def capacity_phase(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    sessions: int,
+    shared_ratio: float = 0.8,
+    system_words: int = 750,
+    max_tokens: int = 32,
+    watch_s: float = 8.0,
+) -> dict:
+    """How many sessions the server runs at once: `sessions` long streams, `shared_ratio` of
+    them on one ~1,000-token system prompt, the rest on system prompts of their own; the peak
+    of running sequences while they are admitted (KV cells are what limits it)."""
+    nonce = f"Capacity {time.time_ns()}."
+    shared = {"role": "system", "content": _filler(system_words, nonce)}
+    await stream_chat(http, url, [shared, {"role": "user", "content": "Hi"}], 1)  # warm it
+
+    def messages(i: int) -> list[dict]:
+        system = (
+            shared
+            if i < sessions * shared_ratio
+            else {"role": "system", "content": _filler(system_words, f"{nonce} Own {i}.")}
+        )
+        return [system, {"role": "user", "content": f"Session {i}: tell me a long story."}]
+
+    tasks = [
+        asyncio.create_task(
+            stream_chat(
+                http, url, messages(i), max_tokens, temperature=0.8, seed=i, ignore_eos=True
+            )
+        )
+        for i in range(sessions)
+    ]
+    peak, deadline = 0, time.perf_counter() + watch_s
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.5)
+        metrics = (await http.get(f"{url}/metrics")).text
+        for line in metrics.splitlines():
+            if line.startswith("kv3d_engine_running_sequences "):
+                peak = max(peak, int(float(line.split()[1])))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"sessions_sent": sessions, "shared_ratio": shared_ratio, "peak_running_sessions": peak}
+
+
+async def idle_session_bytes(http: httpx.AsyncClient, url: str) -> dict:
+    """Bytes per idle session in each tier, from the server's own metrics."""
+    values: dict[str, float] = {}
+    for line in (await http.get(f"{url}/metrics")).text.splitlines():
+        if line.startswith(("kv3d_sessions{", "kv3d_tier_bytes{", "kv3d_delta_compression")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    out = {"delta_compression_ratio": values.get("kv3d_delta_compression_ratio", 0.0)}
+    for tier in ("warm", "cold"):
+        n = values.get(f'kv3d_sessions{{tier="{tier}"}}', 0)
+        b = values.get(f'kv3d_tier_bytes{{tier="{tier}"}}', 0)
+        out[f"sessions_{tier}"] = int(n)
+        out[f"bytes_per_{tier}_session"] = round(b / n) if n else None
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -133,13 +251,30 @@ async def run_bench(
     max_tokens: int = 128,
     prefill_words: int = 600,
     prefix_words: int = 750,
+    capacity_sessions: int = 0,
+    session_count: int = 6,
+    session_words: int = 600,
 ) -> dict:
     timeout = httpx.Timeout(600.0)
     async with httpx.AsyncClient(timeout=timeout) as http:
         ask = lambda text: [{"role": "user", "content": text}]  # noqa: E731
         await stream_chat(http, url, ask("Warm up."), 4)
 
+        if capacity_sessions:
+            return {
+                "url": url,
+                "capacity": await capacity_phase(http, url, sessions=capacity_sessions),
+            }
+
         prefix = await prefix_phase(http, url, prefix_words)
+        sessions = await session_phase(
+            http,
+            url,
+            sessions=session_count,
+            system_words=prefix_words,
+            private_words=session_words,
+        )
+        idle = await idle_session_bytes(http, url)
 
         # Unique per run: a cached copy from an earlier run would not measure prefill.
         long_prompt = f"Run {time.time_ns()}. " + " ".join(
@@ -170,6 +305,8 @@ async def run_bench(
     return {
         "url": url,
         "prefix": prefix,
+        "sessions": sessions,
+        "idle_session_bytes": idle,
         "prefill": {
             "prompt_tokens": prefill.prompt_tokens,
             "ttft_s": round(prefill.ttft_s, 4),
@@ -193,9 +330,13 @@ async def run_bench(
     }
 
 
-def main_bench(url: str, concurrency: int, max_tokens: int, json_path: str | None) -> int:
+def main_bench(
+    url: str, concurrency: int, max_tokens: int, json_path: str | None, capacity: int = 0
+) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    report = asyncio.run(run_bench(url, concurrency=concurrency, max_tokens=max_tokens))
+    report = asyncio.run(
+        run_bench(url, concurrency=concurrency, max_tokens=max_tokens, capacity_sessions=capacity)
+    )
     text = json.dumps(report, indent=2)
     if json_path:
         with open(json_path, "w") as f:

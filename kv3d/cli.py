@@ -82,7 +82,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kv3d.bench import main_bench
 
-    return main_bench(args.url, args.concurrency, args.max_tokens, args.json)
+    return main_bench(args.url, args.concurrency, args.max_tokens, args.json, args.capacity)
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=8, help="concurrent streams")
     bench.add_argument("--max-tokens", type=int, default=128, help="tokens per stream")
     bench.add_argument("--json", help="also write the report to this file")
+    bench.add_argument(
+        "--capacity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure how many of N concurrent sessions (80%% sharing a prompt) run at once",
+    )
     bench.set_defaults(func=cmd_bench)
 
     fidelity = sub.add_parser("fidelity", help="int8 session delta vs uncompressed, held-out text")

@@ -544,7 +544,10 @@ class Engine:
             return request.session_id
         if not self.settings.auto_sessions:
             return None
+        family = request.family_tokens or 0
         for block in reversed(self.prefix_blocks(request)):
+            if block.end_tokens <= family:
+                break  # what only the family prefix shares is a prefix hit, not a session
             key = _auto_key(block.key)
             if self.sessions.holds(key):
                 return key
@@ -558,7 +561,9 @@ class Engine:
         # Keyed by the history's last whole block: the next turn's prompt repeats the history,
         # so its blocks include this one.
         blocks = self.reuse.blocks_for(history + (0,), req.family_tokens)
-        return _auto_key(blocks[-1].key) if blocks else None
+        if not blocks or blocks[-1].end_tokens <= (req.family_tokens or 0):
+            return None  # nothing private beyond the family prefix: not worth keeping
+        return _auto_key(blocks[-1].key)
 
     def _park(self, slot: int) -> None:
         """Keep a finished conversation's KV: its private cells go to the session store."""

@@ -11,11 +11,22 @@ pytestmark = pytest.mark.integration
 
 def test_bench_report_is_complete(server_url):
     report = asyncio.run(
-        run_bench(server_url, concurrency=3, max_tokens=12, prefill_words=80, prefix_words=120)
+        run_bench(
+            server_url,
+            concurrency=3,
+            max_tokens=12,
+            prefill_words=80,
+            prefix_words=120,
+            session_count=2,
+            session_words=60,
+        )
     )
     prefix = report["prefix"]
     assert prefix["cached_tokens_miss"] == 0 and prefix["cached_tokens_hot"] > 100
     assert prefix["ttft_miss_s"] > 0 and prefix["ttft_hot_s"] > 0 and prefix["speedup_hot"] > 0
+    sessions = report["sessions"]
+    assert sessions["resumed"] == sessions["sessions"] and sessions["resume_ms_p95"] > 0
+    assert report["idle_session_bytes"]["bytes_per_warm_session"] > 0
     assert report["prefill"]["prompt_tokens"] > 80
     assert report["prefill"]["prefill_tokens_per_s"] > 0
     assert report["single_stream"]["completion_tokens"] > 0
