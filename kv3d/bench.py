@@ -186,18 +186,17 @@ async def capacity_phase(
     watch_s: float = 8.0,
 ) -> dict:
     """How many sessions the server runs at once: `sessions` long streams, `shared_ratio` of
-    them on one ~1,000-token system prompt, the rest on system prompts of their own; the peak
-    of running sequences while they are admitted (KV cells are what limits it)."""
+    them on one ~1,000-token system prompt, the rest short chats with system prompts of their
+    own; the peak of running sequences while they are admitted (KV cells are what limits it)."""
     nonce = f"Capacity {time.time_ns()}."
     shared = {"role": "system", "content": _filler(system_words, nonce)}
     await stream_chat(http, url, [shared, {"role": "user", "content": "Hi"}], 1)  # warm it
 
     def messages(i: int) -> list[dict]:
-        system = (
-            shared
-            if i < sessions * shared_ratio
-            else {"role": "system", "content": _filler(system_words, f"{nonce} Own {i}.")}
-        )
+        # `shared_ratio` of the sessions share, spread evenly through the (FIFO) queue.
+        sharing = int((i + 1) * shared_ratio) > int(i * shared_ratio)
+        own = {"role": "system", "content": _filler(30, f"{nonce} Own {i}.")}
+        system = shared if sharing else own
         return [system, {"role": "user", "content": f"Session {i}: tell me a long story."}]
 
     tasks = [

@@ -190,6 +190,6 @@ def seed_file_dict(config: KV3DConfig) -> dict[str, Any]:
             "threads": config.server.threads or (os.cpu_count() or 1),
             "api_key": config.server.api_key,
         },
-        "cache": config.cache.model_dump(),
+        "cache": config.cache.model_dump(include={"gpu_hot_mb", "ram_warm_mb", "ssd_cold_path"}),
         "model": {"path": config.model.path, "id": config.model.id},
     }

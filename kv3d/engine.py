@@ -221,6 +221,7 @@ class Engine:
             self.reuse = PrefixReuse(
                 self.ctx, self.scheduler, holders, settings.reuse, self.fingerprint, snapshot_sink
             )
+            self.scheduler.cells_hot = self.reuse.cells_already_hot
         # Sessions need prefix reuse: their deltas compose with a shared family prefix.
         self.sessions: SessionStore | None = None
         if reuse_on:

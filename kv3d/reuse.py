@@ -138,7 +138,19 @@ class PrefixReuse:
         if short > 0 and self.cache.evict_unused(short):
             self._sync()
 
+    def cells_already_hot(self, pending: Pending) -> int:
+        """Prompt cells a hot prefix will provide: the scheduler does not reserve them."""
+        req = pending.request
+        return self.cache.peek(self.blocks_for(req.prompt_tokens, req.family_tokens))
+
     def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
+        admission = self._admit(pending, progress)
+        # Cells shared from a hot prefix belong to it, not to this sequence; the scheduler left
+        # out what it expected to share (`cells_discount`): settle the difference.
+        self._scheduler.unreserve(progress, admission.prefix_tokens - progress.cells_discount)
+        return admission
+
+    def _admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         req = pending.request
         self.counters["prefix_lookups_total"] += 1
         blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
@@ -154,8 +166,6 @@ class PrefixReuse:
             match, restore_s = self._restore(pending.snapshot, req.prompt_tokens)
         if match is not None:
             self.cache.attach(match, progress.slot)
-            # The shared cells are the prefix's: they leave this sequence's reservation.
-            self._scheduler.unreserve(progress, match.n_tokens)
             progress.num_computed_tokens = match.n_tokens
             self.counters["prefix_hits_total"] += 1
             self.counters["prefix_tokens_reused_total"] += match.n_tokens
@@ -252,7 +262,6 @@ class PrefixReuse:
             return None
         if match is not None:
             self.cache.attach(match, progress.slot)
-            self._scheduler.unreserve(progress, p)
         if common < len(record.tokens):
             ctx.seq_remove(progress.slot, common, -1)  # the history diverged: drop the rest
         progress.num_computed_tokens = common

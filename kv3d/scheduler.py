@@ -62,6 +62,7 @@ class SeqProgress:
     pending_token: int | None = None  # sampled, not yet decoded
     generated_tokens: int = 0
     chunk_stop: int | None = None  # prefill chunks must end here (a prefix to register)
+    cells_discount: int = 0  # cells left out of the reservation: a hot prefix provides them
 
     @property
     def prefilling(self) -> bool:
@@ -88,6 +89,8 @@ class Scheduler:
     _waiting: deque[Pending] = field(default_factory=deque)
     _free_slots: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Cells of a waiting request that are already in the cache (a hot prefix); engine-supplied.
+    cells_hot: Callable[[Pending], int] | None = None
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
@@ -137,10 +140,12 @@ class Scheduler:
         with self._lock:
             while self._waiting and self._can_admit_now(self._waiting[0]):
                 pending = self._waiting.popleft()
+                discount = self._hot(pending)
                 progress = SeqProgress(
                     slot=self._free_slots.pop(),
                     prompt_tokens=pending.request.prompt_tokens,
-                    cells_reserved=pending.cells_needed,
+                    cells_reserved=pending.cells_needed - discount,
+                    cells_discount=discount,
                 )
                 self.kv_cells_reserved += progress.cells_reserved
                 self.running[progress.slot] = progress
@@ -180,7 +185,8 @@ class Scheduler:
         with self._lock:
             if not self._waiting or not self._free_slots:
                 return 0
-            need = self._waiting[0].cells_needed
+            head = self._waiting[0]
+        need = head.cells_needed - self._hot(head)
         return max(0, self.kv_cells_reserved + self.kv_cells_held + need - self.kv_cells_total)
 
     def release(self, slot: int) -> SeqProgress:
@@ -191,7 +197,11 @@ class Scheduler:
 
     def _can_admit_now(self, pending: Pending) -> bool:
         used = self.kv_cells_reserved + self.kv_cells_held
-        return bool(self._free_slots) and used + pending.cells_needed <= self.kv_cells_total
+        need = pending.cells_needed - self._hot(pending)
+        return bool(self._free_slots) and used + need <= self.kv_cells_total
+
+    def _hot(self, pending: Pending) -> int:
+        return self.cells_hot(pending) if self.cells_hot is not None else 0
 
     def check_invariants(self) -> None:
         held = set(self.running)
