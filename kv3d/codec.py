@@ -4,8 +4,8 @@ Scheme: symmetric int8, one f16 scale per token (cell) and per group of `group` 
     scale = f16(max|x| / 127);  q = clip(rint(x / scale), -127, 127);  x' = f16(q * scale)
 computed in f32 (round half to even). Tensors that are not f16 (a q8_0 cache) and every
 non-tensor byte of the blob are kept verbatim, so decoding rebuilds a blob llama.cpp reads.
-Mode `f16` keeps the whole blob (exact). The NumPy path is the reference; a GPU backend must
-produce the same bytes.
+Mode `f16` keeps the whole blob (exact). The NumPy path is the reference; the CuPy backend
+(`kv3d.codec_gpu`, chosen automatically when a GPU is present) produces the same bytes.
 
 Container, format version 1 (little-endian):
     magic "KV3DDLT1" | u16 version | u8 mode | u8 reserved | u16 group | u16 reserved
@@ -85,6 +85,40 @@ def _as_cells(raw: np.ndarray, t: _Tensor) -> np.ndarray:
     return raw.view(np.float16).reshape(t.cells, t.channels)
 
 
+class NumpyCodec:
+    """The reference backend: the arithmetic every backend must reproduce byte for byte."""
+
+    def quantize(self, x16: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+        return _quantize(x16, group)
+
+    def dequantize(self, scales: np.ndarray, q: np.ndarray, group: int) -> np.ndarray:
+        out = np.empty(q.shape, dtype=np.float16)
+        _dequantize_into(out, scales, q, group)
+        return out
+
+
+def select_backend(name: str | None = None):
+    """`numpy`, `cupy`, or `auto` (CuPy when a GPU is present); env `KV3D_CODEC_BACKEND`."""
+    name = name or os.environ.get("KV3D_CODEC_BACKEND", "auto")
+    if name == "numpy":
+        return NumpyCodec()
+    from kv3d.codec_gpu import CupyCodec, gpu_available
+
+    if name == "cupy" or (name == "auto" and gpu_available()):
+        return CupyCodec()
+    return NumpyCodec()
+
+
+_backend = None
+
+
+def backend():
+    global _backend
+    if _backend is None:
+        _backend = select_backend()
+    return _backend
+
+
 def _quantize(x16: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     cells, channels = x16.shape
     x = x16.astype(np.float32).reshape(cells, channels // group, group)
@@ -121,7 +155,7 @@ def encode_delta(blob, mode: Mode = "int8", group: int = 32) -> bytes:
 
     def one(t: _Tensor) -> tuple[bytes, bytes]:
         nbytes = 2 * t.cells * t.channels
-        scales, q = _quantize(_as_cells(raw[t.offset : t.offset + nbytes], t), group)
+        scales, q = backend().quantize(_as_cells(raw[t.offset : t.offset + nbytes], t), group)
         return scales.tobytes(), q.tobytes()
 
     coded = list(_pool.map(one, tensors))
@@ -197,5 +231,10 @@ def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> by
         jobs.append((dest, scales, q))
     if at != len(src):
         raise DeltaError("delta has trailing bytes")
-    list(_pool.map(lambda job: _dequantize_into(job[0], job[1], job[2], group), jobs))
+    codec = backend()
+    if isinstance(codec, NumpyCodec):
+        list(_pool.map(lambda job: _dequantize_into(job[0], job[1], job[2], group), jobs))
+    else:
+        for dest, scales, q in jobs:
+            dest[...] = codec.dequantize(scales, q, group)
     return out
