@@ -222,6 +222,7 @@ class Engine:
                 self.ctx, self.scheduler, holders, settings.reuse, self.fingerprint, snapshot_sink
             )
             self.scheduler.cells_hot = self.reuse.cells_already_hot
+            self.reuse.cache.on_evict = self._demote
         # Sessions need prefix reuse: their deltas compose with a shared family prefix.
         self.sessions: SessionStore | None = None
         if reuse_on:
@@ -382,6 +383,7 @@ class Engine:
             **self.reuse.stats(),
             **(self.sessions.stats() if self.sessions is not None else {}),
             kv_bytes_used=self._kv_bytes_used(),
+            sessions_hot=len(sched.running) + self.reuse.stats().get("hot_idle_sessions", 0),
         )
 
     def _kv_bytes_used(self) -> int:
@@ -566,8 +568,8 @@ class Engine:
             return None  # nothing private beyond the family prefix: not worth keeping
         return _auto_key(blocks[-1].key)
 
-    def _park(self, slot: int) -> None:
-        """Keep a finished conversation's KV: its private cells go to the session store."""
+    def _keep(self, slot: int) -> None:
+        """Keep a finished conversation: hot while there is room, else as a warm int8 delta."""
         live = self._live[slot]
         req = live.pending.request
         n = live.progress.num_computed_tokens
@@ -575,19 +577,35 @@ class Engine:
         key = self._session_key_to_keep(req, history)
         if key is None or n <= live.reuse.prefix_tokens:
             return
-        blob = self.ctx.seq_state(slot)
+        if self.reuse.keep_session(live.reuse, live.progress, history, req.family_tokens, key):
+            return
+        self._park(slot, key, history)
+
+    def _demote(self, prefix) -> None:
+        """An idle session leaves the KV cache (LRU, under pressure): into the warm tier."""
+        if prefix.session_key is None or self.sessions is None:
+            return
+        blob = self.ctx.seq_state(prefix.seq_id)
         self.sessions.park(
-            key,
+            prefix.session_key,
             self.fingerprint,
-            history,
-            live.reuse.prefix_tokens,
-            _private_cells(blob, live.reuse.prefix_tokens),
+            prefix.tokens,
+            prefix.parent_tokens,
+            _private_cells(blob, prefix.parent_tokens),
         )
+
+    def _park(self, slot: int, key: str, history: tuple[int, ...]) -> None:
+        live = self._live[slot]
+        shared, prefix = live.reuse.prefix_tokens, live.reuse.prefix
+        if prefix is not None and prefix.session_key is not None:
+            shared = prefix.parent_tokens  # a resumed turn: keep all that is not the family's
+        blob = self.ctx.seq_state(slot)
+        self.sessions.park(key, self.fingerprint, history, shared, _private_cells(blob, shared))
 
     def _finish(self, slot: int, reason: FinishReason) -> None:
         if reason != "cancelled" and self.sessions is not None:
             try:
-                self._park(slot)
+                self._keep(slot)
             except Exception:  # keeping a session is an optimisation, never a failure
                 log.exception("could not keep the session of slot %d", slot)
         live = self._release(slot)

@@ -107,6 +107,7 @@ class EngineStats:
     prefix_hits_total: int = 0
     prefix_tokens_reused_total: int = 0
     hot_prefixes: int = 0
+    hot_idle_sessions: int = 0  # finished conversations whose KV is still in the cache
     hot_prefix_cells: int = 0
     snapshot_restores_total: int = 0
     snapshot_rejects_total: int = 0
@@ -123,6 +124,7 @@ class EngineStats:
     cold_bytes: int = 0
     delta_compression_ratio: float = 0.0
     kv_bytes_used: int = 0  # KV bytes of running sequences and hot prefixes (the hot tier)
+    sessions_hot: int = 0  # running sequences + idle sessions still in the KV cache
 
 
 StreamEvent = TextDelta | Finished | Rejected

@@ -152,7 +152,7 @@ _ENGINE_SERIES = (
 
 # Sessions and bytes per tier: (tier, EngineStats field for sessions, for bytes).
 _TIERS = (
-    ("hot", "running_sequences", "kv_bytes_used"),
+    ("hot", "sessions_hot", "kv_bytes_used"),
     ("warm", "sessions_warm", "warm_bytes"),
     ("cold", "sessions_cold", "cold_bytes"),
 )

@@ -13,13 +13,16 @@ that shares it gets the cells added to its own sequence (`seq_cp` in a unified c
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kv3d.llama import LlamaContext
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES = 8
 
@@ -79,13 +82,23 @@ class HotPrefix:
     tokens: tuple[int, ...]
     seq_id: int  # the holder sequence that owns its cells
     blocks: tuple[Block, ...]
-    refs: int = 0  # running sequences whose cells include it
+    refs: int = 0  # running sequences whose cells include it, and child prefixes it pins
     hits: int = 0
     last_used_s: float = field(default_factory=time.monotonic)
+    # An idle session kept hot is a child of the family prefix it shares [0, parent_tokens)
+    # with: it owns only the cells after, and pins its parent while it lives.
+    parent: HotPrefix | None = None
+    parent_tokens: int = 0
+    session_key: str | None = None
+    superseded: bool = False  # a newer turn of the same session replaced it
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def owned_cells(self) -> int:
+        return self.n_tokens - self.parent_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +111,11 @@ class PrefixCache:
     """The hot prefixes of one llama.cpp context.
 
     Invariants (`check_invariants`): each hot prefix owns one holder sequence id and exactly
-    `n_tokens` cells, counted in `cells_held`; a prefix with `refs > 0` is never evicted; every
-    key in the block index points at a live prefix that has that block. Eviction order is least
-    recently used among prefixes with no references. Engine thread only, except `peek`.
+    `owned_cells` cells (a child shares the rest with the parent it pins), counted in
+    `cells_held`; a prefix with `refs > 0` is never evicted; every key in the block index lists
+    only live prefixes that have that block. Eviction order is least recently used among
+    prefixes with no references; `on_evict` sees each one before it goes (sessions are demoted
+    to the warm tier there). Engine thread only, except `peek`.
     """
 
     def __init__(self, ctx: LlamaContext, holder_seq_ids: Sequence[int]):
@@ -108,22 +123,23 @@ class PrefixCache:
         self._ctx = ctx
         self._free_holders = list(reversed(holder_seq_ids))
         self._num_holders = len(holder_seq_ids)
-        self._by_block: dict[int, HotPrefix] = {}
+        self._by_block: dict[int, list[HotPrefix]] = {}
         self._prefixes: dict[int, HotPrefix] = {}  # by holder seq id
         self.cells_held = 0
+        self.on_evict: Callable[[HotPrefix], None] | None = None
 
     # --- lookups --------------------------------------------------------------------------------
     def match(self, blocks: Sequence[Block], prompt: Sequence[int]) -> PrefixMatch | None:
         """The deepest block of `blocks` held hot whose tokens equal the prompt's."""
         best = None
         for block in blocks:
-            prefix = self._by_block.get(block.key)
-            if prefix is None:
-                break
             end = block.end_tokens
-            if prefix.tokens[:end] != tuple(prompt[:end]):
-                break  # a hash collision: treat as a miss from here on
-            best = PrefixMatch(prefix, end)
+            want = tuple(prompt[:end])
+            # Different tokens under the same key would be a hash collision: never reused.
+            found = [p for p in self._by_block.get(block.key, ()) if p.tokens[:end] == want]
+            if not found:
+                break
+            best = PrefixMatch(max(found, key=lambda p: p.n_tokens), end)
         return best
 
     def peek(self, blocks: Sequence[Block]) -> int:
@@ -145,6 +161,8 @@ class PrefixCache:
     def release(self, prefix: HotPrefix) -> None:
         prefix.refs -= 1
         prefix.last_used_s = time.monotonic()
+        if prefix.superseded and prefix.refs == 0:
+            self._drop(prefix)  # its cells live on in the newer turn that replaced it
 
     # --- admission of new prefixes -------------------------------------------------------------
     def register_from(self, slot: int, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
@@ -152,6 +170,23 @@ class PrefixCache:
         prefix = self._new_prefix(tokens, blocks)
         self._ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         self._ref(prefix)  # the creating sequence shares its cells
+        return prefix
+
+    def keep_session(
+        self,
+        slot: int,
+        tokens: Sequence[int],
+        blocks: Sequence[Block],
+        key: str,
+        parent: HotPrefix | None,
+        parent_tokens: int,
+    ) -> HotPrefix:
+        """Keep a finished sequence's history hot as an idle session (a child of `parent`)."""
+        prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
+        prefix.session_key = key
+        self._ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
+        if parent is not None:
+            self._ref(parent)  # pinned: the child's first cells are the parent's
         return prefix
 
     def restore(self, state, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
@@ -179,8 +214,10 @@ class PrefixCache:
         for prefix in idle:
             if freed >= cells_needed:
                 break
-            freed += prefix.n_tokens
-            self._drop(prefix)
+            if self._prefixes.get(prefix.seq_id) is not prefix:
+                continue  # already gone (a superseded turn dropped with its last user)
+            freed += prefix.owned_cells
+            self._evict(prefix)
         return freed
 
     def free_a_holder(self) -> bool:
@@ -188,7 +225,7 @@ class PrefixCache:
         if not self._free_holders:
             idle = [p for p in self._prefixes.values() if p.refs == 0]
             if idle:
-                self._drop(min(idle, key=lambda p: p.last_used_s))
+                self._evict(min(idle, key=lambda p: p.last_used_s))
         return bool(self._free_holders)
 
     @property
@@ -199,15 +236,36 @@ class PrefixCache:
         return list(self._prefixes.values())
 
     # --- internals ------------------------------------------------------------------------------
-    def _new_prefix(self, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+    def _new_prefix(
+        self,
+        tokens: Sequence[int],
+        blocks: Sequence[Block],
+        parent: HotPrefix | None = None,
+        parent_tokens: int = 0,
+    ) -> HotPrefix:
         if not self._free_holders:
             raise RuntimeError("no free holder sequence for a new prefix")
-        prefix = HotPrefix(blocks[-1].key, tuple(tokens), self._free_holders.pop(), tuple(blocks))
+        prefix = HotPrefix(
+            blocks[-1].key,
+            tuple(tokens),
+            self._free_holders.pop(),
+            tuple(blocks),
+            parent=parent,
+            parent_tokens=parent_tokens if parent is not None else 0,
+        )
         self._prefixes[prefix.seq_id] = prefix
         for block in blocks:
-            self._by_block[block.key] = prefix
-        self.cells_held += prefix.n_tokens
+            self._by_block.setdefault(block.key, []).append(prefix)
+        self.cells_held += prefix.owned_cells
         return prefix
+
+    def _evict(self, prefix: HotPrefix) -> None:
+        if self.on_evict is not None:
+            try:
+                self.on_evict(prefix)
+            except Exception:  # demotion is an optimisation: eviction must still happen
+                log.exception("on_evict failed for prefix %016x", prefix.key)
+        self._drop(prefix)
 
     def _ref(self, prefix: HotPrefix) -> None:
         prefix.refs += 1
@@ -217,15 +275,24 @@ class PrefixCache:
         self._ctx.seq_remove(prefix.seq_id)
         del self._prefixes[prefix.seq_id]
         for block in prefix.blocks:
-            if self._by_block.get(block.key) is prefix:
-                del self._by_block[block.key]
+            holders = self._by_block.get(block.key, [])
+            if prefix in holders:
+                holders.remove(prefix)
+            if not holders:
+                self._by_block.pop(block.key, None)
         self._free_holders.append(prefix.seq_id)
-        self.cells_held -= prefix.n_tokens
+        self.cells_held -= prefix.owned_cells
+        if prefix.parent is not None:
+            self.release(prefix.parent)
 
     def check_invariants(self) -> None:
-        assert self.cells_held == sum(p.n_tokens for p in self._prefixes.values())
+        assert self.cells_held == sum(p.owned_cells for p in self._prefixes.values())
         assert len(self._prefixes) + len(self._free_holders) == self._num_holders
         assert all(p.refs >= 0 for p in self._prefixes.values())
-        for key, prefix in self._by_block.items():
-            assert prefix.seq_id in self._prefixes, "index points at an evicted prefix"
-            assert any(b.key == key for b in prefix.blocks)
+        for key, holders in self._by_block.items():
+            for prefix in holders:
+                assert prefix.seq_id in self._prefixes, "index points at an evicted prefix"
+                assert any(b.key == key for b in prefix.blocks)
+        for prefix in self._prefixes.values():
+            if prefix.parent is not None:
+                assert prefix.parent.seq_id in self._prefixes, "a child outlived its parent"

@@ -125,9 +125,11 @@ class PrefixReuse:
         return self.cache.peek(blocks)
 
     def stats(self) -> dict[str, int]:
+        hot = self.cache.hot()
         return {
             **self.counters,
-            "hot_prefixes": self.cache.num_hot,
+            "hot_prefixes": sum(p.session_key is None for p in hot),
+            "hot_idle_sessions": sum(p.session_key is not None for p in hot),
             "hot_prefix_cells": self.cache.cells_held,
         }
 
@@ -201,6 +203,35 @@ class PrefixReuse:
     def release(self, admission: Admission) -> None:
         if admission.prefix is not None:
             self.cache.release(admission.prefix)
+            self._sync()  # a superseded session turn may have gone with its last user
+
+    def keep_session(
+        self,
+        admission: Admission,
+        progress: SeqProgress,
+        history: tuple[int, ...],
+        family_tokens: int | None,
+        key: str,
+    ) -> bool:
+        """Keep a finished sequence's history hot as an idle session (its whole blocks), so the
+        next turn shares its cells. False when there is nothing private to keep or no room."""
+        blocks = self.blocks_for(history + (0,), family_tokens)
+        parent, shared = admission.prefix, admission.prefix_tokens
+        if parent is not None and parent.session_key is not None:
+            # A resumed turn: the new history replaces the old one (kept hot here or parked
+            # warm by the caller), under the same family; the old one goes with its last user.
+            parent.superseded = True
+            parent, shared = parent.parent, parent.parent_tokens
+        if not blocks or blocks[-1].end_tokens <= shared:
+            return False
+        if not self.cache.free_a_holder():
+            return False
+        end = blocks[-1].end_tokens
+        session = self.cache.keep_session(progress.slot, history[:end], blocks, key, parent, shared)
+        # The kept cells leave the sequence's reservation: the session owns them now.
+        self._scheduler.unreserve(progress, session.owned_cells)
+        self._sync()
+        return True
 
     # --- internals ------------------------------------------------------------------------------
     def _plan_registration(
@@ -365,3 +396,6 @@ class NoReuse:
 
     def release(self, admission: Admission) -> None:
         pass
+
+    def keep_session(self, *args) -> bool:
+        return False

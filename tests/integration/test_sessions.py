@@ -16,14 +16,16 @@ pytestmark = pytest.mark.integration
 SYSTEM = "You are a concise assistant for the operators of an inference server. " * 6
 
 
-def config(cold_dir="", warm_mb=64, enabled=True):
+def config(cold_dir="", warm_mb=64, enabled=True, max_hot=1):
+    """`max_hot=1`: the family prefix takes the only holder, so finished sessions cannot stay
+    hot and go straight to the warm tier (the tiers below are what most tests look at)."""
     return load_config(
         overrides={
             "cache": {"gpu_hot_mb": 128, "ram_warm_mb": warm_mb, "ssd_cold_path": str(cold_dir)},
             "server": {"threads": 2},
             "model": {"context_tokens": 2048},
             "engine": {"max_sequences": 4},
-            "prefix": {"enabled": enabled},
+            "prefix": {"enabled": enabled, "max_hot": max_hot},
         }
     )
 
@@ -154,3 +156,32 @@ def test_auto_sessions_can_be_turned_off(tok):
         engine.sessions.flush()
         assert engine.stats().session_parks_total == 0
     assert second.session_tier is None
+
+
+def test_idle_sessions_stay_hot_until_pressure_then_demote_lru_to_warm(tok):
+    with Engine.from_config(config(max_hot=2)) as engine:  # the family + one idle session
+        turn1 = [("user", "How do I change the port of the server?")]
+        answer_a, _, first_a = run(engine, request(tok, turn1, "a"))
+        assert engine.stats().hot_idle_sessions == 1  # kept hot, no delta written
+        engine.sessions.flush()
+        assert engine.stats().session_parks_total == 0
+
+        turn2 = turn1 + [("assistant", answer_a), ("user", "And then?")]
+        _, _, hot_resume = run(engine, request(tok, turn2, "a", 4))
+        assert hot_resume.session_tier is None  # straight from the KV cache
+        assert hot_resume.usage.cached_tokens >= (
+            first_a.usage.prompt_tokens + first_a.usage.completion_tokens - 32
+        )
+
+        # Another session needs the holder: the least recently used idle one (a) is demoted.
+        run(engine, request(tok, [("user", "What does kv3d doctor check?")], "b"))
+        engine.sessions.flush()
+        stats = engine.stats()
+        engine.scheduler.check_invariants()
+        engine.reuse.cache.check_invariants()
+        assert stats.session_parks_total == 1 and stats.sessions_warm == 1
+        assert stats.hot_idle_sessions == 1
+
+        turn3 = turn2 + [("assistant", "Restart it."), ("user", "Thanks.")]
+        _, _, warm_resume = run(engine, request(tok, turn3, "a", 2))
+        assert warm_resume.session_tier == "warm" and warm_resume.usage.cached_tokens > 100
