@@ -94,7 +94,11 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
     text = Path(args.text).read_text() if args.text else heldout_text()
     report = measure_fidelity(
-        resolve_model_path(args.model or ""), text, max_windows=args.windows, group=args.group
+        resolve_model_path(args.model or ""),
+        text,
+        max_windows=args.windows,
+        group=args.group,
+        shared_prefix_tokens=args.shared_prefix,
     )
     if args.json:
         print(json.dumps(report.as_dict()))
@@ -141,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity.add_argument("--text", help="held-out text file (default: one shipped with KV3D)")
     fidelity.add_argument("--windows", type=int, default=8, help="text windows to score")
     fidelity.add_argument("--group", type=int, default=32, help="channels per int8 scale")
+    fidelity.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep each window's first N tokens exact, as a shared family prefix is (default 0: "
+        "the whole context goes through the codec)",
+    )
     fidelity.add_argument("--json", action="store_true", help="print one JSON object last")
     fidelity.set_defaults(func=cmd_fidelity)
     return parser

@@ -21,6 +21,7 @@ import numpy as np
 
 from kv3d.codec import decode_delta, encode_delta
 from kv3d.llama import ContextParams, LlamaBatch, LlamaContext, LlamaModel
+from kv3d.statefmt import build_seq_state, cells_from, parse_seq_state
 
 REFERENCE_CHUNK = 128
 NOISE_CHUNK = 37  # a chunking unlike the reference's
@@ -56,7 +57,7 @@ class _Scorer:
             model,
             ContextParams(
                 n_ctx_cells=n_cells,
-                n_seq_max=1,
+                n_seq_max=2,
                 n_batch_tokens=REFERENCE_CHUNK,
                 n_threads=threads,
                 n_threads_single=threads,
@@ -87,6 +88,15 @@ class _Scorer:
         return np.stack(out)
 
 
+def _split(state: bytes, shared_tokens: int) -> tuple[bytes, bytes | None]:
+    """(the session's private cells, the exact shared prefix's cells or None)."""
+    if shared_tokens == 0:
+        return state, None
+    parsed = parse_seq_state(state)
+    private = build_seq_state(cells_from(parsed, shared_tokens))
+    return private, build_seq_state(cells_from(parsed, 0, shared_tokens))
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -111,9 +121,15 @@ def measure_fidelity(
     max_windows: int = 8,
     group: int = 32,
     threads: int = 2,
+    shared_prefix_tokens: int = 0,
 ) -> FidelityReport:
     """Windows stay under 512 cells: past that, llama.cpp's CPU flash attention depends on
-    where cells sit, which would be measured as codec error."""
+    where cells sit, which would be measured as codec error.
+
+    `shared_prefix_tokens` > 0 models a session as KV3D keeps it: the first tokens of each
+    window are a shared family prefix kept exact, the rest the session's int8 delta."""
+    if not 0 <= shared_prefix_tokens < context_tokens:
+        raise ValueError("shared_prefix_tokens must be below context_tokens")
     with LlamaModel(model_path) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         span = context_tokens + eval_tokens + 1
@@ -135,10 +151,17 @@ def measure_fidelity(
                 ref = scorer.score(ev, context_tokens)
                 scorer.ctx.clear()
 
-                coded = encode_delta(state, "int8", group)
-                raw_bytes += len(state)
+                private, shared = _split(state, shared_prefix_tokens)
+                coded = encode_delta(private, "int8", group)
+                raw_bytes += len(private)
                 coded_bytes += len(coded)
+                # As KV3D resumes a session: the delta into the sequence, the exact shared
+                # prefix into another, then shared back (seq_cp).
                 scorer.ctx.set_seq_state(0, decode_delta(coded))
+                if shared is not None:
+                    scorer.ctx.set_seq_state(1, shared)
+                    scorer.ctx.seq_copy(1, 0, 0, shared_prefix_tokens)
+                    scorer.ctx.seq_remove(1)
                 quant = scorer.score(ev, context_tokens)
                 scorer.ctx.clear()
 

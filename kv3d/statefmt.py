@@ -154,22 +154,23 @@ def with_seq_id(state: SeqState, seq_id: int) -> SeqState:
     return dataclasses.replace(state, seq_id=seq_id)
 
 
-def cells_from(state: SeqState, pos_from: int) -> SeqState:
-    """Only the cells at positions >= `pos_from`, in every section (copies the kept bytes).
+def cells_from(state: SeqState, pos_from: int, pos_to: int | None = None) -> SeqState:
+    """Only the cells at positions in [pos_from, pos_to), in every section (copies the bytes).
 
     A session's private delta: restored into a sequence, it composes with the prefix cells
     [0, pos_from) shared back in from a hot prefix (DESIGN.md §3)."""
     return dataclasses.replace(
         state,
         sections=tuple(
-            CacheSection(tuple(_stream_from(s, pos_from) for s in section.streams))
+            CacheSection(tuple(_stream_from(s, pos_from, pos_to) for s in section.streams))
             for section in state.sections
         ),
     )
 
 
-def _stream_from(stream: StreamState, pos_from: int) -> StreamState:
-    keep = np.flatnonzero(stream.cell_positions >= pos_from)
+def _stream_from(stream: StreamState, pos_from: int, pos_to: int | None = None) -> StreamState:
+    pos = stream.cell_positions
+    keep = np.flatnonzero((pos >= pos_from) & (pos < (pos_to if pos_to is not None else 2**31)))
     if len(keep) == stream.n_cells:
         return stream
     n = stream.n_cells

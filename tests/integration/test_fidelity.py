@@ -55,3 +55,12 @@ def test_fidelity_cli_prints_one_json_object_last(tmp_path):
         "compression_ratio",
     ):
         assert isinstance(report[key], float), key
+
+
+def test_a_shared_prefix_stays_exact_and_only_the_delta_is_compressed(smollm2_path):
+    whole = measure_fidelity(smollm2_path, heldout_text(), max_windows=2)
+    delta = measure_fidelity(smollm2_path, heldout_text(), max_windows=2, shared_prefix_tokens=192)
+    # Only the private cells go through the codec, at the same ratio, within the noise.
+    assert delta.bytes_vs_f16 == pytest.approx(whole.bytes_vs_f16, abs=0.01)
+    assert delta.kl_mean <= 1.5 * delta.noise_floor_kl_mean
+    assert abs(delta.ppl_int8 - delta.ppl_base) / delta.ppl_base < 0.01
