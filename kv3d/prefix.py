@@ -120,7 +120,6 @@ class PrefixCache:
 
     def __init__(self, ctx: LlamaContext, holder_seq_ids: Sequence[int]):
         self.ctx = ctx
-        self._ctx = ctx
         self._free_holders = list(reversed(holder_seq_ids))
         self._num_holders = len(holder_seq_ids)
         self._by_block: dict[int, list[HotPrefix]] = {}
@@ -154,7 +153,7 @@ class PrefixCache:
     # --- references -----------------------------------------------------------------------------
     def attach(self, match: PrefixMatch, slot: int) -> None:
         """Share the matched cells into sequence `slot` and hold a reference for it."""
-        self._ctx.seq_copy(match.prefix.seq_id, slot, 0, match.n_tokens)
+        self.ctx.seq_copy(match.prefix.seq_id, slot, 0, match.n_tokens)
         self._ref(match.prefix)
         match.prefix.hits += 1
 
@@ -168,7 +167,7 @@ class PrefixCache:
     def register_from(self, slot: int, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
         """Make the first `len(tokens)` cells of `slot` a hot prefix (shared, not copied)."""
         prefix = self._new_prefix(tokens, blocks)
-        self._ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
+        self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         self._ref(prefix)  # the creating sequence shares its cells
         return prefix
 
@@ -184,7 +183,7 @@ class PrefixCache:
         """Keep a finished sequence's history hot as an idle session (a child of `parent`)."""
         prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
         prefix.session_key = key
-        self._ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
+        self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         if parent is not None:
             self._ref(parent)  # pinned: the child's first cells are the parent's
         return prefix
@@ -193,8 +192,8 @@ class PrefixCache:
         """Load a snapshot's sequence state as a new hot prefix."""
         prefix = self._new_prefix(tokens, blocks)
         try:
-            self._ctx.set_seq_state(prefix.seq_id, state)
-            if self._ctx.seq_pos_max(prefix.seq_id) != len(tokens) - 1:
+            self.ctx.set_seq_state(prefix.seq_id, state)
+            if self.ctx.seq_pos_max(prefix.seq_id) != len(tokens) - 1:
                 raise ValueError("restored state does not cover the prefix's positions")
         except Exception:
             self._drop(prefix)
@@ -202,7 +201,7 @@ class PrefixCache:
         return prefix
 
     def export_state(self, prefix: HotPrefix) -> bytes:
-        return self._ctx.seq_state(prefix.seq_id)
+        return self.ctx.seq_state(prefix.seq_id)
 
     def evict_unused(self, cells_needed: int) -> int:
         """Evict least recently used unreferenced prefixes until `cells_needed` cells are freed
@@ -272,7 +271,7 @@ class PrefixCache:
         prefix.last_used_s = time.monotonic()
 
     def _drop(self, prefix: HotPrefix) -> None:
-        self._ctx.seq_remove(prefix.seq_id)
+        self.ctx.seq_remove(prefix.seq_id)
         del self._prefixes[prefix.seq_id]
         for block in prefix.blocks:
             holders = self._by_block.get(block.key, [])
