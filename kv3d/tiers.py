@@ -105,10 +105,21 @@ class ColdTier:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        # What is on disk, indexed once at start (sessions written before a restart included),
+        # so that lookups and figures never scan the folder.
+        self._lock = threading.Lock()
+        with os.scandir(folder) as it:
+            self._sizes = {
+                e.name: e.stat(follow_symlinks=False).st_size
+                for e in it
+                if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)
+            }
+
+    def _name(self, session_id: str) -> str:
+        return hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32] + SUFFIX
 
     def _path(self, session_id: str) -> Path:
-        digest = hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32]
-        return self.folder / (digest + SUFFIX)
+        return self.folder / self._name(session_id)
 
     def put(self, record: SessionRecord) -> int:
         path = self._path(record.session_id)
@@ -119,11 +130,15 @@ class ColdTier:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        with self._lock:
+            self._sizes[path.name] = len(data)
         return len(data)
 
     def take(self, session_id: str) -> SessionRecord | None:
         path = self._path(session_id)
-        if path.is_symlink() or not path.is_file():
+        with self._lock:
+            known = self._sizes.pop(path.name, None) is not None
+        if not known or path.is_symlink() or not path.is_file():
             return None
         try:
             data = path.read_bytes()
@@ -135,12 +150,13 @@ class ColdTier:
         return record
 
     def exists(self, session_id: str) -> bool:
-        path = self._path(session_id)
-        return path.is_file() and not path.is_symlink()
+        with self._lock:
+            return self._name(session_id) in self._sizes
 
-    def files(self) -> list[os.DirEntry]:
-        with os.scandir(self.folder) as it:
-            return [e for e in it if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+    def totals(self) -> tuple[int, int]:
+        """(sessions, bytes) on disk."""
+        with self._lock:
+            return len(self._sizes), sum(self._sizes.values())
 
 
 class SessionStore:
@@ -259,15 +275,15 @@ class SessionStore:
 
     # --- figures ------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        cold_files = self.cold.files() if self.cold is not None else []
+        cold_sessions, cold_bytes = self.cold.totals() if self.cold is not None else (0, 0)
         with self._lock:
             ratio = self._raw_bytes / self._coded_bytes if self._coded_bytes else 0.0
             return {
                 **self.counters,
                 "sessions_warm": len(self._warm),
-                "sessions_cold": len(cold_files),
+                "sessions_cold": cold_sessions,
                 "warm_bytes": self.warm_bytes,
-                "cold_bytes": sum(e.stat(follow_symlinks=False).st_size for e in cold_files),
+                "cold_bytes": cold_bytes,
                 "delta_compression_ratio": ratio,
             }
 

@@ -1,0 +1,61 @@
+"""Warm and cold session tiers on synthetic sequence states and a real temporary folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kv3d.tiers import ColdTier, SessionRecord, SessionRecordError, SessionStore, decode_record
+from tests.unit.test_codec import make_state
+
+FP = b"f" * 16
+
+
+def record(sid: str, n: int = 5) -> SessionRecord:
+    return SessionRecord(sid, FP, tuple(range(n)), 2, b"delta-bytes" * 10)
+
+
+def test_cold_files_are_atomic_indexed_and_reindexed_after_a_restart(tmp_path):
+    cold = ColdTier(tmp_path)
+    cold.put(record("alice"))
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert cold.exists("alice") and cold.totals()[0] == 1
+    again = ColdTier(tmp_path)  # a restarted server finds what was on disk
+    assert again.exists("alice")
+    assert again.take("alice") == record("alice")
+    assert not again.exists("alice") and again.totals() == (0, 0)
+
+
+def test_cold_tier_does_not_follow_links_or_trust_damaged_files(tmp_path):
+    outside = tmp_path / "outside.kv3d"
+    outside.write_bytes(b"secret")
+    folder = tmp_path / "cold"
+    cold = ColdTier(folder)
+    os.symlink(outside, cold._path("mallory"))
+    assert not ColdTier(folder).exists("mallory")  # links are not indexed
+    cold.put(record("bob"))
+    path = cold._path("bob")
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(SessionRecordError):
+        cold.take("bob")
+    with pytest.raises(SessionRecordError):
+        decode_record(b"short")
+
+
+def test_warm_budget_demotes_least_recently_used_to_cold(tmp_path):
+    blob = make_state(cells=40, channels=64)
+    store = SessionStore(warm_budget_bytes=1, cold_dir=str(tmp_path))  # nothing stays warm
+    store.park("s1", FP, tuple(range(40)), 0, blob)
+    store.flush()
+    stats = store.stats()
+    assert (stats["sessions_warm"], stats["sessions_cold"]) == (0, 1)
+    resumed = store.take("s1").result()
+    assert resumed.tier == "cold" and bytes(resumed.blob)[:8] == blob[:8]
+    assert store.take("s1").result() is None  # taken: in no tier any more
+
+    roomy = SessionStore(warm_budget_bytes=10**9)
+    roomy.park("s2", FP, tuple(range(40)), 0, blob)
+    roomy.flush()
+    assert roomy.holds("s2") and roomy.take("s2").result().tier == "warm"
+    assert 1.8 < roomy.stats()["delta_compression_ratio"] < 2.0
