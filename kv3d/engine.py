@@ -371,6 +371,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
+        reuse = self.reuse.stats()
         return EngineStats(
             replica_id=self.replica_id,
             taken_at_s=time.time(),
@@ -380,15 +381,15 @@ class Engine:
             kv_cells_total=self.kv_cells_total,
             kv_cells_reserved=sched.kv_cells_reserved,
             **self._counters,
-            **self.reuse.stats(),
+            **reuse,
             **(self.sessions.stats() if self.sessions is not None else {}),
-            kv_bytes_used=self._kv_bytes_used(),
-            sessions_hot=len(sched.running) + self.reuse.stats().get("hot_idle_sessions", 0),
+            kv_bytes_used=self._kv_bytes_used(reuse.get("hot_prefix_cells", 0)),
+            sessions_hot=len(sched.running) + reuse.get("hot_idle_sessions", 0),
         )
 
-    def _kv_bytes_used(self) -> int:
+    def _kv_bytes_used(self, hot_prefix_cells: int) -> int:
         # A snapshot of another thread's dicts: figures for metrics, not for decisions.
-        cells = self.reuse.stats().get("hot_prefix_cells", 0)
+        cells = hot_prefix_cells
         cells += sum(
             live.progress.num_computed_tokens - live.reuse.prefix_tokens
             for live in list(self._live.values())
