@@ -298,12 +298,13 @@ class Engine:
         `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
         object); it is verified before use and ignored when it does not apply.
         """
+        blocks = self.prefix_blocks(request)
         session = None
-        key = self._session_key_to_resume(request)
+        key = self._session_key_to_resume(request, blocks)
         if key is not None:
             session = self.sessions.take(key)  # decodes while the request waits
         try:
-            self.scheduler.enqueue(Pending(request, emit, snapshot, session))
+            self.scheduler.enqueue(Pending(request, emit, snapshot, session, blocks))
         except RequestTooLargeError as exc:
             emit(Rejected(400, "context_length_exceeded", str(exc), stats=self.stats()))
             return
@@ -539,7 +540,7 @@ class Engine:
         live.sampler.close()
         return live
 
-    def _session_key_to_resume(self, request: GenerationRequest) -> str | None:
+    def _session_key_to_resume(self, request: GenerationRequest, blocks: list) -> str | None:
         """The stored session this request continues: by its id, else (auto sessions) the
         deepest of its blocks that ended an earlier conversation's history."""
         if self.sessions is None:
@@ -549,7 +550,7 @@ class Engine:
         if not self.settings.auto_sessions:
             return None
         family = request.family_tokens or 0
-        for block in reversed(self.prefix_blocks(request)):
+        for block in reversed(blocks):
             if block.end_tokens <= family:
                 break  # what only the family prefix shares is a prefix hit, not a session
             key = _auto_key(block.key)

@@ -124,6 +124,12 @@ class PrefixReuse:
     def hot_tokens(self, blocks: list[Block]) -> int:
         return self.cache.peek(blocks)
 
+    def _blocks(self, pending: Pending) -> list[Block]:
+        if pending.blocks is None:
+            req = pending.request
+            pending.blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
+        return pending.blocks
+
     def stats(self) -> dict[str, int]:
         hot = self.cache.hot()
         return {
@@ -142,8 +148,7 @@ class PrefixReuse:
 
     def cells_already_hot(self, pending: Pending) -> int:
         """Prompt cells a hot prefix will provide: the scheduler does not reserve them."""
-        req = pending.request
-        return self.cache.peek(self.blocks_for(req.prompt_tokens, req.family_tokens))
+        return self.cache.peek(self._blocks(pending))
 
     def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         admission = self._admit(pending, progress)
@@ -155,7 +160,7 @@ class PrefixReuse:
     def _admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         req = pending.request
         self.counters["prefix_lookups_total"] += 1
-        blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
+        blocks = self._blocks(pending)
         if not blocks:
             return Admission()
         if pending.session is not None:

@@ -34,6 +34,7 @@ class Pending:
     emit: Emit
     snapshot: object | None = None  # a prefix snapshot fetched for this request (bytes-like)
     session: object | None = None  # Future of a stored session being decoded for this request
+    blocks: list | None = None  # the prompt's reusable blocks, hashed once at submit
 
     @property
     def cells_needed(self) -> int:
