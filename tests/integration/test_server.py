@@ -286,11 +286,12 @@ def test_client_disconnect_mid_stream_frees_the_slot(server_url):
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server_url}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
+            # Keep the line iterator referenced: an abandoned httpx iterator is closed when it is
+            # collected, and closing it drops the connection before the check below.
+            stream = r.iter_lines()
             lines = 0
-            for line in r.iter_lines():
-                lines += line.startswith("data: ")
-                if lines >= 5:
-                    break
+            while lines < 5:
+                lines += next(stream).startswith("data: ")
             # /metrics asks the replica for fresh figures; under load that call can time out
             # and leave older ones, so give it a few tries.
             assert wait_for_metric(server_url, "kv3d_engine_running_sequences", 1, 10)
