@@ -10,12 +10,57 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
 from deployments.replica import ModelReplica
 from kv3d.config import KV3DConfig, load_config
 
 INGRESS_MAX_ONGOING_REQUESTS = 1024
+
+
+def router_config(config: KV3DConfig) -> RequestRouterConfig:
+    """`route.*` onto Serve's RequestRouterConfig for the model deployment."""
+    route = config.route
+    # By import path: the router is built in the ingress process, which imports it there.
+    chosen: dict[str, Any] = {}  # pow2: Serve's default router
+    if route.policy == "kv3d":
+        chosen = {
+            "request_router_class": "deployments.router:KV3DRouter",
+            "request_router_kwargs": {
+                "imbalance_requests": route.imbalance_requests,
+                "recent_s": route.recent_s,
+            },
+        }
+    elif route.policy == "round_robin":
+        chosen = {"request_router_class": "deployments.router:RoundRobinRouter"}
+    return RequestRouterConfig(
+        **chosen,
+        request_routing_stats_period_s=route.stats_period_s,
+        request_routing_stats_timeout_s=max(2.0, 2 * route.stats_period_s),
+    )
+
+
+def replica_scaling(config: KV3DConfig) -> dict[str, Any]:
+    """A fixed replica count, or autoscaling between `replicas` and `max_replicas`.
+
+    A KV cache is state: scale up quickly, scale down only after long quiet (the removed
+    replica's sessions are demoted to the shared warm tier as it stops, see ModelReplica).
+    """
+    deploy = config.deploy
+    if not deploy.max_replicas:
+        return {"num_replicas": deploy.replicas}
+    target = deploy.target_ongoing_requests or config.engine.max_sequences
+    return {
+        "autoscaling_config": {
+            "min_replicas": deploy.replicas,
+            "initial_replicas": deploy.replicas,
+            "max_replicas": deploy.max_replicas,
+            "target_ongoing_requests": target,
+            "upscale_delay_s": 10.0,
+            "downscale_delay_s": deploy.downscale_delay_s,
+        }
+    }
 
 
 def build_from_config(config: KV3DConfig) -> Application:
@@ -25,13 +70,15 @@ def build_from_config(config: KV3DConfig) -> Application:
     replica = serve.deployment(
         ModelReplica,
         name="ModelReplica",
-        num_replicas=config.deploy.replicas,
         max_ongoing_requests=replica_concurrency,
         ray_actor_options={
             "num_cpus": config.deploy.num_cpus,
             "num_gpus": config.deploy.num_gpus,
         },
         health_check_period_s=10,
+        graceful_shutdown_timeout_s=config.deploy.shutdown_timeout_s,
+        request_router_config=router_config(config),
+        **replica_scaling(config),
     )
     ingress = serve.deployment(
         serve.ingress()(Ingress),

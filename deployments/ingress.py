@@ -7,32 +7,40 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.registry import find_registry
+from deployments.routing_state import reported_engine_stats, route_counts
 from kv3d.api import ServedModel, build_api
 from kv3d.chat import Tokenizer
 from kv3d.config import KV3DConfig
+from kv3d.engine import llama_cpp_version
 from kv3d.generation import EngineStats, Finished, GenerationRequest, Rejected, StreamEvent
 from kv3d.metrics import ServerMetrics
-from kv3d.modelfile import model_id_for, resolve_model_path
+from kv3d.modelfile import model_fingerprint, model_id_for, resolve_model_path
+from kv3d.routing import RouteKeyer
 
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 2.0
+REPLICA_RETRIES = 2  # other replicas tried when one dies before a request's first event
 
 
 class HandleBackend:
     """Calls `ModelReplica.generate` through a DeploymentHandle as a streaming generator.
 
-    The request's arguments are where a content-aware router reads its routing keys.
+    The request's `RouteKeys` travel as the call's `route` argument, where the request router
+    reads them. A replica that dies before the request's first event is retried on another
+    (nothing was sent to the client yet); one that dies later ends the stream with an error.
     """
 
-    def __init__(self, handle: DeploymentHandle, retry_after_s: int):
+    def __init__(self, handle: DeploymentHandle, retry_after_s: int, keyer: RouteKeyer):
         self._unary = handle
         self._handle = handle.options(stream=True)
         self._retry_after_s = retry_after_s
+        self._keyer = keyer
 
     async def snapshot_stats(self) -> dict[str, Any] | None:
         registry = find_registry()
@@ -45,34 +53,47 @@ class HandleBackend:
             return None
 
     async def engine_stats(self) -> list[EngineStats]:
-        # One replica answers (whichever the router picks); the others' figures arrive with
-        # their streams' terminal events.
+        # Every replica's report to the router (at most one stats period old), plus a fresh
+        # answer from whichever replica the router picks for this call.
+        reported = {s.replica_id: s for s in reported_engine_stats()}
         try:
-            return [await asyncio.wait_for(self._unary.stats.remote(), STATS_TIMEOUT_S)]
+            fresh = await asyncio.wait_for(self._unary.stats.remote(), STATS_TIMEOUT_S)
+            reported[fresh.replica_id] = fresh
         except Exception as exc:
             log.warning("no engine stats from the model replicas: %s", exc)
-            return []
+        return list(reported.values())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        response = self._handle.generate.remote(request)
-        ended = False
-        try:
-            async for event in response:
-                ended = isinstance(event, (Finished, Rejected))
-                yield event
-                if ended:
-                    return
-        except BackPressureError as exc:
-            ended = True
-            yield Rejected(
-                503,
-                "overloaded",
-                f"all model replicas are busy: {exc}",
-                retry_after_s=self._retry_after_s,
-            )
-        finally:
-            if not ended:
-                response.cancel()
+        route = self._keyer.keys(request)
+        for attempt in range(1 + REPLICA_RETRIES):
+            response = self._handle.generate.remote(request, route=route)
+            started = ended = False
+            try:
+                async for event in response:
+                    started = True
+                    ended = isinstance(event, (Finished, Rejected))
+                    yield event
+                    if ended:
+                        return
+                return
+            except BackPressureError as exc:
+                ended = True
+                yield Rejected(
+                    503,
+                    "overloaded",
+                    f"all model replicas are busy: {exc}",
+                    retry_after_s=self._retry_after_s,
+                )
+                return
+            except (RayActorError, ActorUnavailableError) as exc:
+                if started or attempt == REPLICA_RETRIES:
+                    raise
+                log.warning(
+                    "replica lost before request %s began, retrying: %s", request.request_id, exc
+                )
+            finally:
+                if not ended:
+                    response.cancel()
 
 
 class Ingress:
@@ -87,7 +108,18 @@ class Ingress:
             tokenizer=self._tokenizer,
             context_tokens=min(cfg.model.context_tokens, self._tokenizer.n_ctx_train),
         )
-        self._backend = HandleBackend(model_replica, cfg.server.retry_after_s)
+        keyer = RouteKeyer(
+            model_fingerprint(
+                path,
+                kv_type=cfg.engine.kv_type,
+                flash_attn=cfg.engine.flash_attn,
+                engine_version=llama_cpp_version(),
+            ),
+            cfg.prefix.block_tokens,
+            enabled=cfg.prefix.enabled,
+        )
+        self._backend = HandleBackend(model_replica, cfg.server.retry_after_s, keyer)
+        self._route_counts = route_counts if cfg.route.policy == "kv3d" else None
 
     def __serve_build_asgi_app__(self):
-        return build_api(self._served, self._backend, ServerMetrics())
+        return build_api(self._served, self._backend, ServerMetrics(self._route_counts))

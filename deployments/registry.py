@@ -1,9 +1,10 @@
-"""The snapshot registry: a named, detached Ray actor that owns every prefix snapshot.
+"""The snapshot registry: a named, detached Ray actor that owns every prefix snapshot and the
+shared copy of every kept session (the cluster's warm tier).
 
 Objects in Ray's object store die with the process that put them, so the registry itself calls
-`ray.put`: snapshots outlive the replica that computed them. Each is an Arrow buffer; `ray.get`
-on the same node maps it without a copy. Losing the registry loses only speed: replicas then
-recompute, and Ray restarts it empty.
+`ray.put`: snapshots and sessions outlive the replica that computed them. Each is an Arrow
+buffer; `ray.get` on the same node maps it without a copy. Losing the registry loses only
+speed: replicas then recompute, and Ray restarts it empty.
 """
 
 from __future__ import annotations
@@ -49,9 +50,24 @@ class SnapshotRegistry:
         entry = self._catalog.lookup(fingerprint, block_keys)
         return None if entry is None else (entry.n_tokens, [entry.handle])
 
+    def publish_session(self, session_id: str, fingerprint: bytes, record: bytes) -> bool:
+        """Keep a session's encoded record (the newest turn replaces the older)."""
+        key = _session_key(fingerprint, session_id)
+        ref = ray.put(pa.py_buffer(record))
+        if self._catalog.add(CatalogEntry(key, fingerprint, 0, len(record), (), ref)) is None:
+            log.warning("session record (%d bytes) exceeds the whole budget", len(record))
+            return False
+        return True
+
+    def lookup_session(self, session_id: str, fingerprint: bytes) -> list | None:
+        """[ref] of the session's record, or None."""
+        entry = self._catalog.get(_session_key(fingerprint, session_id))
+        return None if entry is None else [entry.handle]
+
     def stats(self) -> dict[str, Any]:
-        entries = self._catalog.entries()
+        entries = [e for e in self._catalog.entries() if isinstance(e.key, int)]
         return {
+            "sessions": len(self._catalog) - len(entries),
             "snapshots": len(entries),
             "bytes": self._catalog.total_bytes,
             "budget_bytes": self._catalog.budget_bytes,
@@ -60,6 +76,11 @@ class SnapshotRegistry:
                 for e in entries
             ],
         }
+
+
+def _session_key(fingerprint: bytes, session_id: str) -> tuple[str, bytes, str]:
+    # Never equal to a snapshot's int key; a session of one model is invisible to another.
+    return ("session", fingerprint, session_id)
 
 
 def get_registry(budget_bytes: int):
@@ -108,3 +129,41 @@ class SnapshotClient:
         except Exception as exc:  # registry gone or slow: recompute instead
             log.warning("snapshot fetch failed, recomputing: %s", exc)
             return None
+
+
+class SessionClient:
+    """A replica's side of the shared warm tier (kv3d.tiers.SharedSessions): publishes and
+    fetches session records through the registry; never raises."""
+
+    def __init__(self, registry, fingerprint: bytes):
+        self._registry = registry
+        self._fingerprint = fingerprint
+        self._pending: list = []
+
+    def publish(self, session_id: str, record: bytes) -> None:
+        ref = self._registry.publish_session.remote(session_id, self._fingerprint, record)
+        self._pending = [r for r in self._pending if not _done(r)] + [ref]
+
+    def fetch(self, session_id: str) -> bytes | None:
+        try:
+            found = ray.get(
+                self._registry.lookup_session.remote(session_id, self._fingerprint),
+                timeout=CALL_TIMEOUT_S,
+            )
+            if found is None:
+                return None
+            return ray.get(found[0], timeout=CALL_TIMEOUT_S)
+        except Exception as exc:  # registry gone or slow: recompute instead
+            log.warning("shared session fetch failed, recomputing: %s", exc)
+            return None
+
+    def flush(self) -> None:
+        """Wait (a bounded time) until published records are in the registry."""
+        pending, self._pending = self._pending, []
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=CALL_TIMEOUT_S)
+
+
+def _done(ref) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)

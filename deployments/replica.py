@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 from ray import serve
 
 from deployments.ray_metrics import RayMetricsExporter
-from deployments.registry import SnapshotClient, get_registry
+from deployments.registry import SessionClient, SnapshotClient, get_registry
 from kv3d.config import KV3DConfig
 from kv3d.engine import MIB, Engine
 from kv3d.generation import EngineStats, GenerationRequest, StreamEvent
+from kv3d.routing import RouteKeys
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +34,21 @@ class ModelReplica:
         cfg = KV3DConfig(**config)
         self._engine = Engine.from_config(cfg, replica_id=_replica_id())
         self._snapshots: SnapshotClient | None = None
+        fingerprint = self._engine.fingerprint
         if cfg.prefix.enabled and cfg.prefix.snapshots:
             registry = get_registry(cfg.cache.ram_warm_mb * MIB)
-            self._snapshots = SnapshotClient(registry, self._engine.fingerprint)
+            self._snapshots = SnapshotClient(registry, fingerprint)
             self._engine.set_snapshot_sink(self._snapshots.publish)
+        if cfg.prefix.enabled and cfg.cache.share_sessions:
+            registry = get_registry(cfg.cache.ram_warm_mb * MIB)
+            self._engine.set_session_share(SessionClient(registry, fingerprint))
         self._engine.start()
         self._ray_metrics = RayMetricsExporter(self._engine).start()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def generate(
+        self, request: GenerationRequest, route: RouteKeys | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream the request's events. `route` is read by the request router, not here."""
         snapshot = await self._snapshot_for(request)
         # Serve cancels this generator when the caller goes away; Engine.stream then frees the slot.
         async for event in self._engine.stream(request, snapshot):
@@ -57,11 +66,20 @@ class ModelReplica:
     def stats(self) -> EngineStats:
         return self._engine.stats()
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve every `route.stats_period_s`; read by `deployments.router`."""
+        return {
+            "view": self._engine.routing_view().to_report(),
+            "engine": dataclasses.asdict(self._engine.stats()),
+        }
+
     def check_health(self) -> None:
         if self._engine.batch is None:
             raise RuntimeError("engine is closed")
 
     def __del__(self) -> None:
+        # Serve calls this when the replica stops (scale-down, redeploy) once its requests
+        # are done: closing the engine parks every hot session in the warm tier first.
         exporter = getattr(self, "_ray_metrics", None)
         if exporter is not None:
             exporter.close()

@@ -114,6 +114,7 @@ def build_api(
         if snapshots is not None:
             metrics.snapshots.snapshots = snapshots["snapshots"]
             metrics.snapshots.bytes = snapshots["bytes"]
+            metrics.snapshots.shared_sessions = snapshots.get("sessions", 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

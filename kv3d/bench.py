@@ -7,6 +7,9 @@ Phases, each against the same server in one run:
 - `prefill`: one long prompt, `max_tokens=1`; prompt tokens / time to first token;
 - `single_stream`: one streaming request; decode tokens/s after the first token;
 - `concurrent`: N streaming requests at once; aggregate generated tokens/s, TTFT p50/p95.
+
+`routing_phase` is the shared-prefix workload that `kv3d bench --routers` runs once per routing
+policy (deployments/compare.py deploys the app for each).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -238,6 +242,60 @@ async def idle_session_bytes(http: httpx.AsyncClient, url: str) -> dict:
         out[f"sessions_{tier}"] = int(n)
         out[f"bytes_per_{tier}_session"] = round(b / n) if n else None
     return out
+
+
+async def routing_phase(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    families: int = 4,
+    requests_per_family: int = 8,
+    concurrency: int = 4,
+    system_words: int = 400,
+    seed: int = 0,
+    nonce: str = "",
+) -> dict:
+    """The shared-prefix workload for comparing routers: `families` long system prompts, each
+    used by `requests_per_family` requests with distinct questions, in a seeded random order,
+    `concurrency` at a time. Reports the prefix hit rate and TTFT percentiles."""
+    rng = random.Random(seed)
+    nonce = nonce or f"{time.time_ns()}"
+    systems = [
+        f"Tenant {f} of run {nonce}. " + _filler(system_words, f"{f}") for f in range(families)
+    ]
+    work = [(f, i) for f in range(families) for i in range(requests_per_family)]
+    rng.shuffle(work)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(family: int, i: int) -> StreamResult:
+        messages = [
+            {"role": "system", "content": systems[family]},
+            {"role": "user", "content": f"Question {i}: how do I size the cache?"},
+        ]
+        async with gate:
+            return await stream_chat(http, url, messages, 8)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(f, i) for f, i in work))
+    wall_s = time.perf_counter() - started
+    ttfts = [r.ttft_s for r in results]
+    sources: dict[str, int] = {}
+    for r in results:
+        sources[r.prefix_source] = sources.get(r.prefix_source, 0) + 1
+    prompt = sum(r.prompt_tokens for r in results)
+    return {
+        "requests": len(results),
+        "families": families,
+        "concurrency": concurrency,
+        "prompt_tokens_mean": round(prompt / len(results), 1),
+        "prefix_hit_rate": round(sum(r.cached_tokens > 0 for r in results) / len(results), 4),
+        "hot_hit_rate": round(sources.get("hot", 0) / len(results), 4),
+        "cached_token_fraction": round(sum(r.cached_tokens for r in results) / prompt, 4),
+        "by_source": dict(sorted(sources.items())),
+        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
+        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+        "wall_s": round(wall_s, 2),
+    }
 
 
 def _pct(values: list[float], q: float) -> float:

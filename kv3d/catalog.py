@@ -1,18 +1,19 @@
-"""The snapshot catalog: which prefix snapshots exist, within a RAM budget, least recently used
-out first. Plain Python; the Ray registry actor (deployments/registry.py) owns one."""
+"""The warm-tier catalog: which prefix snapshots and shared session records exist, within one
+RAM budget, least recently used out first. Plain Python; the Ray registry actor
+(deployments/registry.py) owns one."""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(slots=True)
 class CatalogEntry:
-    key: int  # the family key: hash of the prefix's last block
+    key: Hashable  # a snapshot's family key (its last block's hash), or a session's key
     fingerprint: bytes
     n_tokens: int
     nbytes: int
@@ -31,10 +32,10 @@ class SnapshotCatalog:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.total_bytes = 0
-        self._entries: OrderedDict[int, CatalogEntry] = OrderedDict()
-        self._by_block: dict[int, int] = {}
+        self._entries: OrderedDict[Hashable, CatalogEntry] = OrderedDict()
+        self._by_block: dict[int, Hashable] = {}
 
-    def __contains__(self, key: int) -> bool:
+    def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
     def __len__(self) -> int:
@@ -72,11 +73,19 @@ class SnapshotCatalog:
             self._entries.move_to_end(found.key)
         return found
 
-    def touch(self, key: int) -> None:
+    def get(self, key: Hashable) -> CatalogEntry | None:
+        """The entry under `key` (touches it)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.hits += 1
+            self.touch(key)
+        return entry
+
+    def touch(self, key: Hashable) -> None:
         self._entries[key].last_used_s = time.time()
         self._entries.move_to_end(key)
 
-    def remove(self, key: int) -> CatalogEntry | None:
+    def remove(self, key: Hashable) -> CatalogEntry | None:
         entry = self._entries.get(key)
         return self._drop(entry) if entry is not None else None
 

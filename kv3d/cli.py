@@ -1,7 +1,7 @@
-"""`kv3d` command line: `serve` and `doctor`.
+"""`kv3d` command line: `serve`, `doctor`, `bench` and `fidelity`.
 
-The CLI is the top of the stack: `kv3d serve` is the one place in `kv3d` that reaches into
-`deployments` (lazily), because starting the server means starting Ray Serve.
+The CLI is the top of the stack: `kv3d serve` and `kv3d bench --routers` are the places in
+`kv3d` that reach into `deployments` (lazily), because they start Ray Serve.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import signal
 import sys
 import threading
 import time
+import typing
 from typing import Any
 
-from kv3d.config import ConfigError, KV3DConfig, load_config
+from kv3d.config import ConfigError, KV3DConfig, RouteConfig, load_config
 
 log = logging.getLogger("kv3d")
 
@@ -80,9 +81,41 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.routers:
+        return _compare_routers(args)
     from kv3d.bench import main_bench
 
     return main_bench(args.url, args.concurrency, args.max_tokens, args.json, args.capacity)
+
+
+def _compare_routers(args: argparse.Namespace) -> int:
+    import json
+
+    from deployments.compare import compare_routers
+
+    policies = [p.strip() for p in args.routers.split(",") if p.strip()]
+    overrides: dict[str, Any] = {"deploy": {"replicas": args.replicas}}
+    if args.port is not None:
+        overrides["server"] = {"port": args.port}
+    config = load_config(args.config, overrides=overrides)
+    known = typing.get_args(RouteConfig.model_fields["policy"].annotation)
+    unknown = [p for p in policies if p not in known]
+    if unknown or not policies:
+        raise ConfigError(f"--routers takes policies among {', '.join(known)}; got {unknown}")
+    report = compare_routers(
+        config,
+        policies,
+        seed=args.seed,
+        families=args.families,
+        requests_per_family=args.requests_per_family,
+        concurrency=args.concurrency,
+    )
+    text = json.dumps(report, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
@@ -138,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="only measure how many of N concurrent sessions (80%% sharing a prompt) run at once",
     )
+    bench.add_argument(
+        "--routers",
+        metavar="P,P",
+        help="deploy the app once per routing policy (kv3d, pow2, round_robin) on a local Ray "
+        "and compare them on a shared-prefix workload (ignores --url)",
+    )
+    bench.add_argument("--replicas", type=int, default=2, help="with --routers: model replicas")
+    bench.add_argument("--port", type=int, help="with --routers: HTTP port (default 8080)")
+    bench.add_argument("--config", help="with --routers: JSON config file")
+    bench.add_argument("--families", type=int, default=4, help="with --routers: system prompts")
+    bench.add_argument(
+        "--requests-per-family", type=int, default=8, help="with --routers: requests per prompt"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="with --routers: request order seed")
     bench.set_defaults(func=cmd_bench)
 
     fidelity = sub.add_parser("fidelity", help="int8 session delta vs uncompressed, held-out text")

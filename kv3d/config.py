@@ -2,8 +2,8 @@
 
 Sources, lowest precedence first: defaults, the JSON file (`~/.config/kv3d/config.json` or
 `--config FILE`), environment variables (`KV3D_SERVER__PORT=9000`, nested with `__`), then CLI
-flags or the Serve YAML `args.config` block. The file schema is the seed's
-(`server`, `cache`, `model`) plus `engine` and `deploy` sections for knobs the seed left implicit.
+flags or the Serve YAML `args.config` block. The file schema is the seed's (`server`, `cache`,
+`model`) plus `engine`, `prefix`, `route` and `deploy` sections for knobs the seed left implicit.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("~/.config/kv3d/config.json").expanduser()
@@ -48,6 +55,11 @@ class CacheConfig(_Section):
     )
     ram_warm_mb: int = Field(8192, ge=0, description="Warm tier budget (snapshots, deltas), MiB.")
     ssd_cold_path: str = Field("", description="Folder of the cold tier; empty = off.")
+    share_sessions: bool = Field(
+        True,
+        description="On a Ray cluster, publish each kept session's int8 delta to the object "
+        "store after every turn, so that any replica can resume it (one state export per turn).",
+    )
     auto_sessions: bool = Field(
         True,
         description="Keep every conversation, also without X-Session-ID / user: a request whose "
@@ -98,11 +110,62 @@ class PrefixConfig(_Section):
     )
 
 
+class RouteConfig(_Section):
+    policy: Literal["kv3d", "pow2", "round_robin"] = Field(
+        "kv3d",
+        description="How the ingress picks a model replica: kv3d (session, then longest hot "
+        "prefix, then load), pow2 (Ray's power-of-two choices) or round_robin.",
+    )
+    imbalance_requests: int = Field(
+        4,
+        ge=0,
+        description="Affinity yields to load when the preferred replica has more than this many "
+        "ongoing requests above the least loaded one.",
+    )
+    stats_period_s: float = Field(
+        1.0, gt=0, description="How often each replica reports its hot sessions and prefixes."
+    )
+    recent_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long the router remembers where it sent a session or prefix, "
+        "bridging the lag of replica reports.",
+    )
+
+
 class DeployConfig(_Section):
     replicas: int = Field(1, ge=1, description="Model replicas (one per GPU in production).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica.")
     ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas.")
+    max_replicas: int = Field(
+        0,
+        ge=0,
+        description="Autoscaling ceiling; 0 = a fixed `replicas`. With a ceiling, `replicas` is "
+        "the floor and Serve scales on ongoing requests per replica.",
+    )
+    target_ongoing_requests: float = Field(
+        0.0,
+        ge=0,
+        description="Autoscaling target per replica; 0 = engine.max_sequences (every slot busy).",
+    )
+    downscale_delay_s: float = Field(
+        600.0,
+        ge=0,
+        description="How long load must stay low before a replica is removed (its hot sessions "
+        "are demoted to the warm tier first).",
+    )
+    shutdown_timeout_s: float = Field(
+        60.0, gt=0, description="Time a stopping replica gets to finish requests and demote."
+    )
+
+    @model_validator(mode="after")
+    def _ceiling_above_floor(self) -> DeployConfig:
+        if self.max_replicas and self.max_replicas < self.replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas})"
+            )
+        return self
 
 
 class KV3DConfig(BaseSettings):
@@ -117,9 +180,12 @@ class KV3DConfig(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     prefix: PrefixConfig = Field(default_factory=PrefixConfig)
+    route: RouteConfig = Field(default_factory=RouteConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
-    @field_validator("server", "cache", "model", "engine", "prefix", "deploy", mode="before")
+    @field_validator(
+        "server", "cache", "model", "engine", "prefix", "route", "deploy", mode="before"
+    )
     @classmethod
     def _none_is_default(cls, value: Any) -> Any:
         return {} if value is None else value

@@ -43,6 +43,7 @@ from kv3d.llama import (
 )
 from kv3d.modelfile import model_fingerprint, model_id_for, resolve_model_path
 from kv3d.reuse import Admission, NoReuse, PrefixReuse, Publish, ReuseSettings
+from kv3d.routing import ReplicaView
 from kv3d.scheduler import (
     Chunk,
     Emit,
@@ -54,7 +55,7 @@ from kv3d.scheduler import (
 )
 from kv3d.statefmt import build_seq_state, cells_from, parse_seq_state
 from kv3d.textstream import IncrementalText
-from kv3d.tiers import SessionStore
+from kv3d.tiers import SessionStore, SharedSessions
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ class Engine:
         if reuse_on:
             self.sessions = SessionStore(settings.warm_budget_bytes, settings.cold_path)
         self._live: dict[int, _Live] = {}
+        self._hot_view = ReplicaView()
+        self._hot_view_version = 0
         self._cancelled: set[str] = set()
         self._wake = threading.Condition()
         self._stopping = False
@@ -279,6 +282,7 @@ class Engine:
         for pending in self.scheduler.drain_waiting():
             pending.emit(Rejected(503, "shutting_down", "the engine is shutting down"))
         if self.sessions is not None:
+            self._demote_hot_sessions()
             self.sessions.close()
         self.batch.close()
         self.ctx.close()
@@ -332,6 +336,20 @@ class Engine:
         with self._wake:
             self._cancelled.add(request_id)
             self._wake.notify()
+
+    def set_session_share(self, shared: SharedSessions) -> None:
+        """A warm tier shared with other replicas: every kept session is published there."""
+        if self.sessions is not None:
+            self.sessions.shared = shared
+
+    def routing_view(self, max_warm_sessions: int = 1024) -> ReplicaView:
+        """What this replica can serve best: hot prefixes and sessions it can resume locally
+        (hot, or the most recent warm ones). Any thread; refreshed after each engine step."""
+        hot = self._hot_view
+        if self.sessions is None:
+            return hot
+        warm = self.sessions.recent_ids(max_warm_sessions)
+        return ReplicaView(hot.sessions | frozenset(warm), hot.blocks)
 
     def set_snapshot_sink(self, publish: Publish) -> None:
         """Where family prefix snapshots go (called from the step thread; must not block)."""
@@ -411,6 +429,13 @@ class Engine:
                 log.exception("engine step failed")
                 for slot in list(self._live):
                     self._fail(slot, "engine step failed")
+            self._refresh_hot_view()
+
+    def _refresh_hot_view(self) -> None:
+        version = self.reuse.hot_version
+        if version != self._hot_view_version:
+            self._hot_view = self.reuse.hot_view()  # one reference swap: readers need no lock
+            self._hot_view_version = version
 
     def step(self) -> int:
         """Run one scheduler step; returns the number of sequences it decoded."""
@@ -580,6 +605,9 @@ class Engine:
         if key is None or n <= live.reuse.prefix_tokens:
             return
         if self.reuse.keep_session(live.reuse, live.progress, history, req.family_tokens, key):
+            if self.sessions.shared is not None:
+                shared, blob = self._private_state(slot)
+                self.sessions.replicate(key, self.fingerprint, history, shared, blob)
             return
         self._park(slot, key, history)
 
@@ -597,12 +625,27 @@ class Engine:
         )
 
     def _park(self, slot: int, key: str, history: tuple[int, ...]) -> None:
+        shared, blob = self._private_state(slot)
+        self.sessions.park(key, self.fingerprint, history, shared, blob)
+
+    def _private_state(self, slot: int) -> tuple[int, _LazyPrivate]:
+        """(family prefix tokens, a lazy cut of the slot's state past them)."""
         live = self._live[slot]
         shared, prefix = live.reuse.prefix_tokens, live.reuse.prefix
         if prefix is not None and prefix.session_key is not None:
             shared = prefix.parent_tokens  # a resumed turn: keep all that is not the family's
-        blob = self.ctx.seq_state(slot)
-        self.sessions.park(key, self.fingerprint, history, shared, _private_cells(blob, shared))
+        return shared, _private_cells(self.ctx.seq_state(slot), shared)
+
+    def _demote_hot_sessions(self) -> None:
+        """Park every idle session kept hot (shutdown, scale-down): nothing hot is lost."""
+        if self.sessions is None:
+            return
+        for prefix in self.reuse.cache.hot() if isinstance(self.reuse, PrefixReuse) else ():
+            if prefix.session_key is not None and not prefix.superseded:
+                try:
+                    self._demote(prefix)
+                except Exception:
+                    log.exception("could not demote session %s", prefix.session_key)
 
     def _finish(self, slot: int, reason: FinishReason) -> None:
         if reason != "cancelled" and self.sessions is not None:

@@ -113,6 +113,7 @@ class EngineStats:
     snapshot_rejects_total: int = 0
     snapshots_published_total: int = 0
     session_parks_total: int = 0
+    session_shares_total: int = 0
     session_resumes_total: int = 0
     session_demotions_total: int = 0
     session_drops_total: int = 0

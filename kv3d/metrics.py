@@ -8,7 +8,7 @@ replica, summed over replicas.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -119,6 +119,12 @@ _ENGINE_SERIES = (
         "Finished conversations whose KV was kept as an int8 delta.",
     ),
     (
+        "session_shares_total",
+        "kv3d_session_shares",
+        "counter",
+        "Session deltas published to the shared warm tier (object store).",
+    ),
+    (
         "session_resumes_total",
         "kv3d_session_promotions",
         "counter",
@@ -205,18 +211,40 @@ class _SnapshotCollector(Collector):
     def __init__(self) -> None:
         self.snapshots = 0
         self.bytes = 0
+        self.shared_sessions = 0
 
     def collect(self) -> Iterator:
         yield GaugeMetricFamily(
             "kv3d_snapshots", "Prefix snapshots in the object store.", self.snapshots
         )
         yield GaugeMetricFamily(
-            "kv3d_snapshot_bytes", "Bytes of prefix snapshots stored.", self.bytes
+            "kv3d_snapshot_bytes",
+            "Bytes in the object store's warm tier (snapshots and shared sessions).",
+            self.bytes,
+        )
+        yield GaugeMetricFamily(
+            "kv3d_shared_sessions",
+            "Session records in the object store, resumable by any replica.",
+            self.shared_sessions,
         )
 
 
+class _RouteCollector(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator:
+        family = CounterMetricFamily(
+            "kv3d_route", "Model replica choices by reason.", labels=["reason"]
+        )
+        for reason, n in self._counts().items():
+            family.add_metric([reason], n)
+        yield family
+
+
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, route_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """`route_counts`: routing decisions by reason, where a KV3D router runs."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -263,6 +291,8 @@ class ServerMetrics:
         self.snapshots = _SnapshotCollector()
         r.register(self.engine)
         r.register(self.snapshots)
+        if route_counts is not None:
+            r.register(_RouteCollector(route_counts))
 
     def hit_rate(self) -> float:
         totals = self.engine.totals()

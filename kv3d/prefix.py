@@ -126,6 +126,7 @@ class PrefixCache:
         self._prefixes: dict[int, HotPrefix] = {}  # by holder seq id
         self.cells_held = 0
         self.on_evict: Callable[[HotPrefix], None] | None = None
+        self.version = 0  # bumped whenever the set of hot prefixes changes
 
     # --- lookups --------------------------------------------------------------------------------
     def match(self, blocks: Sequence[Block], prompt: Sequence[int]) -> PrefixMatch | None:
@@ -253,6 +254,7 @@ class PrefixCache:
             parent_tokens=parent_tokens if parent is not None else 0,
         )
         self._prefixes[prefix.seq_id] = prefix
+        self.version += 1
         for block in blocks:
             self._by_block.setdefault(block.key, []).append(prefix)
         self.cells_held += prefix.owned_cells
@@ -273,6 +275,7 @@ class PrefixCache:
     def _drop(self, prefix: HotPrefix) -> None:
         self.ctx.seq_remove(prefix.seq_id)
         del self._prefixes[prefix.seq_id]
+        self.version += 1
         for block in prefix.blocks:
             holders = self._by_block.get(block.key, [])
             if prefix in holders:

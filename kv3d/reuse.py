@@ -26,6 +26,7 @@ from kv3d.prefix import (
     cut_points,
     reusable_blocks,
 )
+from kv3d.routing import ReplicaView
 from kv3d.scheduler import Pending, Scheduler, SeqProgress
 from kv3d.snapshot import SnapshotError, SnapshotMeta, decode_snapshot, encode_snapshot
 from kv3d.statefmt import SeqState, parse_seq_state
@@ -130,6 +131,21 @@ class PrefixReuse:
             pending.blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
         return pending.blocks
 
+    def hot_view(self) -> ReplicaView:
+        """The hot sessions and prefix blocks, for routing (engine thread)."""
+        blocks: dict[int, int] = {}
+        sessions = set()
+        for prefix in self.cache.hot():
+            if prefix.session_key is not None and not prefix.superseded:
+                sessions.add(prefix.session_key)
+            for block in prefix.blocks:
+                blocks[block.key] = block.end_tokens
+        return ReplicaView(frozenset(sessions), blocks)
+
+    @property
+    def hot_version(self) -> int:
+        return self.cache.version
+
     def stats(self) -> dict[str, int]:
         hot = self.cache.hot()
         return {
@@ -164,7 +180,9 @@ class PrefixReuse:
         if not blocks:
             return Admission()
         if pending.session is not None:
-            resumed = self._resume(pending.session.result(), req.prompt_tokens, blocks, progress)
+            resumed = self._resume(
+                pending.session.result(), req.prompt_tokens, blocks, progress, pending.snapshot
+            )
             if resumed is not None:
                 return resumed
         match = self.cache.match(blocks, req.prompt_tokens)
@@ -268,10 +286,16 @@ class PrefixReuse:
         return PrefixMatch(prefix, n), time.perf_counter() - started
 
     def _resume(
-        self, resumable, prompt: tuple[int, ...], blocks: list[Block], progress: SeqProgress
+        self,
+        resumable,
+        prompt: tuple[int, ...],
+        blocks: list[Block],
+        progress: SeqProgress,
+        snapshot=None,
     ) -> Admission | None:
         """Put a stored session's cells back: its private delta restored into the slot, its
-        family prefix shared back from the hot prefix. None when it cannot be done exactly."""
+        family prefix shared back from the hot prefix (restored from `snapshot` first when it
+        is not hot here). None when it cannot be done exactly."""
         if resumable is None:
             return None
         started = time.perf_counter()
@@ -283,6 +307,9 @@ class PrefixReuse:
         match = None
         if p > 0:
             hot = self.cache.match(blocks, prompt)
+            if (hot is None or hot.n_tokens < p) and snapshot is not None:
+                restored, _ = self._restore(snapshot, prompt)
+                hot = restored if restored is not None else hot
             if hot is None or hot.n_tokens < p:
                 return self._defer(resumable, blocks, progress)
             match = PrefixMatch(hot.prefix, p)
@@ -381,6 +408,11 @@ class NoReuse:
 
     def hot_tokens(self, blocks: list[Block]) -> int:
         return 0
+
+    def hot_view(self) -> ReplicaView:
+        return ReplicaView()
+
+    hot_version = 0
 
     def stats(self) -> dict[str, int]:
         return {}

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -159,18 +160,40 @@ class ColdTier:
             return len(self._sizes), sum(self._sizes.values())
 
 
-class SessionStore:
-    """Warm and cold tiers of idle sessions.
+class SharedSessions(Protocol):
+    """A warm tier every replica reaches (the Ray object store behind the registry actor).
 
-    Invariants: a session id is in at most one tier; `warm_bytes` is the sum of the warm
+    Both calls run on the store's worker thread and may block briefly; neither raises."""
+
+    def publish(self, session_id: str, record: bytes) -> None: ...
+
+    def fetch(self, session_id: str) -> bytes | None: ...
+
+    def flush(self) -> None: ...
+
+
+class SessionStore:
+    """Warm and cold tiers of idle sessions, plus an optional shared warm tier.
+
+    Invariants: a session id is in at most one local tier; `warm_bytes` is the sum of the warm
     records' bytes and stays within `warm_budget_bytes` once `put` returns (least recently used
-    records move to cold, or are dropped without a cold tier). Thread-safe.
+    records move to cold, or are dropped without a cold tier). With `shared`, every record this
+    store encodes is also published there (newest turn wins), so another replica can resume the
+    session when this one is gone; the shared copy is a fallback read only when no local tier
+    holds the session. Thread-safe.
     """
 
-    def __init__(self, warm_budget_bytes: int, cold_dir: str = "", group: int = 32):
+    def __init__(
+        self,
+        warm_budget_bytes: int,
+        cold_dir: str = "",
+        group: int = 32,
+        shared: SharedSessions | None = None,
+    ):
         self.warm_budget_bytes = warm_budget_bytes
         self.cold = ColdTier(Path(cold_dir).expanduser()) if cold_dir else None
         self.group = group
+        self.shared = shared
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
         self.warm_bytes = 0
         self._lock = threading.Lock()
@@ -181,6 +204,7 @@ class SessionStore:
             session_demotions_total=0,
             session_drops_total=0,
             session_rejects_total=0,
+            session_shares_total=0,
         )
         self._raw_bytes = 0
         self._coded_bytes = 0
@@ -198,7 +222,23 @@ class SessionStore:
             self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob
         )
 
-    def _encode_and_put(self, session_id, fingerprint, tokens, prefix_tokens, blob) -> None:
+    def replicate(
+        self,
+        session_id: str,
+        fingerprint: bytes,
+        tokens: tuple[int, ...],
+        prefix_tokens: int,
+        blob: bytes,
+    ) -> None:
+        """Publish a session that stays hot here to the shared tier only (write-behind)."""
+        if self.shared is not None:
+            self._pool.submit(
+                self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob, False
+            )
+
+    def _encode_and_put(
+        self, session_id, fingerprint, tokens, prefix_tokens, blob, local: bool = True
+    ) -> None:
         try:
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
             delta = encode_delta(blob, "int8", self.group)
@@ -206,6 +246,11 @@ class SessionStore:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return
         record = SessionRecord(session_id, fingerprint, tokens, prefix_tokens, delta)
+        if self.shared is not None:
+            self.shared.publish(session_id, encode_record(record))
+            self.counters["session_shares_total"] += 1
+        if not local:
+            return
         with self._lock:
             self._raw_bytes += len(blob)
             self._coded_bytes += len(delta)
@@ -263,8 +308,13 @@ class SessionStore:
         try:
             if record is None and self.cold is not None:
                 record, tier = self.cold.take(session_id), "cold"
+            if record is None and self.shared is not None:
+                data = self.shared.fetch(session_id)
+                record, tier = (decode_record(data) if data is not None else None), "shared"
             if record is None:
                 return None
+            if record.session_id != session_id:
+                raise SessionRecordError(f"record names session {record.session_id!r}")
             blob = decode_delta(record.delta)
         except (SessionRecordError, DeltaError, OSError) as exc:
             self.counters["session_rejects_total"] += 1
@@ -287,9 +337,27 @@ class SessionStore:
                 "delta_compression_ratio": ratio,
             }
 
+    def recent_ids(self, limit: int) -> list[str]:
+        """The ids of the `limit` most recently parked warm sessions (newest last)."""
+        with self._lock:
+            ids = list(self._warm)
+        return ids[-limit:] if limit else []
+
     def flush(self) -> None:
         """Wait until parked sessions are stored (tests, shutdown)."""
         self._pool.submit(lambda: None).result()
+        if self.shared is not None:
+            self.shared.flush()
 
     def close(self) -> None:
+        """Store what is pending; with a cold tier, write the warm sessions to disk so that
+        they survive a restart of the server."""
+        self.flush()
         self._pool.shutdown(wait=True)
+        if self.cold is None:
+            return
+        with self._lock:
+            records, self._warm = list(self._warm.values()), OrderedDict()
+            self.warm_bytes = 0
+        for record in records:
+            self._demote(record)

@@ -185,3 +185,16 @@ def test_idle_sessions_stay_hot_until_pressure_then_demote_lru_to_warm(tok):
         turn3 = turn2 + [("assistant", "Restart it."), ("user", "Thanks.")]
         _, _, warm_resume = run(engine, request(tok, turn3, "a", 2))
         assert warm_resume.session_tier == "warm" and warm_resume.usage.cached_tokens > 100
+
+
+def test_stopping_an_engine_parks_its_hot_sessions_first(tok, tmp_path):
+    """Scale-down or redeploy: a session kept hot is not lost when its replica stops."""
+    cold = tmp_path / "cold"
+    turn1 = [("user", "How do I change the port of the server?")]
+    with Engine.from_config(config(cold_dir=cold, max_hot=2)) as engine:
+        answer, _, _ = run(engine, request(tok, turn1, "kept-hot"))
+        assert engine.stats().hot_idle_sessions == 1 and engine.stats().sessions_warm == 0
+    turn2 = turn1 + [("assistant", answer), ("user", "And then?")]
+    with Engine.from_config(config(cold_dir=cold, max_hot=2)) as restarted:
+        _, _, resumed = run(restarted, request(tok, turn2, "kept-hot", 4))
+    assert resumed.session_tier == "cold" and resumed.usage.cached_tokens > 30

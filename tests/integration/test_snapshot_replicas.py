@@ -23,6 +23,9 @@ def pair_url(server_url):
     args = app_args_from_yaml()
     args["config"]["deploy"]["replicas"] = 2
     args["config"]["prefix"] = {"snapshot_min_tokens": 32}
+    # Round robin: the second request lands on the replica that did not compute the prefix
+    # (the KV3D router would send it back to the one holding it hot).
+    args["config"]["route"] = {"policy": "round_robin"}
     serve.run(build_app(args), name="pair", route_prefix="/pair")
     yield f"{server_url}/pair"
     serve.delete("pair")

@@ -59,3 +59,57 @@ def test_warm_budget_demotes_least_recently_used_to_cold(tmp_path):
     roomy.flush()
     assert roomy.holds("s2") and roomy.take("s2").result().tier == "warm"
     assert 1.8 < roomy.stats()["delta_compression_ratio"] < 2.0
+
+
+class DictShare:
+    """An in-memory stand-in for the registry-backed shared tier."""
+
+    def __init__(self):
+        self.records: dict[str, bytes] = {}
+
+    def publish(self, session_id: str, record: bytes) -> None:
+        self.records[session_id] = record
+
+    def fetch(self, session_id: str) -> bytes | None:
+        return self.records.get(session_id)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_every_encoded_session_is_shared_and_another_store_resumes_it():
+    blob = make_state(cells=40, channels=64)
+    share = DictShare()
+    here = SessionStore(warm_budget_bytes=10**9, shared=share)
+    here.park("parked", FP, tuple(range(40)), 0, blob)  # idle here: warm + shared
+    here.replicate("hot", FP, tuple(range(40)), 0, blob)  # still hot here: shared only
+    here.flush()
+    assert set(share.records) == {"parked", "hot"}
+    assert here.holds("parked") and not here.holds("hot")
+    assert here.stats()["session_shares_total"] == 2
+
+    elsewhere = SessionStore(warm_budget_bytes=10**9, shared=share)  # another replica
+    resumed = elsewhere.take("hot").result()
+    assert resumed.tier == "shared" and bytes(resumed.blob)[:8] == blob[:8]
+    assert elsewhere.take("nobody").result() is None
+
+
+def test_a_shared_record_under_the_wrong_id_or_damaged_is_not_resumed():
+    blob = make_state(cells=8, channels=64)
+    share = DictShare()
+    origin = SessionStore(10**9, shared=share)
+    origin.replicate("a", FP, tuple(range(8)), 0, blob)
+    origin.flush()
+    store = SessionStore(10**9, shared=share)
+    share.records["b"] = share.records["a"]  # names session "a"
+    share.records["c"] = share.records["a"][:-5]
+    assert store.take("b").result() is None and store.take("c").result() is None
+    assert store.stats()["session_rejects_total"] == 2
+
+
+def test_closing_a_store_writes_its_warm_sessions_to_the_cold_tier(tmp_path):
+    blob = make_state(cells=8, channels=64)
+    store = SessionStore(warm_budget_bytes=10**9, cold_dir=str(tmp_path))
+    store.park("s", FP, tuple(range(8)), 0, blob)
+    store.close()
+    assert SessionStore(10**9, cold_dir=str(tmp_path)).take("s").result().tier == "cold"
