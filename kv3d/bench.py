@@ -249,35 +249,42 @@ async def routing_phase(
     url: str,
     *,
     families: int = 4,
-    requests_per_family: int = 8,
+    sessions_per_family: int = 3,
+    turns: int = 3,
     concurrency: int = 4,
     system_words: int = 400,
     seed: int = 0,
     nonce: str = "",
 ) -> dict:
     """The shared-prefix workload for comparing routers: `families` long system prompts, each
-    used by `requests_per_family` requests with distinct questions, in a seeded random order,
-    `concurrency` at a time. Reports the prefix hit rate and TTFT percentiles."""
+    shared by `sessions_per_family` conversations of `turns` turns (X-Session-ID), started in a
+    seeded random order, `concurrency` conversations at a time. Reports the prefix hit rate,
+    where each request's KV came from, and TTFT percentiles."""
     rng = random.Random(seed)
     nonce = nonce or f"{time.time_ns()}"
     systems = [
         f"Tenant {f} of run {nonce}. " + _filler(system_words, f"{f}") for f in range(families)
     ]
-    work = [(f, i) for f in range(families) for i in range(requests_per_family)]
+    work = [(f, s) for f in range(families) for s in range(sessions_per_family)]
     rng.shuffle(work)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(family: int, i: int) -> StreamResult:
-        messages = [
-            {"role": "system", "content": systems[family]},
-            {"role": "user", "content": f"Question {i}: how do I size the cache?"},
-        ]
+    async def conversation(family: int, n: int) -> list[StreamResult]:
+        messages = [{"role": "system", "content": systems[family]}]
+        headers = {"X-Session-ID": f"bench-{nonce}-{family}-{n}"}
+        out = []
         async with gate:
-            return await stream_chat(http, url, messages, 8)
+            for t in range(turns):
+                messages.append({"role": "user", "content": f"Question {n}.{t}: sizing tips?"})
+                r = await stream_chat(http, url, messages, 8, headers=headers)
+                messages.append({"role": "assistant", "content": r.text})
+                out.append(r)
+        return out
 
     started = time.perf_counter()
-    results = await asyncio.gather(*(one(f, i) for f, i in work))
+    done = await asyncio.gather(*(conversation(f, n) for f, n in work))
     wall_s = time.perf_counter() - started
+    results = [r for conv in done for r in conv]
     ttfts = [r.ttft_s for r in results]
     sources: dict[str, int] = {}
     for r in results:
@@ -285,15 +292,16 @@ async def routing_phase(
     prompt = sum(r.prompt_tokens for r in results)
     return {
         "requests": len(results),
-        "families": families,
-        "concurrency": concurrency,
         "prompt_tokens_mean": round(prompt / len(results), 1),
         "prefix_hit_rate": round(sum(r.cached_tokens > 0 for r in results) / len(results), 4),
-        "hot_hit_rate": round(sources.get("hot", 0) / len(results), 4),
         "cached_token_fraction": round(sum(r.cached_tokens for r in results) / prompt, 4),
         "by_source": dict(sorted(sources.items())),
         "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
         "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+        "ttft_by_source_p50_s": {
+            source: round(_pct([r.ttft_s for r in results if r.prefix_source == source], 0.5), 4)
+            for source in sorted(sources)
+        },
         "wall_s": round(wall_s, 2),
     }
 

@@ -107,7 +107,8 @@ def _compare_routers(args: argparse.Namespace) -> int:
         policies,
         seed=args.seed,
         families=args.families,
-        requests_per_family=args.requests_per_family,
+        sessions_per_family=args.sessions_per_family,
+        turns=args.turns,
         concurrency=args.concurrency,
     )
     text = json.dumps(report, indent=2)
@@ -182,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="with --routers: JSON config file")
     bench.add_argument("--families", type=int, default=4, help="with --routers: system prompts")
     bench.add_argument(
-        "--requests-per-family", type=int, default=8, help="with --routers: requests per prompt"
+        "--sessions-per-family", type=int, default=3, help="with --routers: conversations each"
     )
+    bench.add_argument("--turns", type=int, default=3, help="with --routers: turns per session")
     bench.add_argument("--seed", type=int, default=0, help="with --routers: request order seed")
     bench.set_defaults(func=cmd_bench)
 
