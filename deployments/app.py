@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.ingress import Ingress
 from deployments.replica import ModelReplica
 from kv3d.config import KV3DConfig, load_config
+from kv3d.guard import digests_from_setting
 
 INGRESS_MAX_ONGOING_REQUESTS = 1024
 
@@ -64,7 +65,10 @@ def replica_scaling(config: KV3DConfig) -> dict[str, Any]:
 
 
 def build_from_config(config: KV3DConfig) -> Application:
+    # The API keys travel as digests: application args show in `serve status` and the dashboard.
+    key_digests = list(digests_from_setting(config.server.api_key))
     data = config.model_dump()
+    data["server"]["api_key"] = ""
     # Serve must not queue in front of the engine: the engine's own bounded queue answers 429.
     replica_concurrency = config.engine.max_sequences + config.server.max_queued_requests
     replica = serve.deployment(
@@ -87,7 +91,7 @@ def build_from_config(config: KV3DConfig) -> Application:
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(replica.bind(data), data)
+    return ingress.bind(replica.bind(data), data, key_digests)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -18,6 +18,7 @@ from kv3d.chat import Tokenizer
 from kv3d.config import KV3DConfig
 from kv3d.engine import llama_cpp_version
 from kv3d.generation import EngineStats, Finished, GenerationRequest, Rejected, StreamEvent
+from kv3d.guard import Guard
 from kv3d.metrics import ServerMetrics
 from kv3d.modelfile import model_fingerprint, model_id_for, resolve_model_path
 from kv3d.routing import RouteKeyer
@@ -63,6 +64,9 @@ class HandleBackend:
             log.warning("no engine stats from the model replicas: %s", exc)
         return list(reported.values())
 
+    def safe_mode(self) -> bool:
+        return any(s.safe_mode for s in reported_engine_stats())
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         route = self._keyer.keys(request)
         for attempt in range(1 + REPLICA_RETRIES):
@@ -99,8 +103,12 @@ class HandleBackend:
 class Ingress:
     """Validates, tokenizes and streams; holds the tokenizer (vocabulary only, no weights)."""
 
-    def __init__(self, model_replica: DeploymentHandle, config: dict[str, Any]):
+    def __init__(
+        self, model_replica: DeploymentHandle, config: dict[str, Any], key_digests: list[str]
+    ):
+        """`key_digests`: SHA-256 of the API keys (the raw keys are not application args)."""
         cfg = KV3DConfig(**config)
+        self._guard = Guard(key_digests, cfg.limits)
         path = resolve_model_path(cfg.model.path)
         self._tokenizer = Tokenizer.load(path)
         self._served = ServedModel(
@@ -122,4 +130,6 @@ class Ingress:
         self._route_counts = route_counts if cfg.route.policy == "kv3d" else None
 
     def __serve_build_asgi_app__(self):
-        return build_api(self._served, self._backend, ServerMetrics(self._route_counts))
+        return build_api(
+            self._served, self._backend, ServerMetrics(self._route_counts), self._guard
+        )

@@ -108,8 +108,9 @@ class KV3DRouter(_ReportingRouter):
     def _record(
         self, pending: PendingRequest | None, decision: Decision, keys: RouteKeys | None
     ) -> None:
-        """Count each request once (Serve may ask again while it backs off)."""
-        if pending is None or not decision.order:
+        """Count each generation request once (Serve may ask again while it backs off);
+        calls without route keys (stats) are not routing decisions worth counting."""
+        if pending is None or keys is None or not decision.order:
             return
         request_id = pending.metadata.internal_request_id
         if request_id in self._seen:
@@ -120,8 +121,7 @@ class KV3DRouter(_ReportingRouter):
         routing_state.ROUTES.add(decision.reason)
         if self._ray_counter is not None:
             self._ray_counter.inc(tags={"reason": decision.reason})
-        if keys is not None:
-            self._recent.remember(decision.order[0], keys)
+        self._recent.remember(decision.order[0], keys)
         log.debug(
             "route %s -> %s (%s, %d tokens hot)",
             request_id,

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from kv3d.generation import (
     TextDelta,
     TokenLogprob,
 )
+from kv3d.guard import OPEN, Guard, Tenant
 from kv3d.metrics import CONTENT_TYPE, ServerMetrics
 from kv3d.openai_schema import (
     APIError,
@@ -46,6 +47,7 @@ from kv3d.openai_schema import (
 log = logging.getLogger(__name__)
 
 HEALTH = {"status": "ok", "service": "kv3d-engine"}
+MAX_SESSION_ID_CHARS = 256
 
 
 class GenerateBackend(Protocol):
@@ -59,6 +61,10 @@ class GenerateBackend(Protocol):
 
     async def snapshot_stats(self) -> dict[str, Any] | None:
         """The snapshot registry's figures (`snapshots`, `bytes`), or None without one."""
+        ...
+
+    def safe_mode(self) -> bool:
+        """Whether any model replica serves in safe mode (cheap: no remote call)."""
         ...
 
 
@@ -77,6 +83,9 @@ class LocalBackend:
     async def snapshot_stats(self) -> dict[str, Any] | None:
         return None
 
+    def safe_mode(self) -> bool:
+        return self.engine.safe_mode
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -87,12 +96,27 @@ class ServedModel:
 
 
 def build_api(
-    served: ServedModel, backend: GenerateBackend, metrics: ServerMetrics | None = None
+    served: ServedModel,
+    backend: GenerateBackend,
+    metrics: ServerMetrics | None = None,
+    guard: Guard | None = None,
 ) -> FastAPI:
     app = FastAPI(title="KV3D", version="0.1.0")
     metrics = metrics or ServerMetrics()
+    guard = guard or Guard()
     app.state.metrics = metrics
     _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_key_and_size(request: Request, call_next):
+        # Before routing: an unauthenticated caller learns nothing, not even which routes exist.
+        if not _is_health(request.scope):
+            try:
+                request.state.tenant = guard.authenticate(request.headers.get("authorization"))
+                _check_declared_length(request, guard.limits.max_body_bytes)
+            except APIError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -104,7 +128,7 @@ def build_api(
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        return HEALTH
+        return {**HEALTH, "mode": "safe" if backend.safe_mode() else "normal"}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -130,34 +154,50 @@ def build_api(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         started_s = time.perf_counter()
-        req = await _parse(request, ChatCompletionRequest)
+        req = await _parse(request, ChatCompletionRequest, guard.limits.max_body_bytes)
+        if len(req.messages) > guard.limits.max_messages:
+            raise APIError(
+                400,
+                f"{len(req.messages)} messages; at most {guard.limits.max_messages} are accepted",
+                param="messages",
+                code="too_many_messages",
+            )
         messages = req.chat_messages()
         try:
             prompt = served.tokenizer.encode_chat(messages)
             family = served.tokenizer.family_tokens(messages, prompt)
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
-        session_id = request.headers.get("x-session-id") or req.user
+        tenant = _tenant(request)
+        session_header = request.headers.get("x-session-id")
+        if session_header is not None and not 0 < len(session_header) <= MAX_SESSION_ID_CHARS:
+            raise APIError(
+                400,
+                f"X-Session-ID must have 1 to {MAX_SESSION_ID_CHARS} characters",
+                param="X-Session-ID",
+            )
         gen = _generation_request(
             "chatcmpl",
             req,
             prompt,
-            served.context_tokens,
+            _limits(served, guard),
             req.requested_top_logprobs(),
+            tenant,
             family,
-            session_id,
+            session_header or req.user,
         )
         view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
-        return await _respond(backend, metrics, gen, view, req.stream, started_s)
+        return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         started_s = time.perf_counter()
-        req = await _parse(request, CompletionRequest)
+        req = await _parse(request, CompletionRequest, guard.limits.max_body_bytes)
         prompt = served.tokenizer.encode_text(req.prompt)  # type: ignore[arg-type]
-        gen = _generation_request("cmpl", req, prompt, served.context_tokens, req.logprobs)
+        tenant = _tenant(request)
+        gen = _generation_request("cmpl", req, prompt, _limits(served, guard), req.logprobs, tenant)
         view = _CompletionView(gen.request_id, served.model_id, req.include_usage_in_stream)
-        return await _respond(backend, metrics, gen, view, req.stream, started_s)
+        return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
     return app
 
@@ -173,8 +213,48 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 
 # --- request handling ----------------------------------------------------------------------
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
+def _is_health(scope: dict[str, Any]) -> bool:
+    path = scope.get("path", "")
+    return path == "/health" or path == scope.get("root_path", "") + "/health"
+
+
+def _tenant(request: Request) -> Tenant:
+    return getattr(request.state, "tenant", OPEN)
+
+
+def _too_large(limit_bytes: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit_bytes} bytes", code="request_too_large")
+
+
+def _check_declared_length(request: Request, limit_bytes: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise _too_large(limit_bytes)
+
+
+@dataclass(frozen=True)
+class _TokenLimits:
+    context_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _limits(served: ServedModel, guard: Guard) -> _TokenLimits:
+    lim = guard.limits
+    ctx = served.context_tokens
+    return _TokenLimits(
+        ctx,
+        min(ctx, lim.max_prompt_tokens) if lim.max_prompt_tokens else ctx,
+        min(ctx, lim.max_completion_tokens) if lim.max_completion_tokens else ctx,
+    )
+
+
+async def _parse(request: Request, model: type[BaseModel], limit_bytes: int) -> Any:
+    raw = bytearray()
+    async for chunk in request.stream():  # bounded even when no length was declared
+        raw += chunk
+        if len(raw) > limit_bytes:
+            raise _too_large(limit_bytes)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -194,13 +274,31 @@ def _generation_request(
     kind: str,
     req: Any,
     prompt: list[int],
-    context_tokens: int,
+    limits: _TokenLimits,
     top_logprobs: int | None,
+    tenant: Tenant,
     family_tokens: int | None = None,
     session_id: str | None = None,
 ) -> GenerationRequest:
     if not prompt:
         raise APIError(400, "the prompt is empty after tokenization", param="messages")
+    if len(prompt) > limits.prompt_tokens and limits.prompt_tokens < limits.context_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt)} tokens; this server accepts at most "
+            f"{limits.prompt_tokens}",
+            param="messages",
+            code="prompt_too_long",
+        )
+    if req.max_tokens is not None and req.max_tokens > limits.completion_tokens:
+        raise APIError(
+            400,
+            f"max_tokens is {req.max_tokens}; this server allows at most "
+            f"{limits.completion_tokens}",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    context_tokens = limits.context_tokens
     room = context_tokens - len(prompt)
     if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
         asked = len(prompt) + (req.max_tokens or 1)
@@ -215,26 +313,32 @@ def _generation_request(
     return GenerationRequest(
         request_id=f"{kind}-{uuid.uuid4().hex}",
         prompt_tokens=tuple(prompt),
-        max_tokens=req.max_tokens or room,
+        max_tokens=req.max_tokens or min(room, limits.completion_tokens),
         sampling=req.sampling(),
         stop=req.stop_strings(),
         top_logprobs=top_logprobs,
         family_tokens=family_tokens,
-        session_id=session_id,
+        session_id=tenant.session_id(session_id),
         ignore_eos=req.ignore_eos,
+        cache_salt=tenant.cache_salt(req.cache_salt),
     )
 
 
 async def _respond(
     backend: GenerateBackend,
     metrics: ServerMetrics,
+    guard: Guard,
+    tenant: Tenant,
     gen: GenerationRequest,
     view: _View,
     stream: bool,
     started_s: float,
 ) -> Response:
+    guard.acquire(tenant)  # released when the event stream is closed, whatever happens
     metrics.prompt_tokens.inc(len(gen.prompt_tokens))
-    events = _Observed(backend.generate(gen), metrics, started_s)
+    events = _Observed(
+        backend.generate(gen), metrics, started_s, on_close=lambda: guard.release(tenant)
+    )
     if not stream:
         try:
             result = await events.collect()
@@ -263,10 +367,17 @@ class _Result:
 class _Observed:
     """Wraps a backend's event stream: records metrics, turns `Rejected` into `APIError`."""
 
-    def __init__(self, events: AsyncIterator[StreamEvent], metrics: ServerMetrics, t0: float):
+    def __init__(
+        self,
+        events: AsyncIterator[StreamEvent],
+        metrics: ServerMetrics,
+        t0: float,
+        on_close: Callable[[], None] | None = None,
+    ):
         self._events = events
         self._metrics = metrics
         self._t0 = t0
+        self._on_close = on_close
         self._last_token_s: float | None = None
         self._active = True
         metrics.active_requests.inc()
@@ -341,6 +452,8 @@ class _Observed:
         if self._active:
             self._active = False
             self._metrics.active_requests.dec()
+            if self._on_close is not None:
+                self._on_close()
             closer = getattr(self._events, "aclose", None)
             if closer is not None:
                 await closer()

@@ -33,6 +33,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["model"]["path"] = args.model
     if args.replicas is not None:
         overrides["deploy"]["replicas"] = args.replicas
+    if args.safe_mode:
+        overrides["server"]["safe_mode"] = True
     return overrides
 
 
@@ -154,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
     serve.add_argument("--threads", type=int, help="llama.cpp threads per replica (0 = all)")
     serve.add_argument("--config", help="JSON config file (default ~/.config/kv3d/config.json)")
+    serve.add_argument(
+        "--safe-mode",
+        action="store_true",
+        help="plain inference only: no prefix reuse, snapshots or session deltas",
+    )
     serve.set_defaults(func=cmd_serve)
 
     doctor = sub.add_parser("doctor", help="check the install and write the default config")

@@ -3,7 +3,8 @@
 Sources, lowest precedence first: defaults, the JSON file (`~/.config/kv3d/config.json` or
 `--config FILE`), environment variables (`KV3D_SERVER__PORT=9000`, nested with `__`), then CLI
 flags or the Serve YAML `args.config` block. The file schema is the seed's (`server`, `cache`,
-`model`) plus `engine`, `prefix`, `route` and `deploy` sections for knobs the seed left implicit.
+`model`) plus `engine`, `prefix`, `route`, `limits` and `deploy` sections for the knobs the
+seed left implicit.
 """
 
 from __future__ import annotations
@@ -40,13 +41,39 @@ class ServerConfig(_Section):
     threads: int = Field(
         0, ge=0, description="llama.cpp compute threads per replica; 0 = all cores of the node."
     )
-    api_key: str = Field("", description="Bearer key required by the API; empty = open.")
+    api_key: str = Field(
+        "",
+        description="Bearer key(s) every endpoint but /health requires; several keys are "
+        "separated by commas, each a tenant with its own cache namespace. Empty = open. "
+        "KV3D_API_KEY sets it too.",
+    )
+    safe_mode: bool = Field(
+        False,
+        description="Plain inference only: no prefix reuse, snapshots or session deltas. A "
+        "replica also enters it by itself when its start-up self-check fails.",
+    )
     max_queued_requests: int = Field(
         64,
         ge=0,
         description="Requests a replica keeps waiting for a free sequence slot; beyond it: 429.",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers.")
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    max_messages: int = Field(512, ge=1, description="Most messages in one chat request.")
+    max_prompt_tokens: int = Field(
+        0, ge=0, description="Most prompt tokens per request; 0 = the model context."
+    )
+    max_completion_tokens: int = Field(
+        0, ge=0, description="Largest max_tokens a request may ask for; 0 = the model context."
+    )
+    max_streams_per_key: int = Field(
+        64, ge=1, description="Generation requests one API key may have in flight (429 beyond)."
+    )
 
 
 class CacheConfig(_Section):
@@ -181,10 +208,11 @@ class KV3DConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     route: RouteConfig = Field(default_factory=RouteConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @field_validator(
-        "server", "cache", "model", "engine", "prefix", "route", "deploy", mode="before"
+        "server", "cache", "model", "engine", "prefix", "route", "limits", "deploy", mode="before"
     )
     @classmethod
     def _none_is_default(cls, value: Any) -> Any:
@@ -233,6 +261,8 @@ def load_config(
         file_data = read_config_file(DEFAULT_CONFIG_PATH)
     try:
         env_only = KV3DConfig().model_dump(exclude_defaults=True)
+        if os.environ.get("KV3D_API_KEY") and "api_key" not in env_only.get("server", {}):
+            env_only.setdefault("server", {})["api_key"] = os.environ["KV3D_API_KEY"]
         merged = _deep_merge(_deep_merge(file_data, env_only), overrides or {})
         return KV3DConfig(**merged)
     except ValidationError as exc:

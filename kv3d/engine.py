@@ -53,6 +53,7 @@ from kv3d.scheduler import (
     Scheduler,
     SeqProgress,
 )
+from kv3d.selfcheck import run_self_check
 from kv3d.statefmt import build_seq_state, cells_from, parse_seq_state
 from kv3d.textstream import IncrementalText
 from kv3d.tiers import SessionStore, SharedSessions
@@ -60,6 +61,9 @@ from kv3d.tiers import SessionStore, SharedSessions
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+# Restores of checksum-valid state that llama.cpp refuses: past this many, the state format is
+# not what KV3D expects and reuse stops (safe mode).
+SAFE_MODE_AFTER_STATE_FAILURES = 3
 
 
 class CapacityError(ValueError):
@@ -87,6 +91,7 @@ class EngineSettings:
     warm_budget_bytes: int
     cold_path: str
     auto_sessions: bool
+    safe_mode: bool = False
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -115,6 +120,7 @@ class EngineSettings:
             warm_budget_bytes=config.cache.ram_warm_mb * MIB,
             cold_path=config.cache.ssd_cold_path,
             auto_sessions=config.cache.auto_sessions,
+            safe_mode=config.server.safe_mode,
         )
 
 
@@ -176,7 +182,8 @@ class Engine:
         self.model_id = settings.model_id
         t0 = time.perf_counter()
         self.model = LlamaModel(settings.model_path, n_gpu_layers=settings.n_gpu_layers)
-        reuse_on = settings.reuse_enabled and self.model.has_per_cell_kv
+        self.safe_mode_reason = "forced by server.safe_mode" if settings.safe_mode else ""
+        reuse_on = settings.reuse_enabled and self.model.has_per_cell_kv and not settings.safe_mode
         if settings.reuse_enabled and not reuse_on:
             log.warning(
                 "prefix reuse is off: %s keeps no per-token KV cells to share",
@@ -203,6 +210,11 @@ class Engine:
         self.kv_cells_total = self.ctx.n_ctx_cells
         self._bytes_per_cell = self.model.kv_bytes_per_cell(settings.kv_type)
         self.batch = LlamaBatch(settings.batch_tokens)
+        if reuse_on:
+            check = run_self_check(self.model, self.ctx, self.batch)
+            if not check.ok:
+                reuse_on = False
+                self.safe_mode_reason = f"start-up self-check failed: {check.reason}"
         self.scheduler = Scheduler(
             num_slots=settings.max_sequences,
             kv_cells_total=self.kv_cells_total,
@@ -243,6 +255,12 @@ class Engine:
             generated_tokens_total=0,
             prefill_tokens_total=0,
         )
+        if self.safe_mode_reason:
+            log.error(
+                "SAFE MODE (%s): plain inference only, no prefix reuse, snapshots or session "
+                "deltas",
+                self.safe_mode_reason,
+            )
         log.info(
             "engine ready in %.2fs: %s, %d KV cells (%s), %d slots, %d tokens/sequence, "
             "%d threads, %d GPU layers",
@@ -255,6 +273,19 @@ class Engine:
             settings.threads,
             settings.n_gpu_layers,
         )
+
+    @property
+    def safe_mode(self) -> bool:
+        return bool(self.safe_mode_reason)
+
+    def enter_safe_mode(self, reason: str) -> None:
+        """Stop all reuse from now on (engine thread): requests run as plain inference."""
+        if self.safe_mode:
+            return
+        self.safe_mode_reason = reason
+        log.error("SAFE MODE (%s): prefix reuse, snapshots and session deltas are off", reason)
+        self.reuse.disable()
+        self.sessions = None
 
     @classmethod
     def from_config(cls, config: KV3DConfig, **kwargs) -> Engine:
@@ -304,9 +335,10 @@ class Engine:
         """
         blocks = self.prefix_blocks(request)
         session = None
-        key = self._session_key_to_resume(request, blocks)
+        sessions = self.sessions  # one read: safe mode may drop the store meanwhile
+        key = self._session_key_to_resume(request, blocks, sessions)
         if key is not None:
-            session = self.sessions.take(key)  # decodes while the request waits
+            session = sessions.take(key)  # decodes while the request waits
         try:
             self.scheduler.enqueue(Pending(request, emit, snapshot, session, blocks))
         except RequestTooLargeError as exc:
@@ -358,7 +390,9 @@ class Engine:
 
     def prefix_blocks(self, request: GenerationRequest) -> list:
         """The request's reusable blocks (pure; any thread)."""
-        return self.reuse.blocks_for(request.prompt_tokens, request.family_tokens)
+        return self.reuse.blocks_for(
+            request.prompt_tokens, request.family_tokens, request.cache_salt
+        )
 
     def hot_prefix_tokens(self, blocks: list) -> int:
         """How many of the blocks' tokens this replica holds hot (a hint; any thread)."""
@@ -404,6 +438,7 @@ class Engine:
             **(self.sessions.stats() if self.sessions is not None else {}),
             kv_bytes_used=self._kv_bytes_used(reuse.get("hot_prefix_cells", 0)),
             sessions_hot=len(sched.running) + reuse.get("hot_idle_sessions", 0),
+            safe_mode=int(self.safe_mode),
         )
 
     def _kv_bytes_used(self, hot_prefix_cells: int) -> int:
@@ -430,6 +465,10 @@ class Engine:
                 for slot in list(self._live):
                     self._fail(slot, "engine step failed")
             self._refresh_hot_view()
+            if self.reuse.state_failures >= SAFE_MODE_AFTER_STATE_FAILURES:
+                self.enter_safe_mode(
+                    f"{self.reuse.state_failures} intact snapshots or sessions failed to restore"
+                )
 
     def _refresh_hot_view(self) -> None:
         version = self.reuse.hot_version
@@ -565,10 +604,12 @@ class Engine:
         live.sampler.close()
         return live
 
-    def _session_key_to_resume(self, request: GenerationRequest, blocks: list) -> str | None:
+    def _session_key_to_resume(
+        self, request: GenerationRequest, blocks: list, sessions: SessionStore | None
+    ) -> str | None:
         """The stored session this request continues: by its id, else (auto sessions) the
         deepest of its blocks that ended an earlier conversation's history."""
-        if self.sessions is None:
+        if sessions is None:
             return None
         if request.session_id:
             return request.session_id
@@ -579,7 +620,7 @@ class Engine:
             if block.end_tokens <= family:
                 break  # what only the family prefix shares is a prefix hit, not a session
             key = _auto_key(block.key)
-            if self.sessions.holds(key):
+            if sessions.holds(key):
                 return key
         return None
 
@@ -590,7 +631,7 @@ class Engine:
             return None
         # Keyed by the history's last whole block: the next turn's prompt repeats the history,
         # so its blocks include this one.
-        blocks = self.reuse.blocks_for(history + (0,), req.family_tokens)
+        blocks = self.reuse.blocks_for(history + (0,), req.family_tokens, req.cache_salt)
         if not blocks or blocks[-1].end_tokens <= (req.family_tokens or 0):
             return None  # nothing private beyond the family prefix: not worth keeping
         return _auto_key(blocks[-1].key)
@@ -604,7 +645,10 @@ class Engine:
         key = self._session_key_to_keep(req, history)
         if key is None or n <= live.reuse.prefix_tokens:
             return
-        if self.reuse.keep_session(live.reuse, live.progress, history, req.family_tokens, key):
+        kept = self.reuse.keep_session(
+            live.reuse, live.progress, history, req.family_tokens, key, req.cache_salt
+        )
+        if kept:
             if self.sessions.shared is not None:
                 shared, blob = self._private_state(slot)
                 self.sessions.replicate(key, self.fingerprint, history, shared, blob)

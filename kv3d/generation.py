@@ -36,6 +36,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     # A conversation: its KV is kept (as an int8 delta) after the request and resumed later.
     session_id: str | None = None
+    # Mixed into every block key: requests under different salts (tenants) share no KV.
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,8 @@ class EngineStats:
     session_drops_total: int = 0
     session_rejects_total: int = 0
     session_restore_failures_total: int = 0
+    state_failures_total: int = 0  # intact snapshots/sessions llama.cpp refused to restore
+    safe_mode: int = 0  # 1: plain inference only (self-check failed, forced, or tripped)
     sessions_warm: int = 0
     sessions_cold: int = 0
     warm_bytes: int = 0

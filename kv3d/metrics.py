@@ -119,6 +119,18 @@ _ENGINE_SERIES = (
         "Finished conversations whose KV was kept as an int8 delta.",
     ),
     (
+        "safe_mode",
+        "kv3d_safe_mode",
+        "max",
+        "1 when a replica serves in safe mode (plain inference, no reuse).",
+    ),
+    (
+        "state_failures_total",
+        "kv3d_state_failures",
+        "counter",
+        "Intact snapshots or session deltas that llama.cpp refused to restore.",
+    ),
+    (
         "session_shares_total",
         "kv3d_session_shares",
         "counter",

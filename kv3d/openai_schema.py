@@ -66,7 +66,13 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Requests share cached prefixes only with requests of the same salt.",
+    )
 
     @field_validator("n")
     @classmethod

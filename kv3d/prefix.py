@@ -65,6 +65,16 @@ def chain_blocks(
     return blocks
 
 
+def block_seed(fingerprint: bytes, cache_salt: str = "") -> bytes:
+    """The chain's seed: the model fingerprint, mixed with a cache salt when there is one, so
+    that requests under different salts (tenants) never share a block key."""
+    if not cache_salt:
+        return fingerprint
+    return hashlib.blake2b(
+        fingerprint + b"|salt|" + cache_salt.encode("utf-8"), digest_size=16
+    ).digest()
+
+
 def reusable_blocks(
     prompt: Sequence[int], block_tokens: int, seed: bytes, boundary: int | None
 ) -> list[Block]:

@@ -23,6 +23,7 @@ from kv3d.prefix import (
     HotPrefix,
     PrefixCache,
     PrefixMatch,
+    block_seed,
     cut_points,
     reusable_blocks,
 )
@@ -117,10 +118,15 @@ class PrefixReuse:
             snapshot_rejects_total=0,
             snapshots_published_total=0,
             session_restore_failures_total=0,
+            state_failures_total=0,
         )
+        self.disabled = False
 
-    def blocks_for(self, prompt: tuple[int, ...], family_tokens: int | None) -> list[Block]:
-        return reusable_blocks(prompt, self.settings.block_tokens, self.fingerprint, family_tokens)
+    def blocks_for(
+        self, prompt: tuple[int, ...], family_tokens: int | None, cache_salt: str = ""
+    ) -> list[Block]:
+        seed = block_seed(self.fingerprint, cache_salt)
+        return reusable_blocks(prompt, self.settings.block_tokens, seed, family_tokens)
 
     def hot_tokens(self, blocks: list[Block]) -> int:
         return self.cache.peek(blocks)
@@ -128,7 +134,7 @@ class PrefixReuse:
     def _blocks(self, pending: Pending) -> list[Block]:
         if pending.blocks is None:
             req = pending.request
-            pending.blocks = self.blocks_for(req.prompt_tokens, req.family_tokens)
+            pending.blocks = self.blocks_for(req.prompt_tokens, req.family_tokens, req.cache_salt)
         return pending.blocks
 
     def hot_view(self) -> ReplicaView:
@@ -173,8 +179,19 @@ class PrefixReuse:
         self._scheduler.unreserve(progress, admission.prefix_tokens - progress.cells_discount)
         return admission
 
+    def disable(self) -> None:
+        """Safe mode: admit every request as plain inference, keep and publish nothing."""
+        self.disabled = True
+        self.publish = None
+
+    @property
+    def state_failures(self) -> int:
+        return self.counters["state_failures_total"]
+
     def _admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         req = pending.request
+        if self.disabled:
+            return Admission()
         self.counters["prefix_lookups_total"] += 1
         blocks = self._blocks(pending)
         if not blocks:
@@ -235,10 +252,13 @@ class PrefixReuse:
         history: tuple[int, ...],
         family_tokens: int | None,
         key: str,
+        cache_salt: str = "",
     ) -> bool:
         """Keep a finished sequence's history hot as an idle session (its whole blocks), so the
         next turn shares its cells. False when there is nothing private to keep or no room."""
-        blocks = self.blocks_for(history + (0,), family_tokens)
+        if self.disabled:
+            return False
+        blocks = self.blocks_for(history + (0,), family_tokens, cache_salt)
         parent, shared = admission.prefix, admission.prefix_tokens
         if parent is not None and parent.session_key is not None:
             # A resumed turn: the new history replaces the old one (kept hot here or parked
@@ -273,13 +293,20 @@ class PrefixReuse:
             n = snap.meta.n_tokens
             if snap.tokens != tuple(prompt[:n]) or n >= len(prompt):
                 raise SnapshotError("snapshot tokens do not prefix this prompt")
+        except SnapshotError as exc:  # damaged, another model's, or another prompt's
+            self.counters["snapshot_rejects_total"] += 1
+            log.warning("snapshot not applied, recomputing: %s", exc)
+            return None, None
+        try:
             check_prefix_state(parse_seq_state(snap.state), n)
             if not self.cache.free_a_holder():
                 return None, None
             prefix = self.cache.restore(snap.state, snap.tokens, snap.blocks)
-        except (SnapshotError, ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError) as exc:
+            # Intact bytes that llama.cpp or the parser refuse: the state format is suspect.
             self.counters["snapshot_rejects_total"] += 1
-            log.warning("snapshot not applied, recomputing: %s", exc)
+            self.counters["state_failures_total"] += 1
+            log.warning("snapshot state not restorable, recomputing: %s", exc)
             return None, None
         self._sync()
         self.counters["snapshot_restores_total"] += 1
@@ -321,6 +348,7 @@ class PrefixReuse:
         except (ValueError, RuntimeError) as exc:
             ctx.seq_remove(progress.slot)
             self.counters["session_restore_failures_total"] += 1
+            self.counters["state_failures_total"] += 1
             log.warning("session not restored, recomputing: %s", exc)
             return None
         if match is not None:
@@ -362,6 +390,7 @@ class PrefixReuse:
                 raise ValueError("restored session does not end where its history does")
         except (ValueError, RuntimeError) as exc:
             self.counters["session_restore_failures_total"] += 1
+            self.counters["state_failures_total"] += 1
             log.warning("session not restored after its prefix, recomputing: %s", exc)
             ctx.seq_remove(progress.slot)
             ctx.seq_copy(admission.prefix.seq_id, progress.slot, 0, p)
@@ -403,7 +432,9 @@ class NoReuse:
     def __init__(self, settings: ReuseSettings):
         self.settings = settings
 
-    def blocks_for(self, prompt: tuple[int, ...], family_tokens: int | None) -> list[Block]:
+    def blocks_for(
+        self, prompt: tuple[int, ...], family_tokens: int | None, cache_salt: str = ""
+    ) -> list[Block]:
         return []
 
     def hot_tokens(self, blocks: list[Block]) -> int:
@@ -411,6 +442,11 @@ class NoReuse:
 
     def hot_view(self) -> ReplicaView:
         return ReplicaView()
+
+    state_failures = 0
+
+    def disable(self) -> None:
+        pass
 
     hot_version = 0
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kv3d.generation import GenerationRequest
-from kv3d.prefix import Block, reusable_blocks
+from kv3d.prefix import Block, block_seed, reusable_blocks
 
 RouteReason = Literal["session", "prefix", "load", "fallback"]
 REASONS: tuple[RouteReason, ...] = ("session", "prefix", "load", "fallback")
@@ -58,8 +58,9 @@ class RouteKeyer:
     def keys(self, request: GenerationRequest) -> RouteKeys:
         blocks: list[Block] = []
         if self.enabled:
+            seed = block_seed(self.fingerprint, request.cache_salt)
             blocks = reusable_blocks(
-                request.prompt_tokens, self.block_tokens, self.fingerprint, request.family_tokens
+                request.prompt_tokens, self.block_tokens, seed, request.family_tokens
             )
         return RouteKeys.from_blocks(request.session_id, blocks)
 

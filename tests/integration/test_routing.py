@@ -134,3 +134,62 @@ def test_a_session_resumes_on_another_replica_when_its_replica_dies(route_url, s
     # No client sees the dead replica: later requests all succeed.
     for _ in range(4):
         chat(route_url, messages, f"after-{uuid.uuid4().hex}")
+
+
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error(route_url):
+    import ray
+
+    session = f"mid-stream-{uuid.uuid4().hex}"
+    responses, messages = conversation(route_url, session, turns=1)
+    home = responses[0]["kv3d"]["replica"]
+    messages.append({"role": "user", "content": "Tell me everything about caching."})
+    body = {
+        "model": "m",
+        "stream": True,
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "temperature": 0,
+        "messages": messages,
+    }
+    headers = {"X-Session-ID": session}  # the session's replica serves it
+    events = []
+    with httpx.Client(timeout=60) as http:
+        with http.stream(
+            "POST", f"{route_url}/v1/chat/completions", json=body, headers=headers
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while len(events) < 3:
+                line = next(lines)
+                if line.startswith("data: "):
+                    events.append(line)
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#ModelReplica#{home}", namespace="serve"))
+            events.extend(line for line in lines if line.startswith("data: "))
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2] and "server_error" in events[-2]
+    # The other replica keeps serving.
+    chat(route_url, [{"role": "user", "content": "Still there?"}], f"next-{uuid.uuid4().hex}")
+
+
+def test_requests_keep_succeeding_when_the_registry_dies(route_url):
+    import ray
+
+    from deployments.registry import REGISTRY_NAME, REGISTRY_NAMESPACE
+
+    ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE), no_restart=False)
+    family = f"After the registry died {uuid.uuid4().hex}. " + SYSTEM
+    for i in range(3):
+        r = chat(
+            route_url,
+            [{"role": "system", "content": family}, {"role": "user", "content": f"Question {i}?"}],
+        )
+        assert r["choices"][0]["message"]["content"] is not None
+    # Ray restarts the registry (empty); new snapshots land in it again.
+    deadline = time.monotonic() + 60
+    while metric(route_url, "kv3d_snapshots") < 1 and time.monotonic() < deadline:
+        chat(
+            route_url,
+            [{"role": "system", "content": family + " again"}, {"role": "user", "content": "Hi?"}],
+        )
+        time.sleep(1.0)
+    assert metric(route_url, "kv3d_snapshots") >= 1

@@ -49,7 +49,7 @@ def wait_for_metric(server_url: str, name: str, value: float, within_s: float) -
 def test_health(server_url):
     r = httpx.get(f"{server_url}/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "service": "kv3d-engine"}
+    assert r.json() == {"status": "ok", "service": "kv3d-engine", "mode": "normal"}
 
 
 def test_models_lists_the_served_model(client):

@@ -1,0 +1,94 @@
+"""The start-up self-check: does this llama.cpp build's state format, and the int8 codec, give
+back the sequence they were given? If not, the engine serves in safe mode (plain inference).
+
+On the engine's own context, before its step thread starts: compute a short sequence, export
+its state, and check that
+1. parsing and rebuilding the state gives back the same bytes (the format KV3D understands);
+2. restoring the exported state into another sequence gives the same next-token logits, bit for
+   bit (what prefix snapshots and shared cells rely on);
+3. the state passed through the int8 codec gives next-token logits within the noise floor (what
+   session deltas rely on).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from kv3d.codec import decode_delta, encode_delta
+from kv3d.llama import LlamaBatch, LlamaContext, LlamaModel
+from kv3d.statefmt import build_seq_state, parse_seq_state
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = (
+    "KV3D keeps the key-value cache of a shared prompt prefix once, and every session that "
+    "shares the prefix reuses it instead of computing it again."
+)
+# KL(exact || int8) of one next-token distribution; the engine's own noise is ~3e-3 on average.
+CODEC_KL_LIMIT = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class SelfCheck:
+    ok: bool
+    reason: str = ""
+
+
+def run_self_check(model: LlamaModel, ctx: LlamaContext, batch: LlamaBatch) -> SelfCheck:
+    """Run the checks on sequences 0 and 1 of an idle `ctx`; leaves the cache empty."""
+    try:
+        return _check(model, ctx, batch)
+    except Exception as exc:  # any failure of the machinery is a failure of the check
+        return SelfCheck(False, f"{type(exc).__name__}: {exc}")
+    finally:
+        ctx.clear()
+
+
+def _check(model: LlamaModel, ctx: LlamaContext, batch: LlamaBatch) -> SelfCheck:
+    tokens = model.tokenize(PROBE_TEXT, add_special=True, parse_special=False)
+    tokens = tokens[: max(2, min(len(tokens), batch.capacity_tokens))]
+    *history, last = tokens
+    ctx.clear()
+    _decode(ctx, batch, history, 0, seq_id=0)
+    state = ctx.seq_state(0)
+    expected = _next_logits(ctx, batch, last, len(history), seq_id=0)
+
+    if build_seq_state(parse_seq_state(state)) != state:
+        return SelfCheck(False, "the llama.cpp sequence state does not rebuild byte for byte")
+
+    ctx.clear()
+    ctx.set_seq_state(1, state)
+    if not np.array_equal(_next_logits(ctx, batch, last, len(history), seq_id=1), expected):
+        return SelfCheck(False, "a restored sequence state gives different logits")
+
+    ctx.clear()
+    ctx.set_seq_state(1, decode_delta(encode_delta(state, "int8")))
+    kl = _kl(expected, _next_logits(ctx, batch, last, len(history), seq_id=1))
+    if not kl <= CODEC_KL_LIMIT:
+        return SelfCheck(False, f"the int8 codec moves the next token's distribution (KL {kl:.3g})")
+    return SelfCheck(True)
+
+
+def _decode(ctx: LlamaContext, batch: LlamaBatch, tokens: list[int], start: int, seq_id: int):
+    batch.clear()
+    for i, token in enumerate(tokens):
+        batch.add(token, start + i, seq_id, False)
+    ctx.decode(batch)
+
+
+def _next_logits(ctx: LlamaContext, batch: LlamaBatch, token: int, pos: int, seq_id: int):
+    batch.clear()
+    row = batch.add(token, pos, seq_id, True)
+    ctx.decode(batch)
+    return np.array(ctx.logits(row), dtype=np.float64)
+
+
+def _kl(ref: np.ndarray, other: np.ndarray) -> float:
+    p = ref - ref.max()
+    p = p - np.log(np.exp(p).sum())
+    q = other - other.max()
+    q = q - np.log(np.exp(q).sum())
+    return float((np.exp(p) * (p - q)).sum())

@@ -1,0 +1,252 @@
+"""Guardrails on the real model through the HTTP app (in-process engine): API keys, tenant
+isolation of the cache, request limits, safe mode, and a fuzz test that finds no 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kv3d.api import LocalBackend, ServedModel, build_api
+from kv3d.chat import Tokenizer
+from kv3d.config import LimitsConfig, load_config
+from kv3d.engine import Engine
+from kv3d.guard import Guard, digests_from_setting
+
+pytestmark = pytest.mark.integration
+
+KEYS = "key-alpha-123,key-beta-456"
+SYSTEM = "You are the support assistant of an inference server company; answer briefly. " * 6
+
+
+def engine_config(**server):
+    return load_config(
+        overrides={
+            "cache": {"gpu_hot_mb": 96},
+            "model": {"context_tokens": 1024},
+            "engine": {"max_sequences": 4},
+            "server": {"threads": 2, **server},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    t = Tokenizer.load(smollm2_path)
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine.from_config(engine_config()) as e:
+        yield e
+
+
+def app_for(engine, tok, keys: str = "", **limits):
+    served = ServedModel(engine.model_id, tok, context_tokens=1024)
+    guard = Guard(digests_from_setting(keys), LimitsConfig(**limits))
+    return build_api(served, LocalBackend(engine), guard=guard)
+
+
+def call(app, *requests):
+    """Send (method, path, kwargs) requests concurrently; returns the responses in order."""
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kv3d") as http:
+            return await asyncio.gather(
+                *(http.request(method, path, **kw) for method, path, kw in requests)
+            )
+
+    return asyncio.run(go())
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(key: str | None = None, session: str | None = None, **body):
+    headers = bearer(key) if key else {}
+    if session:
+        headers["X-Session-ID"] = session
+    payload = {
+        "model": "m",
+        "temperature": 0,
+        "max_tokens": 4,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "How do I change the port?"},
+        ],
+        **body,
+    }
+    return ("POST", "/v1/chat/completions", {"json": payload, "headers": headers})
+
+
+def cached(response: httpx.Response) -> int:
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_every_endpoint_but_health_requires_a_valid_key(engine, tok, caplog):
+    app = app_for(engine, tok, KEYS)
+    caplog.set_level(logging.DEBUG)
+    health, no_key, wrong, models_a, models_b, metrics, gen = call(
+        app,
+        ("GET", "/health", {}),
+        ("GET", "/v1/models", {}),
+        ("GET", "/v1/models", {"headers": bearer("key-alpha-124")}),
+        ("GET", "/v1/models", {"headers": bearer("key-alpha-123")}),
+        ("GET", "/v1/models", {"headers": bearer("key-beta-456")}),
+        ("GET", "/metrics", {"headers": {"Authorization": "Basic key-alpha-123"}}),
+        chat(None),
+    )
+    assert health.status_code == 200 and health.json()["mode"] == "normal"
+    assert models_a.status_code == models_b.status_code == 200
+    for r in (no_key, wrong, metrics, gen):
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert "key-alpha" not in caplog.text and "key-beta" not in caplog.text
+
+
+def test_tenants_never_share_cached_prefixes_or_sessions(engine, tok):
+    app = app_for(engine, tok, KEYS)
+    alpha, beta = "key-alpha-123", "key-beta-456"
+    (a1,) = call(app, chat(alpha, session="conv"))
+    (a2,) = call(app, chat(alpha))
+    assert cached(a1) == 0 and cached(a2) > 0  # the same tenant reuses its prefix
+    # Another tenant, same prompt and same session id: nothing of alpha's is visible.
+    (b1,) = call(app, chat(beta, session="conv"))
+    assert cached(b1) == 0 and b1.json()["kv3d"]["prefix_source"] == "miss"
+    (b2,) = call(app, chat(beta))
+    assert cached(b2) > 0
+    # A cache salt splits one tenant the same way.
+    (s1,) = call(app, chat(alpha, cache_salt="project-x"))
+    (s2,) = call(app, chat(alpha, cache_salt="project-x"))
+    assert cached(s1) == 0 and cached(s2) > 0
+
+
+def test_each_limit_has_a_clear_error(engine, tok):
+    app = app_for(
+        engine,
+        tok,
+        max_body_bytes=4096,
+        max_messages=4,
+        max_prompt_tokens=200,
+        max_completion_tokens=16,
+    )
+    many = [{"role": "user", "content": "hi"}] * 5
+    big, too_many, long_prompt, long_answer, ok = call(
+        app,
+        chat(messages=[{"role": "user", "content": "x" * 5000}]),
+        chat(messages=many),
+        chat(messages=[{"role": "user", "content": "word " * 400}]),
+        chat(max_tokens=17),
+        chat(max_tokens=16),
+    )
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_messages"
+    assert long_prompt.status_code == 400
+    assert long_prompt.json()["error"]["code"] == "prompt_too_long"
+    assert long_answer.status_code == 400
+    assert long_answer.json()["error"]["param"] == "max_tokens"
+    assert ok.status_code == 200
+
+
+def test_concurrent_requests_per_key_are_capped(engine, tok):
+    app = app_for(engine, tok, KEYS, max_streams_per_key=1)
+    slow = chat("key-alpha-123", max_tokens=200, ignore_eos=True)
+    first, second, other = call(app, slow, chat("key-alpha-123"), chat("key-beta-456"))
+    assert first.status_code == 200 and other.status_code == 200
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "too_many_concurrent_requests"
+    (after,) = call(app, chat("key-alpha-123"))
+    assert after.status_code == 200  # the slot came back when the first request ended
+
+
+def test_forced_safe_mode_serves_plain_inference(tok):
+    with Engine.from_config(engine_config(safe_mode=True)) as safe:
+        app = app_for(safe, tok)
+        first, second = call(app, chat()), call(app, chat())
+        health, metrics = call(app, ("GET", "/health", {}), ("GET", "/metrics", {}))
+        assert safe.sessions is None
+    assert health.status_code == 200 and health.json()["mode"] == "safe"
+    assert "kv3d_safe_mode 1.0" in metrics.text
+    assert cached(first[0]) == 0 and cached(second[0]) == 0
+
+
+def test_repeated_state_restore_failures_trip_safe_mode(tok):
+    with Engine.from_config(engine_config()) as e:
+        app = app_for(e, tok)
+        for n in range(3):  # three sessions, kept as deltas…
+            call(app, chat(session=f"s{n}", max_tokens=8))
+
+        def refuse(seq_id, blob):
+            raise RuntimeError("llama.cpp refused the state")
+
+        e.ctx.set_seq_state = refuse  # …that llama.cpp now refuses to restore
+        for n in range(3):
+            e.reuse.cache.evict_unused(10**9)  # the sessions must come back from the warm tier
+            e.sessions.flush()
+            (r,) = call(app, chat(session=f"s{n}", max_tokens=8))
+            assert r.status_code == 200  # each still answered, by recomputing
+        (health,) = call(app, ("GET", "/health", {}))
+        assert e.safe_mode and health.json()["mode"] == "safe"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", 3])},
+    optional={"content": st.one_of(st.text(max_size=40), JSON)},
+)
+CHAT_BODY = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(MESSAGE, max_size=4), JSON)},
+    optional={
+        "model": st.one_of(st.text(max_size=10), JSON),
+        "max_tokens": st.one_of(st.integers(-5, 6), JSON),
+        "temperature": st.one_of(st.floats(-1, 3), JSON),
+        "top_p": st.one_of(st.floats(-1, 2), JSON),
+        "top_k": st.one_of(st.integers(-3, 50), JSON),
+        "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=5), JSON),
+        "stream": st.booleans(),
+        "logprobs": st.one_of(st.booleans(), JSON),
+        "top_logprobs": st.one_of(st.integers(-2, 30), JSON),
+        "seed": st.one_of(st.integers(), JSON),
+        "n": st.one_of(st.integers(-1, 3), JSON),
+        "user": st.one_of(st.text(max_size=300), JSON),
+        "cache_salt": st.one_of(st.text(max_size=300), JSON),
+        "prompt": st.one_of(st.text(max_size=40), JSON),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(engine, tok):
+    return app_for(engine, tok, max_completion_tokens=6)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(CHAT_BODY, JSON), raw=st.one_of(st.none(), st.binary(max_size=64)))
+def test_fuzzed_requests_never_get_a_5xx(fuzz_app, body, raw):
+    # Encoded here: Python's json writes NaN and Infinity, which a server must also survive.
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    chat_r, completion_r = call(
+        fuzz_app,
+        ("POST", "/v1/chat/completions", {"content": data, "headers": headers}),
+        ("POST", "/v1/completions", {"content": json.dumps(body).encode(), "headers": headers}),
+    )
+    for r in (chat_r, completion_r):
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
