@@ -47,6 +47,12 @@ class ServerConfig(_Section):
         "separated by commas, each a tenant with its own cache namespace. Empty = open. "
         "KV3D_API_KEY sets it too.",
     )
+    canary_period_s: float = Field(
+        300.0,
+        ge=0,
+        description="How often an idle replica re-checks that restored state and int8 deltas "
+        "give the logits of recomputation (drift trips safe mode); 0 = never.",
+    )
     safe_mode: bool = Field(
         False,
         description="Plain inference only: no prefix reuse, snapshots or session deltas. A "

@@ -34,6 +34,7 @@ from kv3d.generation import (
 )
 from kv3d.llama import (
     ContextParams,
+    KVCacheFullError,
     LlamaBatch,
     LlamaContext,
     LlamaError,
@@ -92,6 +93,7 @@ class EngineSettings:
     cold_path: str
     auto_sessions: bool
     safe_mode: bool = False
+    canary_period_s: float = 0.0
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -121,6 +123,7 @@ class EngineSettings:
             cold_path=config.cache.ssd_cold_path,
             auto_sessions=config.cache.auto_sessions,
             safe_mode=config.server.safe_mode,
+            canary_period_s=config.server.canary_period_s,
         )
 
 
@@ -254,7 +257,9 @@ class Engine:
             prompt_tokens_total=0,
             generated_tokens_total=0,
             prefill_tokens_total=0,
+            canary_runs_total=0,
         )
+        self._last_canary_s = time.monotonic()
         if self.safe_mode_reason:
             log.error(
                 "SAFE MODE (%s): plain inference only, no prefix reuse, snapshots or session "
@@ -455,9 +460,14 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stopping and not self.scheduler.has_work() and not self._cancelled:
-                    self._wake.wait()
+                    wait_s = self._canary_wait_s()
+                    if wait_s == 0.0:
+                        break
+                    self._wake.wait(wait_s)
                 if self._stopping:
                     return
+            if self._canary_wait_s() == 0.0 and not self.scheduler.running:
+                self._run_canary()
             try:
                 self.step()
             except Exception:  # never let one bad step kill the replica's only thread
@@ -469,6 +479,22 @@ class Engine:
                 self.enter_safe_mode(
                     f"{self.reuse.state_failures} intact snapshots or sessions failed to restore"
                 )
+
+    def _canary_wait_s(self) -> float | None:
+        """Seconds until the next canary is due (0: now), None when there is none."""
+        period = self.settings.canary_period_s
+        if not period or self.safe_mode or not isinstance(self.reuse, PrefixReuse):
+            return None
+        return max(0.0, self._last_canary_s + period - time.monotonic())
+
+    def _run_canary(self) -> None:
+        """While idle: restore a freshly computed state and its int8 delta on a free slot (0)
+        and compare them with the computed logits; drift above the noise trips safe mode."""
+        self._last_canary_s = time.monotonic()
+        check = run_self_check(self.model, self.ctx, self.batch, seq_ids=(0, 0), exact=False)
+        self._counters["canary_runs_total"] += 1
+        if not check.ok:
+            self.enter_safe_mode(f"canary: {check.reason}")
 
     def _refresh_hot_view(self) -> None:
         version = self.reuse.hot_version
@@ -487,7 +513,7 @@ class Engine:
             return 0
         rows = self._fill_batch(chunks)
         try:
-            self.ctx.decode(self.batch)
+            self._decode_making_room()
         except LlamaError as exc:
             log.error("decode of %d tokens failed: %s", self.batch.n_tokens, exc)
             for chunk in chunks:
@@ -497,6 +523,20 @@ class Engine:
         for chunk, row in zip(chunks, rows, strict=True):
             self._advance(chunk, row)
         return len(chunks)
+
+    def _decode_making_room(self) -> None:
+        """Decode the batch; when llama.cpp finds no KV cells for it (fragmentation, a budget
+        misjudged), demote every idle prefix and session to the warm tier and try once more."""
+        try:
+            self.ctx.decode(self.batch)
+        except KVCacheFullError:
+            if not isinstance(self.reuse, PrefixReuse) or not self.reuse.cache.evict_unused(
+                self.kv_cells_total
+            ):
+                raise
+            self.reuse.sync()
+            log.warning("KV cache full: idle prefixes and sessions demoted, decode retried")
+            self.ctx.decode(self.batch)
 
     def _start(self, pending: Pending, progress: SeqProgress) -> None:
         req = pending.request

@@ -105,6 +105,7 @@ class EngineStats:
     prompt_tokens_total: int
     generated_tokens_total: int
     prefill_tokens_total: int
+    canary_runs_total: int = 0
     prefix_lookups_total: int = 0
     prefix_hits_total: int = 0
     prefix_tokens_reused_total: int = 0

@@ -421,6 +421,10 @@ class PrefixReuse:
         except Exception:  # publishing is an optimisation: never fail the request for it
             log.exception("could not publish the snapshot of prefix %016x", prefix.key)
 
+    def sync(self) -> None:
+        """After evicting from `cache` directly: settle the scheduler's held cells."""
+        self._sync()
+
     def _sync(self) -> None:
         self._scheduler.kv_cells_held = self.cache.cells_held
 

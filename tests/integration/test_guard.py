@@ -250,3 +250,22 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_app, body, raw):
         assert r.status_code < 500, r.text
         if r.status_code >= 400:
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_idle_canary_passes_and_its_failure_trips_safe_mode(monkeypatch):
+    import time
+
+    cfg = engine_config(canary_period_s=0.2)
+    with Engine.from_config(cfg) as e:
+        deadline = time.monotonic() + 10
+        while e.stats().canary_runs_total < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert e.stats().canary_runs_total >= 2 and not e.safe_mode
+
+        def broken_codec(data):
+            raise ValueError("delta does not decode")
+
+        monkeypatch.setattr("kv3d.selfcheck.decode_delta", broken_codec)
+        while not e.safe_mode and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert e.safe_mode and "canary" in e.safe_mode_reason
