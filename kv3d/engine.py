@@ -691,7 +691,7 @@ class Engine:
         if kept:
             if self.sessions.shared is not None:
                 shared, blob = self._private_state(slot)
-                self.sessions.replicate(key, self.fingerprint, history, shared, blob)
+                self.sessions.park(key, self.fingerprint, history, shared, blob, local=False)
             return
         self._park(slot, key, history)
 

@@ -125,6 +125,12 @@ _ENGINE_SERIES = (
         "1 when a replica serves in safe mode (plain inference, no reuse).",
     ),
     (
+        "canary_runs_total",
+        "kv3d_canary_runs",
+        "counter",
+        "Idle-time checks that restored state and int8 deltas match recomputation.",
+    ),
+    (
         "state_failures_total",
         "kv3d_state_failures",
         "counter",

@@ -217,23 +217,14 @@ class SessionStore:
         tokens: tuple[int, ...],
         prefix_tokens: int,
         blob: bytes,
+        *,
+        local: bool = True,
     ) -> None:
-        self._pool.submit(
-            self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob
-        )
-
-    def replicate(
-        self,
-        session_id: str,
-        fingerprint: bytes,
-        tokens: tuple[int, ...],
-        prefix_tokens: int,
-        blob: bytes,
-    ) -> None:
-        """Publish a session that stays hot here to the shared tier only (write-behind)."""
-        if self.shared is not None:
+        """Encode an idle session's delta and keep it warm here (and in the shared tier).
+        `local=False`: the session stays hot here, so only publish it (write-behind)."""
+        if local or self.shared is not None:
             self._pool.submit(
-                self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob, False
+                self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob, local
             )
 
     def _encode_and_put(

@@ -82,7 +82,7 @@ def test_every_encoded_session_is_shared_and_another_store_resumes_it():
     share = DictShare()
     here = SessionStore(warm_budget_bytes=10**9, shared=share)
     here.park("parked", FP, tuple(range(40)), 0, blob)  # idle here: warm + shared
-    here.replicate("hot", FP, tuple(range(40)), 0, blob)  # still hot here: shared only
+    here.park("hot", FP, tuple(range(40)), 0, blob, local=False)  # hot here: shared only
     here.flush()
     assert set(share.records) == {"parked", "hot"}
     assert here.holds("parked") and not here.holds("hot")
@@ -98,7 +98,7 @@ def test_a_shared_record_under_the_wrong_id_or_damaged_is_not_resumed():
     blob = make_state(cells=8, channels=64)
     share = DictShare()
     origin = SessionStore(10**9, shared=share)
-    origin.replicate("a", FP, tuple(range(8)), 0, blob)
+    origin.park("a", FP, tuple(range(8)), 0, blob, local=False)
     origin.flush()
     store = SessionStore(10**9, shared=share)
     share.records["b"] = share.records["a"]  # names session "a"
