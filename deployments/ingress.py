@@ -11,8 +11,9 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import routing_state
 from deployments.registry import find_registry
-from deployments.routing_state import reported_engine_stats, route_counts
+from deployments.routing_state import reported_engine_stats
 from kv3d.api import ServedModel, build_api
 from kv3d.chat import Tokenizer
 from kv3d.config import KV3DConfig
@@ -127,9 +128,7 @@ class Ingress:
             enabled=cfg.prefix.enabled,
         )
         self._backend = HandleBackend(model_replica, cfg.server.retry_after_s, keyer)
-        self._route_counts = route_counts if cfg.route.policy == "kv3d" else None
+        self._routes = routing_state.ROUTES if cfg.route.policy == "kv3d" else None
 
     def __serve_build_asgi_app__(self):
-        return build_api(
-            self._served, self._backend, ServerMetrics(self._route_counts), self._guard
-        )
+        return build_api(self._served, self._backend, ServerMetrics(self._routes), self._guard)

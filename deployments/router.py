@@ -118,7 +118,7 @@ class KV3DRouter(_ReportingRouter):
         self._seen[request_id] = None
         if len(self._seen) > _SEEN_REQUESTS:
             self._seen.popitem(last=False)
-        routing_state.ROUTES.add(decision.reason)
+        routing_state.ROUTES.add(decision.reason, decision.order[0])
         if self._ray_counter is not None:
             self._ray_counter.inc(tags={"reason": decision.reason})
         self._recent.remember(decision.order[0], keys)

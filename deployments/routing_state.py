@@ -12,15 +12,10 @@ import weakref
 from typing import Any
 
 from kv3d.generation import EngineStats
-from kv3d.routing import REASONS, RouteCounter
+from kv3d.routing import RouteCounter
 
 ROUTES = RouteCounter()
 ROUTERS: weakref.WeakSet = weakref.WeakSet()  # live RequestRouters of this process
-
-
-def route_counts() -> dict[str, int]:
-    counts = ROUTES.counts()
-    return {reason: counts.get(reason, 0) for reason in REASONS}
 
 
 def reported_engine_stats() -> list[EngineStats]:

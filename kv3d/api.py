@@ -21,7 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kv3d import dashboard
 from kv3d.chat import TemplateError, Tokenizer
+from kv3d.dashboard import build_stats
 from kv3d.engine import Engine
 from kv3d.generation import (
     EngineStats,
@@ -110,7 +112,7 @@ def build_api(
     @app.middleware("http")
     async def check_key_and_size(request: Request, call_next):
         # Before routing: an unauthenticated caller learns nothing, not even which routes exist.
-        if not _is_health(request.scope):
+        if not _is_open(request.scope):
             try:
                 request.state.tenant = guard.authenticate(request.headers.get("authorization"))
                 _check_declared_length(request, guard.limits.max_body_bytes)
@@ -140,6 +142,22 @@ def build_api(
             metrics.snapshots.bytes = snapshots["bytes"]
             metrics.snapshots.shared_sessions = snapshots.get("sessions", 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/kv3d/stats")
+    async def kv3d_stats() -> dict[str, Any]:
+        engines = await backend.engine_stats()
+        for stats in engines:
+            metrics.engine.observe(stats)
+        registry = await backend.snapshot_stats()
+        return build_stats(engines, registry, metrics, backend.safe_mode())
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return _asset_response("dashboard.html")
+
+    @app.get("/dashboard/{name}")
+    async def dashboard_asset(name: str) -> Response:
+        return _asset_response(name)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -202,6 +220,14 @@ def build_api(
     return app
 
 
+def _asset_response(name: str) -> Response:
+    try:
+        body = dashboard.asset(name)
+    except KeyError:
+        raise APIError(404, f"no dashboard file {name!r}", type="not_found_error") from None
+    return Response(body, media_type=dashboard.ASSETS[name])
+
+
 def _model_card(served: ServedModel) -> dict[str, Any]:
     return {
         "id": served.model_id,
@@ -213,9 +239,15 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 
 # --- request handling ----------------------------------------------------------------------
-def _is_health(scope: dict[str, Any]) -> bool:
+# Open without a key: the health probe, and the dashboard's static files (they hold no data;
+# the page asks for a key when /v1/kv3d/stats answers 401).
+OPEN_PATHS = ("/health", "/dashboard", "/dashboard/kv3dchart.js")
+
+
+def _is_open(scope: dict[str, Any]) -> bool:
     path = scope.get("path", "")
-    return path == "/health" or path == scope.get("root_path", "") + "/health"
+    root = scope.get("root_path", "")
+    return any(path in (p, root + p) for p in OPEN_PATHS)
 
 
 def _tenant(request: Request) -> Tenant:
@@ -433,18 +465,18 @@ class _Observed:
         m = self._metrics
         if isinstance(event, TextDelta):
             if self._last_token_s is None:
-                m.ttft.observe(now - self._t0)
+                m.observe_ttft(now - self._t0)
             else:
                 m.itl.observe((now - self._last_token_s) / max(event.num_tokens, 1))
             self._last_token_s = now
         elif isinstance(event, Finished):
             if self._last_token_s is None:
-                m.ttft.observe(now - self._t0)
+                m.observe_ttft(now - self._t0)
             m.completion_tokens.inc(event.usage.completion_tokens)
             if event.snapshot_restore_s is not None:
                 m.restore.observe(event.snapshot_restore_s)
             if event.session_resume_s is not None:
-                m.resume.labels(event.session_tier or "warm").observe(event.session_resume_s)
+                m.observe_resume(event.session_tier or "warm", event.session_resume_s)
         if getattr(event, "stats", None) is not None:
             m.engine.observe(event.stats)
 

@@ -8,7 +8,8 @@ replica, summed over replicas.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kv3d.generation import EngineStats
+from kv3d.routing import RouteCounter
 
 # `*_created` series double the exposition and no KV3D dashboard reads them.
 disable_created_metrics()
@@ -248,21 +250,47 @@ class _SnapshotCollector(Collector):
 
 
 class _RouteCollector(Collector):
-    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
-        self._counts = counts
+    def __init__(self, routes: RouteCounter) -> None:
+        self._routes = routes
 
     def collect(self) -> Iterator:
         family = CounterMetricFamily(
             "kv3d_route", "Model replica choices by reason.", labels=["reason"]
         )
-        for reason, n in self._counts().items():
+        for reason, n in self._routes.counts().items():
             family.add_metric([reason], n)
         yield family
 
 
+class LatencyWindow:
+    """The most recent observations of one latency, for percentiles on the dashboard
+    (Prometheus histograms answer the same over any window, but only to a bucket's width)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._values.append(value)
+
+    def percentiles(self, *qs: float) -> list[float | None]:
+        with self._lock:
+            ordered = sorted(self._values)
+        if not ordered:
+            return [None for _ in qs]
+        return [ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] for q in qs]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 class ServerMetrics:
-    def __init__(self, route_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
-        """`route_counts`: routing decisions by reason, where a KV3D router runs."""
+    def __init__(self, routes: RouteCounter | None = None) -> None:
+        """`routes`: the routing decisions of this process, where a KV3D router runs."""
+        self.routes = routes
+        self.recent_ttft = LatencyWindow()
+        self.recent_resume: dict[str, LatencyWindow] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -309,8 +337,16 @@ class ServerMetrics:
         self.snapshots = _SnapshotCollector()
         r.register(self.engine)
         r.register(self.snapshots)
-        if route_counts is not None:
-            r.register(_RouteCollector(route_counts))
+        if routes is not None:
+            r.register(_RouteCollector(routes))
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.recent_ttft.add(seconds)
+
+    def observe_resume(self, tier: str, seconds: float) -> None:
+        self.resume.labels(tier).observe(seconds)
+        self.recent_resume.setdefault(tier, LatencyWindow()).add(seconds)
 
     def hit_rate(self) -> float:
         totals = self.engine.totals()

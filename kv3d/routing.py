@@ -207,16 +207,24 @@ def merge_views(reported: ReplicaView, recent: ReplicaView) -> ReplicaView:
 
 
 class RouteCounter:
-    """Routing decisions by reason, for `kv3d_route_total`. Thread-safe."""
+    """Routing decisions by reason, and by replica and reason. Thread-safe."""
 
     def __init__(self) -> None:
         self._counts = dict.fromkeys(REASONS, 0)
+        self._by_replica: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
-    def add(self, reason: RouteReason) -> None:
+    def add(self, reason: RouteReason, replica_id: str | None = None) -> None:
         with self._lock:
             self._counts[reason] += 1
+            if replica_id is not None:
+                per = self._by_replica.setdefault(replica_id, dict.fromkeys(REASONS, 0))
+                per[reason] += 1
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def by_replica(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {rid: dict(c) for rid, c in self._by_replica.items()}
