@@ -238,6 +238,7 @@ class Engine:
                 self.ctx, self.scheduler, holders, settings.reuse, self.fingerprint, snapshot_sink
             )
             self.scheduler.cells_hot = self.reuse.cells_already_hot
+            self.scheduler.hold = self.reuse.should_wait
             self.reuse.cache.on_evict = self._demote
         # Sessions need prefix reuse: their deltas compose with a shared family prefix.
         self.sessions: SessionStore | None = None
@@ -506,8 +507,10 @@ class Engine:
         """Run one scheduler step; returns the number of sequences it decoded."""
         self._apply_cancels()
         self.reuse.make_room()
-        for pending, progress in self.scheduler.admit():
-            self._start(pending, progress)
+        # One at a time: a request admitted now may start computing a prefix that the next
+        # waiting one should then wait for (`PrefixReuse.should_wait`).
+        while (admitted := self.scheduler.admit_next()) is not None:
+            self._start(*admitted)
         chunks = self.scheduler.plan()
         if not chunks:
             return 0

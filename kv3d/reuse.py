@@ -121,6 +121,8 @@ class PrefixReuse:
             state_failures_total=0,
         )
         self.disabled = False
+        # Family prefixes being computed right now (key of their last block -> sequences).
+        self._in_flight: dict[int, int] = {}
 
     def blocks_for(
         self, prompt: tuple[int, ...], family_tokens: int | None, cache_salt: str = ""
@@ -172,8 +174,22 @@ class PrefixReuse:
         """Prompt cells a hot prefix will provide: the scheduler does not reserve them."""
         return self.cache.peek(self._blocks(pending))
 
+    def should_wait(self, pending: Pending) -> bool:
+        """Whether a waiting request should let another sequence finish computing its prefix
+        first: a burst of one new family then prefills the family once, not once per request."""
+        if self.disabled or not self._in_flight or pending.snapshot is not None:
+            return False
+        if pending.session is not None:
+            return False
+        blocks = self._blocks(pending)
+        hot = self.cache.peek(blocks)
+        return any(b.key in self._in_flight and b.end_tokens > hot for b in blocks)
+
     def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         admission = self._admit(pending, progress)
+        if admission.register_blocks:
+            key = admission.register_blocks[-1].key
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
         # Cells shared from a hot prefix belong to it, not to this sequence; the scheduler left
         # out what it expected to share (`cells_discount`): settle the difference.
         self._scheduler.unreserve(progress, admission.prefix_tokens - progress.cells_discount)
@@ -228,7 +244,7 @@ class PrefixReuse:
         self, admission: Admission, progress: SeqProgress, prompt: tuple, blocks: tuple[Block, ...]
     ) -> None:
         n = blocks[-1].end_tokens
-        admission.register_blocks = ()
+        self._done_registering(admission)
         progress.chunk_stop = None
         if not self.cache.free_a_holder():
             return  # every hot prefix is in use: this one stays private to its sequence
@@ -241,9 +257,21 @@ class PrefixReuse:
             self._publish(prefix)
 
     def release(self, admission: Admission) -> None:
+        self._done_registering(admission)  # ended before its prefix was computed
         if admission.prefix is not None:
             self.cache.release(admission.prefix)
             self._sync()  # a superseded session turn may have gone with its last user
+
+    def _done_registering(self, admission: Admission) -> None:
+        if not admission.register_blocks:
+            return
+        key = admission.register_blocks[-1].key
+        admission.register_blocks = ()
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
 
     def keep_session(
         self,
@@ -459,6 +487,9 @@ class NoReuse:
 
     def make_room(self) -> None:
         pass
+
+    def should_wait(self, pending: Pending) -> bool:
+        return False
 
     def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         req = pending.request

@@ -92,6 +92,9 @@ class Scheduler:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Cells of a waiting request that are already in the cache (a hot prefix); engine-supplied.
     cells_hot: Callable[[Pending], int] | None = None
+    # Whether a waiting request should stay queued for now (its prefix is being computed by a
+    # running sequence); engine-supplied. Requests behind it may be admitted meanwhile.
+    hold: Callable[[Pending], bool] | None = None
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
@@ -136,11 +139,22 @@ class Scheduler:
 
     # --- engine thread ----------------------------------------------------------------------
     def admit(self) -> list[tuple[Pending, SeqProgress]]:
-        """Move waiting requests that fit now into slots, reserving their cells."""
+        """Move every waiting request that fits now into a slot (see `admit_next`)."""
         admitted = []
+        while (item := self.admit_next()) is not None:
+            admitted.append(item)
+        return admitted
+
+    def admit_next(self) -> tuple[Pending, SeqProgress] | None:
+        """Admit the first waiting request that is not held and fits now, reserving its cells;
+        None when there is none. First come, first served among requests not held."""
         with self._lock:
-            while self._waiting and self._can_admit_now(self._waiting[0]):
-                pending = self._waiting.popleft()
+            for i, pending in enumerate(self._waiting):
+                if self.hold is not None and self.hold(pending):
+                    continue
+                if not self._can_admit_now(pending):
+                    return None
+                del self._waiting[i]
                 discount = self._hot(pending)
                 progress = SeqProgress(
                     slot=self._free_slots.pop(),
@@ -150,8 +164,8 @@ class Scheduler:
                 )
                 self.kv_cells_reserved += progress.cells_reserved
                 self.running[progress.slot] = progress
-                admitted.append((pending, progress))
-        return admitted
+                return pending, progress
+        return None
 
     def plan(self) -> list[Chunk]:
         """The chunks of the next step; empty when nothing can run."""

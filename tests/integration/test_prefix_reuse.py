@@ -207,3 +207,30 @@ def test_idle_prefixes_are_evicted_when_cells_run_short(smol_tok):
         _, _, end = run(engine, newest)
     assert stats.hot_prefixes < 6  # older families made room for newer requests
     assert end.usage.cached_tokens == newest.family_tokens  # the most recent one stayed hot
+
+
+def test_a_burst_of_one_new_family_computes_its_prefix_once(smol_tok):
+    requests = [
+        make_request(smol_tok, f"Question {i}: how do I rotate the logs?", max_tokens=2)
+        for i in range(4)
+    ]
+
+    async def burst(engine):
+        async def one(req):
+            async for event in engine.stream(req):
+                if isinstance(event, Finished):
+                    return event
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    with Engine.from_config(config()) as engine:
+        ends = asyncio.run(burst(engine))
+        stats = engine.stats()
+    cached = sorted(e.usage.cached_tokens for e in ends)
+    family = requests[0].family_tokens
+    # One request computes the family prefix; the other three wait for it and share it.
+    assert cached[0] == 0 and all(c >= family for c in cached[1:]), cached
+    assert (
+        stats.prefill_tokens_total
+        < family + sum(len(r.prompt_tokens) - family for r in requests) + 4
+    )
