@@ -43,7 +43,14 @@ from kv3d.llama import (
     supports_gpu_offload,
 )
 from kv3d.modelfile import model_fingerprint, model_id_for, resolve_model_path
-from kv3d.reuse import Admission, NoReuse, PrefixReuse, Publish, ReuseSettings
+from kv3d.reuse import (
+    AUTO_SESSION_PREFIX,
+    Admission,
+    NoReuse,
+    PrefixReuse,
+    Publish,
+    ReuseSettings,
+)
 from kv3d.routing import ReplicaView
 from kv3d.scheduler import (
     Chunk,
@@ -761,7 +768,7 @@ class Engine:
 
 
 def _auto_key(block_key: int) -> str:
-    return f"auto:{block_key:016x}"
+    return f"{AUTO_SESSION_PREFIX}{block_key:016x}"
 
 
 def _private_cells(blob: bytes, prefix_tokens: int):

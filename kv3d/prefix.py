@@ -145,8 +145,15 @@ class PrefixCache:
         for block in blocks:
             end = block.end_tokens
             want = tuple(prompt[:end])
-            # Different tokens under the same key would be a hash collision: never reused.
-            found = [p for p in self._by_block.get(block.key, ()) if p.tokens[:end] == want]
+            # Different tokens under the same key would be a hash collision: never reused. An
+            # idle session matches only past its family prefix (the cells it owns); sharing just
+            # the family is a match of the family prefix itself, so the request does not
+            # attach to, and later supersede, an unrelated session.
+            found = [
+                p
+                for p in self._by_block.get(block.key, ())
+                if p.tokens[:end] == want and (p.parent is None or end > p.parent_tokens)
+            ]
             if not found:
                 break
             best = PrefixMatch(max(found, key=lambda p: p.n_tokens), end)

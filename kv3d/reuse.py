@@ -76,6 +76,17 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+AUTO_SESSION_PREFIX = "auto:"  # sessions detected from their history, keyed by its last block
+
+
+def same_conversation(kept_key: str, new_key: str) -> bool:
+    """Whether a sequence that continued session `kept_key` is the next turn of it. Auto keys
+    name a history's last block, so every turn of one auto session has a new key."""
+    if kept_key == new_key:
+        return True
+    return kept_key.startswith(AUTO_SESSION_PREFIX) and new_key.startswith(AUTO_SESSION_PREFIX)
+
+
 def registration_end(
     block_ends: list[int], family_tokens: int | None, settings: ReuseSettings
 ) -> int | None:
@@ -289,9 +300,11 @@ class PrefixReuse:
         blocks = self.blocks_for(history + (0,), family_tokens, cache_salt)
         parent, shared = admission.prefix, admission.prefix_tokens
         if parent is not None and parent.session_key is not None:
-            # A resumed turn: the new history replaces the old one (kept hot here or parked
-            # warm by the caller), under the same family; the old one goes with its last user.
-            parent.superseded = True
+            if same_conversation(parent.session_key, key):
+                # A resumed turn: the new history replaces the old one (kept hot here or
+                # parked warm by the caller); the old one goes with its last user.
+                parent.superseded = True
+            # Either way the new session hangs off the family prefix, not off another session.
             parent, shared = parent.parent, parent.parent_tokens
         if not blocks or blocks[-1].end_tokens <= shared:
             return False

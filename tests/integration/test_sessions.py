@@ -198,3 +198,17 @@ def test_stopping_an_engine_parks_its_hot_sessions_first(tok, tmp_path):
     with Engine.from_config(config(cold_dir=cold, max_hot=2)) as restarted:
         _, _, resumed = run(restarted, request(tok, turn2, "kept-hot", 4))
     assert resumed.session_tier == "cold" and resumed.usage.cached_tokens > 30
+
+
+def test_a_new_session_of_the_same_family_does_not_replace_an_idle_one(tok):
+    with Engine.from_config(config(max_hot=4)) as engine:
+        turn1 = [("user", "How do I change the port of the server?")]
+        answer_a, _, _ = run(engine, request(tok, turn1, "first"))
+        run(engine, request(tok, [("user", "What is a KV cache?")], "second"))
+        engine.sessions.flush()
+        stats = engine.stats()
+        # Both conversations are kept (here: hot), neither was dropped for the other.
+        assert stats.hot_idle_sessions + stats.sessions_warm == 2
+        turn2 = turn1 + [("assistant", answer_a), ("user", "And then?")]
+        _, _, resumed = run(engine, request(tok, turn2, "first", 4))
+    assert resumed.usage.cached_tokens > resumed.usage.prompt_tokens - 40
