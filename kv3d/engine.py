@@ -350,7 +350,7 @@ class Engine:
         session = None
         sessions = self.sessions  # one read: safe mode may drop the store meanwhile
         key = self._session_key_to_resume(request, blocks, sessions)
-        if key is not None:
+        if key is not None and key not in self._hot_view.sessions:
             session = sessions.take(key)  # decodes while the request waits
         try:
             self.scheduler.enqueue(Pending(request, emit, snapshot, session, blocks))

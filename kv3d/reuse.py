@@ -223,13 +223,15 @@ class PrefixReuse:
         blocks = self._blocks(pending)
         if not blocks:
             return Admission()
-        if pending.session is not None:
+        match = self.cache.match(blocks, req.prompt_tokens)
+        # A session still hot here beats any stored copy of it (exact cells, nothing to fetch).
+        if pending.session is not None and (match is None or match.prefix.session_key is None):
             resumed = self._resume(
                 pending.session.result(), req.prompt_tokens, blocks, progress, pending.snapshot
             )
             if resumed is not None:
                 return resumed
-        match = self.cache.match(blocks, req.prompt_tokens)
+            match = self.cache.match(blocks, req.prompt_tokens)  # a restore may have added one
         restore_s = None
         if match is None and pending.snapshot is not None:
             match, restore_s = self._restore(pending.snapshot, req.prompt_tokens)

@@ -212,3 +212,28 @@ def test_a_new_session_of_the_same_family_does_not_replace_an_idle_one(tok):
         turn2 = turn1 + [("assistant", answer_a), ("user", "And then?")]
         _, _, resumed = run(engine, request(tok, turn2, "first", 4))
     assert resumed.usage.cached_tokens > resumed.usage.prompt_tokens - 40
+
+
+def test_a_hot_session_resumes_hot_even_when_a_shared_copy_exists(tok):
+    class Share:  # the object store's role, in memory
+        def __init__(self):
+            self.records = {}
+
+        def publish(self, session_id, record):
+            self.records[session_id] = record
+
+        def fetch(self, session_id):
+            return self.records.get(session_id)
+
+        def flush(self):
+            pass
+
+    share = Share()
+    with Engine.from_config(config(max_hot=4)) as engine:
+        engine.set_session_share(share)
+        first, (_, _, second) = two_turns(engine, tok, "shared-and-hot")
+        engine.sessions.flush()
+    assert "shared-and-hot" in share.records  # written behind after each turn
+    assert second.session_tier is None  # but the exact hot cells were used, not the copy
+    history = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.cached_tokens >= history - 32
