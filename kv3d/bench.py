@@ -1,12 +1,19 @@
-"""Benchmark driver: measures a running OpenAI-compatible server and prints one JSON report.
+"""Benchmark driver: measures an OpenAI-compatible server and reports in JSON.
 
-Phases, each against the same server in one run:
+Here: reading a streamed chat response from any OpenAI-compatible server (`read_chat_stream`),
+KV3D's `/metrics` (`read_metrics`), and KV3D's own phases. The seed's multi-turn workload
+(`kv3d bench --requests N`) is kv3d/workload.py; kv3d/benchcompare.py starts servers and
+compares them side by side.
+
+KV3D's phases (`kv3d bench` without `--requests`), each against the same server in one run:
 - `prefix`: a ~1,000-token system prompt shared by successive requests; TTFT when its KV was
   computed (miss), shared from the replica's hot cache, or restored from a snapshot (seen with
   2+ replicas), read from KV3D's `kv3d.prefix_source` response extension;
+- `sessions`: second turns of long conversations, resumed vs recomputed;
 - `prefill`: one long prompt, `max_tokens=1`; prompt tokens / time to first token;
 - `single_stream`: one streaming request; decode tokens/s after the first token;
-- `concurrent`: N streaming requests at once; aggregate generated tokens/s, TTFT p50/p95.
+- `concurrent`: N streaming requests at once; aggregate generated tokens/s, TTFT p50/p95;
+- `capacity` (`--capacity N`, alone): how many of N sessions run at once.
 
 `routing_phase` is the shared-prefix workload that `kv3d bench --routers` runs once per routing
 policy (deployments/compare.py deploys the app for each).
@@ -20,14 +27,115 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 FILLER = (
     "KV3D keeps the key-value cache of a shared prompt prefix once and lets every session reuse "
     "it, so long system prompts stop costing prefill time for each new conversation. "
 )
+
+
+class StreamError(RuntimeError):
+    """A chat stream that did not complete; `kind` names the failure for the error counts."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class RawStream:
+    """One streamed chat completion as the server sent it: `usage` and `ext` (KV3D's `kv3d`
+    extension object) are None when the server sent none, and nothing is assumed for them."""
+
+    ttft_s: float | None  # None: the stream carried no content
+    total_s: float
+    itl_s: list[float]
+    text: str
+    content_chunks: int
+    usage: dict | None
+    ext: dict | None
+
+
+async def read_chat_stream(
+    http: httpx.AsyncClient,
+    url: str,
+    body: dict,
+    headers: dict | None = None,
+    on_first_token: Callable[[], None] | None = None,
+) -> RawStream:
+    """POST a streaming chat completion and time it; raises `StreamError` unless the server
+    answered 200 and ended the stream properly (a finish reason or `[DONE]`)."""
+    started = time.perf_counter()
+    first = last = None
+    itl: list[float] = []
+    usage = ext = None
+    text: list[str] = []
+    finished = False
+    try:
+        async with http.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=headers
+        ) as r:
+            if r.status_code != 200:
+                raise StreamError(f"http_{r.status_code}", repr((await r.aread())[:200]))
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    finished = True
+                    continue
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise StreamError("stream_error", str(chunk["error"].get("message")))
+                usage = chunk.get("usage") or usage
+                ext = chunk.get("kv3d") or ext
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                finished = finished or bool(choice.get("finish_reason"))
+                if (choice.get("delta") or {}).get("content"):
+                    text.append(choice["delta"]["content"])
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                        if on_first_token is not None:
+                            on_first_token()
+                    else:
+                        itl.append(now - last)
+                    last = now
+    except httpx.TimeoutException as exc:
+        raise StreamError("timeout", type(exc).__name__) from exc
+    except httpx.HTTPError as exc:  # refused, reset, or a body cut off mid-chunk
+        raise StreamError("transport", f"{type(exc).__name__}: {exc}") from exc
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise StreamError("bad_chunk", f"{type(exc).__name__}: {exc}") from exc
+    if not finished:
+        raise StreamError("broken_stream", "the stream ended without a finish reason")
+    end = time.perf_counter()
+    return RawStream(
+        ttft_s=None if first is None else first - started,
+        total_s=end - started,
+        itl_s=itl,
+        text="".join(text),
+        content_chunks=len(text),
+        usage=usage,
+        ext=ext,
+    )
+
+
+def chat_body(messages: list[dict], max_tokens: int, **extra) -> dict:
+    return {
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        **extra,
+    }
 
 
 @dataclass(slots=True)
@@ -56,52 +164,21 @@ async def stream_chat(
     headers: dict | None = None,
     **extra,
 ) -> StreamResult:
-    body = {
-        "model": "bench",
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0.0,
-        **extra,
-    }
-    started = time.perf_counter()
-    first = last = None
-    itl: list[float] = []
-    usage = ext = None
-    text = []
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            usage = chunk.get("usage") or usage
-            ext = chunk.get("kv3d") or ext
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                text.append(chunk["choices"][0]["delta"]["content"])
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    itl.append(now - last)
-                last = now
-    end = time.perf_counter()
-    if usage is None:
-        raise RuntimeError("the server sent no usage chunk")
+    """One streamed chat turn from a server that reports usage (KV3D's phases need it)."""
+    raw = await read_chat_stream(http, url, chat_body(messages, max_tokens, **extra), headers)
+    if raw.usage is None:
+        raise StreamError("no_usage", "the server sent no usage chunk")
+    usage, ext = raw.usage, raw.ext or {}
     return StreamResult(
-        ttft_s=(first or end) - started,
-        total_s=end - started,
+        ttft_s=raw.total_s if raw.ttft_s is None else raw.ttft_s,
+        total_s=raw.total_s,
         completion_tokens=usage["completion_tokens"],
         prompt_tokens=usage["prompt_tokens"],
-        itl_s=itl,
+        itl_s=raw.itl_s,
         cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-        prefix_source=(ext or {}).get("prefix_source", "miss"),
-        text="".join(text),
-        session_resume_ms=(ext or {}).get("session_resume_ms"),
+        prefix_source=ext.get("prefix_source", "miss"),
+        text=raw.text,
+        session_resume_ms=ext.get("session_resume_ms"),
     )
 
 
@@ -176,8 +253,8 @@ async def session_phase(
         "resumed_from": {s: sum(r.prefix_source == s for r in resumed) for s in ("hot", "session")},
         "cached_tokens_resumed": statistics.median(r.cached_tokens for r in resumed),
         "cached_tokens_recomputed": statistics.median(r.cached_tokens for r in recomputed),
-        "resume_ms_p50": round(_pct(resume_ms, 0.5), 2),
-        "resume_ms_p95": round(_pct(resume_ms, 0.95), 2),
+        "resume_ms_p50": round(percentile(resume_ms, 0.5), 2),
+        "resume_ms_p95": round(percentile(resume_ms, 0.95), 2),
         "ttft_resumed_s": round(statistics.median(r.ttft_s for r in resumed), 4),
         "ttft_recomputed_s": round(statistics.median(r.ttft_s for r in recomputed), 4),
     }
@@ -192,13 +269,18 @@ async def capacity_phase(
     system_words: int = 750,
     max_tokens: int = 32,
     watch_s: float = 8.0,
+    sample_period_s: float = 0.5,
 ) -> dict:
     """How many sessions the server runs at once: `sessions` long streams, `shared_ratio` of
     them on one ~1,000-token system prompt, the rest short chats with system prompts of their
-    own; the peak of running sequences while they are admitted (KV cells are what limits it)."""
+    own. Counted two ways: by the client, the most streams that had sent a token and not yet
+    finished (any server), and by KV3D's `kv3d_engine_running_sequences` gauge, with the hot KV
+    bytes per session while they run (KV cells are what limits it). Streams still running after
+    `watch_s` are cut."""
     nonce = f"Capacity {time.time_ns()}."
     shared = {"role": "system", "content": _filler(system_words, nonce)}
-    await stream_chat(http, url, [shared, {"role": "user", "content": "Hi"}], 1)  # warm it
+    # Warm the shared prompt: the measurement is of sessions, not of the first prefill.
+    await read_chat_stream(http, url, chat_body([shared, {"role": "user", "content": "Hi"}], 1))
 
     def messages(i: int) -> list[dict]:
         # `shared_ratio` of the sessions share, spread evenly through the (FIFO) queue.
@@ -207,25 +289,126 @@ async def capacity_phase(
         system = shared if sharing else own
         return [system, {"role": "user", "content": f"Session {i}: tell me a long story."}]
 
-    tasks = [
-        asyncio.create_task(
-            stream_chat(
-                http, url, messages(i), max_tokens, temperature=0.8, seed=i, ignore_eos=True
-            )
-        )
-        for i in range(sessions)
-    ]
-    peak, deadline = 0, time.perf_counter() + watch_s
-    while time.perf_counter() < deadline:
-        await asyncio.sleep(0.5)
-        metrics = (await http.get(f"{url}/metrics")).text
-        for line in metrics.splitlines():
-            if line.startswith("kv3d_engine_running_sequences "):
-                peak = max(peak, int(float(line.split()[1])))
+    streaming = peak_streaming = 0
+
+    async def session(i: int) -> None:
+        nonlocal streaming
+        began = False
+
+        def first_token() -> None:
+            nonlocal began, streaming, peak_streaming
+            began, streaming = True, streaming + 1
+            peak_streaming = max(peak_streaming, streaming)
+
+        # ignore_eos (KV3D extension, ignored elsewhere): every stream runs to max_tokens.
+        body = chat_body(messages(i), max_tokens, temperature=0.8, seed=i, ignore_eos=True)
+        try:
+            await read_chat_stream(http, url, body, on_first_token=first_token)
+        finally:
+            if began:
+                streaming -= 1
+
+    tasks = [asyncio.create_task(session(i)) for i in range(sessions)]
+    samples: list[MetricsSample] = []
+    deadline = time.perf_counter() + watch_s
+    while time.perf_counter() < deadline and not all(t.done() for t in tasks):
+        await asyncio.wait(tasks, timeout=sample_period_s)
+        sample = await read_metrics(http, url)
+        if sample is not None:
+            samples.append(sample)
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return {"sessions_sent": sessions, "shared_ratio": shared_ratio, "peak_running_sessions": peak}
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    per_session = [s.hot_bytes_per_session for s in samples if s.hot_bytes_per_session]
+    at_peak = max(samples, key=lambda s: s.running_sequences, default=None)
+    cells = at_peak.kv_cells_per_running_session if at_peak else None
+    return {
+        "sessions_sent": sessions,
+        "shared_ratio": shared_ratio,
+        "max_tokens": max_tokens,
+        "peak_streaming_sessions": peak_streaming,
+        # None: the server has no KV3D /metrics (not 0: nothing was measured).
+        "peak_running_sessions": at_peak.running_sequences if at_peak else None,
+        "hot_bytes_per_session": round(statistics.mean(per_session)) if per_session else None,
+        # In use at the peak: a session still in prefill holds fewer cells than it reserved.
+        "hot_bytes_per_session_at_peak": rounded(at_peak.hot_bytes_per_session)
+        if at_peak
+        else None,
+        "kv_cells_per_session_at_peak": None if cells is None else round(cells, 1),
+        "kv_cells_total": at_peak.kv_cells_total if at_peak else None,
+        "completed": sum(o is None for o in outcomes),
+        "errors": sum(isinstance(o, StreamError) for o in outcomes),
+        "cut_at_deadline": sum(isinstance(o, asyncio.CancelledError) for o in outcomes),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSample:
+    """The figures of KV3D's `/metrics` the bench reports (series named in kv3d/metrics.py)."""
+
+    running_sequences: int
+    sessions_hot: int  # running sequences + idle sessions still in the KV cache
+    sessions_warm: int
+    sessions_cold: int
+    hot_bytes: float  # KV bytes of running sequences and hot prefixes
+    warm_bytes: float
+    cold_bytes: float
+    delta_compression_ratio: float
+    kv_cells_total: int
+    sessions_shared: int = 0  # session records in the object store (any replica resumes them)
+    object_store_bytes: float = 0.0  # snapshots and shared sessions together
+    kv_cells_reserved: int = 0  # by running sequences, for their prompt and max_tokens
+    hot_prefix_cells: int = 0  # owned by hot prefixes and idle sessions
+
+    @property
+    def hot_bytes_per_session(self) -> float | None:
+        return self.hot_bytes / self.sessions_hot if self.sessions_hot else None
+
+    @property
+    def kv_cells_per_running_session(self) -> float | None:
+        """KV cells committed per running sequence, shared cells counted once: what admission
+        counts against the budget (a sequence still in prefill has its cells reserved)."""
+        committed = self.kv_cells_reserved + self.hot_prefix_cells
+        return committed / self.running_sequences if self.running_sequences else None
+
+
+def parse_metrics(text: str) -> MetricsSample | None:
+    """None unless `text` is KV3D's Prometheus exposition."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("kv3d_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    if "kv3d_engine_running_sequences" not in values:
+        return None
+
+    def tier(series: str, name: str) -> float:
+        return values.get(f'{series}{{tier="{name}"}}', 0.0)
+
+    return MetricsSample(
+        running_sequences=int(values["kv3d_engine_running_sequences"]),
+        sessions_hot=int(tier("kv3d_sessions", "hot")),
+        sessions_warm=int(tier("kv3d_sessions", "warm")),
+        sessions_cold=int(tier("kv3d_sessions", "cold")),
+        hot_bytes=tier("kv3d_tier_bytes", "hot"),
+        warm_bytes=tier("kv3d_tier_bytes", "warm"),
+        cold_bytes=tier("kv3d_tier_bytes", "cold"),
+        delta_compression_ratio=values.get("kv3d_delta_compression_ratio", 0.0),
+        kv_cells_total=int(values.get("kv3d_engine_kv_cells_total", 0)),
+        sessions_shared=int(values.get("kv3d_shared_sessions", 0)),
+        object_store_bytes=values.get("kv3d_snapshot_bytes", 0.0),
+        kv_cells_reserved=int(values.get("kv3d_engine_kv_cells_reserved", 0)),
+        hot_prefix_cells=int(values.get("kv3d_prefix_hot_cells", 0)),
+    )
+
+
+async def read_metrics(http: httpx.AsyncClient, url: str) -> MetricsSample | None:
+    """KV3D's figures now, or None where the server has no (KV3D) `/metrics`."""
+    try:
+        r = await http.get(f"{url}/metrics", timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    return parse_metrics(r.text) if r.status_code == 200 else None
 
 
 async def idle_session_bytes(http: httpx.AsyncClient, url: str) -> dict:
@@ -296,17 +479,23 @@ async def routing_phase(
         "prefix_hit_rate": round(sum(r.cached_tokens > 0 for r in results) / len(results), 4),
         "cached_token_fraction": round(sum(r.cached_tokens for r in results) / prompt, 4),
         "by_source": dict(sorted(sources.items())),
-        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
-        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+        "ttft_p50_s": round(percentile(ttfts, 0.5), 4),
+        "ttft_p95_s": round(percentile(ttfts, 0.95), 4),
         "ttft_by_source_p50_s": {
-            source: round(_pct([r.ttft_s for r in results if r.prefix_source == source], 0.5), 4)
+            source: round(
+                percentile([r.ttft_s for r in results if r.prefix_source == source], 0.5), 4
+            )
             for source in sorted(sources)
         },
         "wall_s": round(wall_s, 2),
     }
 
 
-def _pct(values: list[float], q: float) -> float:
+def rounded(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
@@ -392,9 +581,9 @@ async def run_bench(
             "wall_s": round(wall_s, 3),
             "aggregate_tokens_per_s": round(generated / wall_s, 1),
             "ttft_p50_s": round(statistics.median(ttfts), 4),
-            "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
-            "itl_p50_s": round(_pct(itls, 0.5), 4),
-            "itl_p95_s": round(_pct(itls, 0.95), 4),
+            "ttft_p95_s": round(percentile(ttfts, 0.95), 4),
+            "itl_p50_s": round(percentile(itls, 0.5), 4),
+            "itl_p95_s": round(percentile(itls, 0.95), 4),
         },
     }
 

@@ -85,9 +85,59 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.routers:
         return _compare_routers(args)
+    if args.compare is not None:
+        return _compare_servers(args)
+    if args.requests is not None:
+        from kv3d.benchcompare import ServerStartError, main_workload
+
+        try:
+            return main_workload(args.url, _workload_spec(args), args.json, not args.no_start)
+        except ServerStartError as exc:
+            print(f"kv3d: {exc}", file=sys.stderr)
+            return 2
     from kv3d.bench import main_bench
 
-    return main_bench(args.url, args.concurrency, args.max_tokens, args.json, args.capacity)
+    max_tokens = args.max_tokens or 128
+    return main_bench(args.url, args.concurrency, max_tokens, args.json, args.capacity)
+
+
+def _workload_spec(args: argparse.Namespace, default_requests: int = 1000):
+    from kv3d.workload import WorkloadSpec
+
+    try:
+        return WorkloadSpec(
+            requests=args.requests or default_requests,
+            shared_ratio=args.shared_ratio,
+            turns=args.turns,
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens or 16,
+            families=args.families,
+            system_words=args.system_words,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _compare_servers(args: argparse.Namespace) -> int:
+    from kv3d.benchcompare import CompareSettings, main_compare
+
+    flags = {
+        "kv_budget_mb": args.kv_budget_mb,
+        "max_sequences": args.max_sequences,
+        "capacity_sessions": args.capacity_sessions,
+        "resume_sessions": args.resume_sessions,
+        "fidelity_windows": args.fidelity_windows,
+    }
+    try:
+        settings = CompareSettings(
+            contenders=tuple(n.strip() for n in args.compare.split(",") if n.strip()),
+            **{k: v for k, v in flags.items() if v is not None},  # unset: the default
+        )
+    except ValueError as exc:  # an unknown contender
+        raise ConfigError(str(exc)) from exc
+    command = " ".join(["kv3d", *sys.argv[1:]])
+    return main_compare(_workload_spec(args, 48), settings, args.json, command)
 
 
 def _compare_routers(args: argparse.Namespace) -> int:
@@ -167,17 +217,99 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", help="config file to check or create")
     doctor.set_defaults(func=cmd_doctor)
 
-    bench = sub.add_parser("bench", help="measure a running server; prints a JSON report")
-    bench.add_argument("--url", default=os.environ.get("KV3D_URL", "http://127.0.0.1:8080"))
-    bench.add_argument("--concurrency", type=int, default=8, help="concurrent streams")
-    bench.add_argument("--max-tokens", type=int, default=128, help="tokens per stream")
-    bench.add_argument("--json", help="also write the report to this file")
+    bench = sub.add_parser(
+        "bench",
+        help="measure a server: KV3D's phases, or with --requests a shared-prefix multi-turn "
+        "workload against any OpenAI-compatible server; prints a JSON report",
+    )
+    bench.add_argument(
+        "--url",
+        default=os.environ.get("KV3D_URL", "http://127.0.0.1:8080"),
+        help="the server to measure (default $KV3D_URL or http://127.0.0.1:8080)",
+    )
+    bench.add_argument(
+        "--concurrency", type=int, default=8, metavar="C", help="concurrent streams (conversations)"
+    )
+    bench.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="tokens per stream (default 128; with --requests/--compare: per turn, default 16)",
+    )
+    bench.add_argument("--json", metavar="FILE", help="also write the report to this file")
     bench.add_argument(
         "--capacity",
         type=int,
         default=0,
         metavar="N",
         help="only measure how many of N concurrent sessions (80%% sharing a prompt) run at once",
+    )
+    bench.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="run the shared-prefix multi-turn chat workload of N requests (progress on stderr, "
+        "JSON on stdout, a table on stderr); starts kv3d serve at a local --url where nothing "
+        "answers",
+    )
+    bench.add_argument(
+        "--shared-ratio",
+        type=float,
+        default=0.8,
+        metavar="R",
+        help="with --requests/--compare: conversations opening with a shared family prompt",
+    )
+    bench.add_argument(
+        "--system-words",
+        type=int,
+        default=250,
+        metavar="W",
+        help="with --requests/--compare: words of real text per system prompt",
+    )
+    bench.add_argument(
+        "--no-start",
+        action="store_true",
+        help="with --requests: fail where nothing answers at --url instead of starting KV3D",
+    )
+    bench.add_argument(
+        "--compare",
+        nargs="?",
+        const="",
+        metavar="C,C",
+        help="start each contender (kv3d, kv3d-no-reuse, llama-cpp-python, llama-server; "
+        "default: all this machine has) on a free port and run the same workload and claim-"
+        "table probes against each (--requests default 48; ignores --url)",
+    )
+    bench.add_argument(
+        "--kv-budget-mb",
+        type=int,
+        metavar="MB",
+        help="with --compare: KV3D's KV cache budget, cache.gpu_hot_mb (default 128)",
+    )
+    bench.add_argument(
+        "--max-sequences",
+        type=int,
+        metavar="N",
+        help="with --compare: KV3D's sequence slots, engine.max_sequences (default 96)",
+    )
+    bench.add_argument(
+        "--capacity-sessions",
+        type=int,
+        metavar="N",
+        help="with --compare: sessions started at once to find how many run together (default 96)",
+    )
+    bench.add_argument(
+        "--resume-sessions",
+        type=int,
+        metavar="N",
+        help="with --compare: ~1k-token sessions evicted and resumed, more than KV3D keeps hot "
+        "(default 18)",
+    )
+    bench.add_argument(
+        "--fidelity-windows",
+        type=int,
+        metavar="W",
+        help="with --compare: held-out windows scored for int8 logit drift (default 2; 0: skip)",
     )
     bench.add_argument(
         "--routers",
@@ -188,12 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--replicas", type=int, default=2, help="with --routers: model replicas")
     bench.add_argument("--port", type=int, help="with --routers: HTTP port (default 8080)")
     bench.add_argument("--config", help="with --routers: JSON config file")
-    bench.add_argument("--families", type=int, default=4, help="with --routers: system prompts")
+    bench.add_argument(
+        "--families",
+        type=int,
+        default=4,
+        metavar="F",
+        help="with --routers/--requests/--compare: shared system prompts",
+    )
     bench.add_argument(
         "--sessions-per-family", type=int, default=3, help="with --routers: conversations each"
     )
-    bench.add_argument("--turns", type=int, default=3, help="with --routers: turns per session")
-    bench.add_argument("--seed", type=int, default=0, help="with --routers: request order seed")
+    bench.add_argument(
+        "--turns",
+        type=int,
+        default=3,
+        metavar="T",
+        help="with --routers/--requests/--compare: turns per conversation",
+    )
+    bench.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="with --routers/--requests/--compare: workload seed",
+    )
     bench.set_defaults(func=cmd_bench)
 
     fidelity = sub.add_parser("fidelity", help="int8 session delta vs uncompressed, held-out text")
