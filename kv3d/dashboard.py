@@ -19,7 +19,6 @@ ASSETS = {
     "kv3dchart.js": "text/javascript; charset=utf-8",
 }
 TOP_FAMILIES = 10
-TIERS = ("hot", "warm", "cold")
 
 
 def asset(name: str) -> bytes:

@@ -51,7 +51,7 @@ OPEN = Tenant()
 class Guard:
     """Authenticates requests and counts each tenant's generation requests in flight.
 
-    Invariant: `in_flight[tenant]` is the number of `acquire`s not yet `release`d; it never
+    Invariant: `_in_flight[tenant]` is the number of `acquire`s not yet `release`d; it never
     exceeds `limits.max_streams_per_key`. Thread-safe.
     """
 
@@ -102,10 +102,6 @@ class Guard:
                 self._in_flight[tenant] = n
             else:
                 self._in_flight.pop(tenant, None)
-
-    def in_flight(self, tenant: Tenant) -> int:
-        with self._lock:
-            return self._in_flight.get(tenant, 0)
 
 
 def _unauthorized(message: str) -> APIError:
