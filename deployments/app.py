@@ -15,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.ingress import Ingress
 from deployments.replica import ModelReplica
 from kv3d.config import KV3DConfig, load_config
-from kv3d.guard import digests_from_setting
+from kv3d.server.guard import digests_from_setting
 
 INGRESS_MAX_ONGOING_REQUESTS = 1024
 

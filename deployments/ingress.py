@@ -1,4 +1,4 @@
-"""The HTTP ingress: serves `kv3d.api` and forwards generation to model replicas."""
+"""The HTTP ingress: serves `kv3d.server.api` and forwards generation to model replicas."""
 
 from __future__ import annotations
 
@@ -14,15 +14,20 @@ from ray.serve.handle import DeploymentHandle
 from deployments import routing_state
 from deployments.registry import find_registry
 from deployments.routing_state import reported_engine_stats
-from kv3d.api import ServedModel, build_api
-from kv3d.chat import Tokenizer
 from kv3d.config import KV3DConfig
-from kv3d.engine import llama_cpp_version
-from kv3d.generation import EngineStats, Finished, GenerationRequest, Rejected, StreamEvent
-from kv3d.guard import Guard
-from kv3d.metrics import ServerMetrics
-from kv3d.modelfile import model_fingerprint, model_id_for, resolve_model_path
-from kv3d.routing import RouteKeyer
+from kv3d.engine.generation import (
+    EngineStats,
+    GenerationRequest,
+    Rejected,
+    StreamEvent,
+    ends_stream,
+)
+from kv3d.engine.modelfile import cache_fingerprint, model_id_for, resolve_model_path
+from kv3d.server.api import ServedModel, build_api
+from kv3d.server.chat import Tokenizer
+from kv3d.server.guard import Guard
+from kv3d.server.metrics import ServerMetrics
+from kv3d.server.routing import RouteKeyer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ class HandleBackend:
             try:
                 async for event in response:
                     started = True
-                    ended = isinstance(event, (Finished, Rejected))
+                    ended = ends_stream(event)
                     yield event
                     if ended:
                         return
@@ -84,8 +89,7 @@ class HandleBackend:
             except BackPressureError as exc:
                 ended = True
                 yield Rejected(
-                    503,
-                    "overloaded",
+                    "unavailable",
                     f"all model replicas are busy: {exc}",
                     retry_after_s=self._retry_after_s,
                 )
@@ -118,12 +122,7 @@ class Ingress:
             context_tokens=min(cfg.model.context_tokens, self._tokenizer.n_ctx_train),
         )
         keyer = RouteKeyer(
-            model_fingerprint(
-                path,
-                kv_type=cfg.engine.kv_type,
-                flash_attn=cfg.engine.flash_attn,
-                engine_version=llama_cpp_version(),
-            ),
+            cache_fingerprint(path, kv_type=cfg.engine.kv_type, flash_attn=cfg.engine.flash_attn),
             cfg.prefix.block_tokens,
             enabled=cfg.prefix.enabled,
         )

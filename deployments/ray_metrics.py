@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from ray.util import metrics as ray_metrics
 
-from kv3d.engine import Engine
+from kv3d.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

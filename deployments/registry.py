@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from kv3d.catalog import CatalogEntry, SnapshotCatalog
-from kv3d.snapshot import SnapshotMeta
+from kv3d.engine.catalog import CatalogEntry, SnapshotCatalog
+from kv3d.engine.snapshot import SnapshotMeta
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class SnapshotClient:
 
 
 class SessionClient:
-    """A replica's side of the shared warm tier (kv3d.tiers.SharedSessions): publishes and
+    """A replica's side of the shared warm tier (kv3d.engine.tiers.SharedSessions): publishes and
     fetches session records through the registry; never raises."""
 
     def __init__(self, registry, fingerprint: bytes):

@@ -12,9 +12,9 @@ from ray import serve
 from deployments.ray_metrics import RayMetricsExporter
 from deployments.registry import SessionClient, SnapshotClient, get_registry
 from kv3d.config import KV3DConfig
-from kv3d.engine import MIB, Engine
-from kv3d.generation import EngineStats, GenerationRequest, StreamEvent
-from kv3d.routing import RouteKeys
+from kv3d.engine.engine import MIB, Engine
+from kv3d.engine.generation import EngineStats, GenerationRequest, StreamEvent
+from kv3d.server.routing import ReplicaView, RouteKeys
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _replica_id() -> str:
 
 
 class ModelReplica:
-    """Serve-facing shell around `kv3d.engine.Engine`; the engine is built inside the replica
+    """Serve-facing shell around `kv3d.engine.engine.Engine`; the engine is built inside the replica
     process because native llama.cpp handles never cross process boundaries."""
 
     def __init__(self, config: dict[str, Any]):
@@ -69,7 +69,7 @@ class ModelReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve every `route.stats_period_s`; read by `deployments.router`."""
         return {
-            "view": self._engine.routing_view().to_report(),
+            "view": ReplicaView.of(self._engine.routing_view()).to_report(),
             "engine": dataclasses.asdict(self._engine.stats()),
         }
 

@@ -1,6 +1,6 @@
 """Ray Serve request routers for the model deployment (RequestRouterConfig in deployments/app.py).
 
-`KV3DRouter` applies `kv3d.routing.decide` to what each replica reports through
+`KV3DRouter` applies `kv3d.server.routing.decide` to what each replica reports through
 `record_routing_stats()` (its hot sessions and prefix blocks, and its engine counters) and to
 the `RouteKeys` the ingress passes as the `route` argument of `ModelReplica.generate`.
 `RoundRobinRouter` is the baseline the benchmark compares against; Ray's default
@@ -20,7 +20,7 @@ from collections import OrderedDict
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments import routing_state
-from kv3d.routing import Decision, RecentRoutes, ReplicaView, RouteKeys, decide, merge_views
+from kv3d.server.routing import Decision, RecentRoutes, ReplicaView, RouteKeys, decide, merge_views
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class _ReportingRouter(RequestRouter):
 
 
 class KV3DRouter(_ReportingRouter):
-    """Session first, then the longest hot prefix, unless load is imbalanced (kv3d.routing).
+    """Session first, then the longest hot prefix, unless load is imbalanced (kv3d.server.routing).
 
     Invariant: every candidate replica appears exactly once in the ranking it returns, so a
     request is never stuck on one replica; a replica without a report ranks by load alone.

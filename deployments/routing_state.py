@@ -11,8 +11,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from kv3d.generation import EngineStats
-from kv3d.routing import RouteCounter
+from kv3d.engine.generation import EngineStats
+from kv3d.server.routing import RouteCounter
 
 ROUTES = RouteCounter()
 ROUTERS: weakref.WeakSet = weakref.WeakSet()  # live RequestRouters of this process

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from kv3d.modelfile import bundled_model_path
+from kv3d.engine.modelfile import bundled_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 APP_YAML = REPO / "deployments" / "app.yaml"

@@ -11,11 +11,11 @@ import uuid
 import httpx
 import pytest
 
-from kv3d.api import LocalBackend, ServedModel, build_api
-from kv3d.chat import Tokenizer
 from kv3d.config import LimitsConfig, load_config
-from kv3d.engine import Engine
-from kv3d.guard import Guard, digests_from_setting
+from kv3d.engine.engine import Engine
+from kv3d.server.api import LocalBackend, ServedModel, build_api
+from kv3d.server.chat import Tokenizer
+from kv3d.server.guard import Guard, digests_from_setting
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kv3d.fidelity import heldout_text, measure_fidelity
+from kv3d.bench.fidelity import heldout_text, measure_fidelity
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kv3d.api import LocalBackend, ServedModel, build_api
-from kv3d.chat import Tokenizer
 from kv3d.config import LimitsConfig, load_config
-from kv3d.engine import Engine
-from kv3d.guard import Guard, digests_from_setting
+from kv3d.engine.engine import Engine
+from kv3d.engine.reuse import NoReuse
+from kv3d.engine.sessions import NoSessions
+from kv3d.server.api import LocalBackend, ServedModel, build_api
+from kv3d.server.chat import Tokenizer
+from kv3d.server.guard import Guard, digests_from_setting
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +177,7 @@ def test_forced_safe_mode_serves_plain_inference(tok):
         app = app_for(safe, tok)
         first, second = call(app, chat()), call(app, chat())
         health, metrics = call(app, ("GET", "/health", {}), ("GET", "/metrics", {}))
-        assert safe.sessions is None
+        assert isinstance(safe.sessions, NoSessions) and isinstance(safe.reuse, NoReuse)
     assert health.status_code == 200 and health.json()["mode"] == "safe"
     assert "kv3d_safe_mode 1.0" in metrics.text
     assert cached(first[0]) == 0 and cached(second[0]) == 0
@@ -265,7 +267,7 @@ def test_the_idle_canary_passes_and_its_failure_trips_safe_mode(monkeypatch):
         def broken_codec(data):
             raise ValueError("delta does not decode")
 
-        monkeypatch.setattr("kv3d.selfcheck.decode_delta", broken_codec)
+        monkeypatch.setattr("kv3d.engine.selfcheck.decode_delta", broken_codec)
         while not e.safe_mode and time.monotonic() < deadline:
             time.sleep(0.05)
         assert e.safe_mode and "canary" in e.safe_mode_reason

@@ -1,4 +1,4 @@
-"""The HTTP app without Ray: `kv3d.api` over an in-process engine (LocalBackend)."""
+"""The HTTP app without Ray: `kv3d.server.api` over an in-process engine (LocalBackend)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import asyncio
 import httpx
 import pytest
 
-from kv3d.api import LocalBackend, ServedModel, build_api
-from kv3d.chat import Tokenizer
 from kv3d.config import load_config
-from kv3d.engine import Engine
+from kv3d.engine.engine import Engine
+from kv3d.server.api import LocalBackend, ServedModel, build_api
+from kv3d.server.chat import Tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from kv3d.chat import ChatMessage, Tokenizer
 from kv3d.config import load_config
-from kv3d.engine import Engine, new_request_id
-from kv3d.generation import Finished, GenerationRequest, SamplingParams, TextDelta
+from kv3d.engine.engine import Engine, new_request_id
+from kv3d.engine.generation import Finished, GenerationRequest, SamplingParams, TextDelta
+from kv3d.server.chat import ChatMessage, Tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -102,8 +102,7 @@ def test_second_request_of_a_family_is_a_hit_with_cached_tokens(smol_tok):
         _, _, end_a = run(engine, a)
         _, _, end_b = run(engine, b)
         stats = engine.stats()
-        engine.scheduler.check_invariants()
-        engine.reuse.cache.check_invariants()
+        engine.check_invariants()
     assert end_a.usage.cached_tokens == 0
     assert end_b.usage.cached_tokens == a.family_tokens
     assert (stats.prefix_lookups_total, stats.prefix_hits_total) == (2, 1)
@@ -198,8 +197,7 @@ def test_idle_prefixes_are_evicted_when_cells_run_short(smol_tok):
                 make_request(smol_tok, "Hi", max_tokens=300, top_logprobs=None, system=system),
             )
             assert isinstance(end, Finished)
-            engine.scheduler.check_invariants()
-            engine.reuse.cache.check_invariants()
+            engine.check_invariants()
         stats = engine.stats()
         newest = make_request(
             smol_tok, "Hello", max_tokens=2, top_logprobs=None, system="Family 5. " + SYSTEM

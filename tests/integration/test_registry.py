@@ -57,7 +57,7 @@ def test_engine_figures_reach_ray_metrics(ray_instance, smollm2_path):
     """The exporter registers and sets real `ray.util.metrics` gauges from an engine's stats."""
     from deployments.ray_metrics import RayMetricsExporter
     from kv3d.config import load_config
-    from kv3d.engine import Engine
+    from kv3d.engine.engine import Engine
 
     cfg = load_config(overrides={"cache": {"gpu_hot_mb": 64}, "model": {"context_tokens": 512}})
     with Engine.from_config(cfg, replica_id="r-test") as engine:

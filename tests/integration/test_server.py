@@ -177,7 +177,7 @@ def test_eight_concurrent_streams_complete_and_share_decode_steps(server_url, ac
 
 
 def test_greedy_alone_and_amid_traffic_agree_within_tolerance(client, aclient):
-    """DESIGN.md §3: batch composition changes the numerics, so compare log-probabilities with
+    """Batch composition changes the numerics, so compare log-probabilities with
     a tolerance rather than the generated text for equality."""
     probe = dict(
         model="m",

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from kv3d.chat import ChatMessage, Tokenizer
 from kv3d.config import load_config
-from kv3d.engine import Engine, new_request_id
-from kv3d.generation import Finished, GenerationRequest, SamplingParams, TextDelta
+from kv3d.engine.engine import Engine, new_request_id
+from kv3d.engine.generation import Finished, GenerationRequest, SamplingParams, TextDelta
+from kv3d.server.chat import ChatMessage, Tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -177,8 +177,7 @@ def test_idle_sessions_stay_hot_until_pressure_then_demote_lru_to_warm(tok):
         run(engine, request(tok, [("user", "What does kv3d doctor check?")], "b"))
         engine.sessions.flush()
         stats = engine.stats()
-        engine.scheduler.check_invariants()
-        engine.reuse.cache.check_invariants()
+        engine.check_invariants()
         assert stats.session_parks_total == 1 and stats.sessions_warm == 1
         assert stats.hot_idle_sessions == 1
 

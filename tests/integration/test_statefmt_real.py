@@ -1,4 +1,4 @@
-"""kv3d.statefmt on blobs exported by the real llama.cpp, for SmolLM2 and Gemma 3 (iSWA)."""
+"""kv3d.engine.statefmt on blobs exported by the real llama.cpp, for SmolLM2 and Gemma 3 (iSWA)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kv3d.llama import ContextParams, LlamaBatch, LlamaContext, LlamaModel
-from kv3d.statefmt import SeqState, build_seq_state, parse_seq_state
+from kv3d.engine.llama import ContextParams, LlamaBatch, LlamaContext, LlamaModel
+from kv3d.engine.statefmt import SeqState, build_seq_state, parse_seq_state
 
 pytestmark = pytest.mark.integration
 

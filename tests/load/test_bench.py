@@ -6,9 +6,9 @@ import asyncio
 import httpx
 import pytest
 
-from kv3d.bench import run_bench
-from kv3d.benchcompare import bench_url, server_answers
-from kv3d.workload import WorkloadSpec, run_workload
+from kv3d.bench.compare import bench_url, server_answers
+from kv3d.bench.phases import run_bench
+from kv3d.bench.workload import WorkloadSpec, run_workload
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

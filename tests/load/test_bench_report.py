@@ -11,8 +11,7 @@ import json
 import httpx
 import pytest
 
-from kv3d.bench import MetricsSample, StreamError, parse_metrics, read_chat_stream
-from kv3d.benchcompare import (
+from kv3d.bench.compare import (
     ProgressBar,
     claims,
     comparison_table,
@@ -20,7 +19,9 @@ from kv3d.benchcompare import (
     render_table,
     workload_table,
 )
-from kv3d.workload import (
+from kv3d.bench.phases import StreamError, read_chat_stream
+from kv3d.bench.scrape import MetricsSample, parse_metrics
+from kv3d.bench.workload import (
     TurnRecord,
     WorkloadSpec,
     plan_conversations,

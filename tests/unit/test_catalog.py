@@ -1,4 +1,4 @@
-from kv3d.catalog import CatalogEntry, SnapshotCatalog
+from kv3d.engine.catalog import CatalogEntry, SnapshotCatalog
 
 FP = b"f" * 16
 

@@ -1,12 +1,12 @@
-"""The int8 delta codec on synthetic sequence states (built with kv3d.statefmt)."""
+"""The int8 delta codec on synthetic sequence states (built with kv3d.engine.statefmt)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kv3d.codec import DeltaError, decode_delta, encode_delta
-from kv3d.statefmt import (
+from kv3d.engine.codec import DeltaError, decode_delta, encode_delta
+from kv3d.engine.statefmt import (
     CacheSection,
     LayerTensor,
     SeqState,
@@ -141,7 +141,7 @@ def test_damaged_deltas_are_refused(damage, message):
 
 @pytest.mark.parametrize("v_trans", [False, True])
 def test_cells_from_keeps_only_later_positions_with_their_bytes(v_trans):
-    from kv3d.statefmt import cells_from
+    from kv3d.engine.statefmt import cells_from
 
     blob = make_state(cells=6, v_trans=v_trans)  # positions 10..15
     full = tensors(blob)

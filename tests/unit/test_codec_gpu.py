@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kv3d import codec
-from kv3d.codec_gpu import gpu_available
+from kv3d.engine import codec
+from kv3d.engine.codec_gpu import gpu_available
 
 pytestmark = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
 

@@ -1,6 +1,11 @@
 import pytest
 
-from kv3d.modelfile import ModelFileError, model_fingerprint, model_id_for, resolve_model_path
+from kv3d.engine.modelfile import (
+    ModelFileError,
+    model_fingerprint,
+    model_id_for,
+    resolve_model_path,
+)
 
 
 def gguf(tmp_path, name="m.gguf", body=b"weights"):

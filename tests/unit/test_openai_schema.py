@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from kv3d.openai_schema import ChatCompletionRequest, CompletionRequest
+from kv3d.server.openai_schema import ChatCompletionRequest, CompletionRequest
 
 
 def chat(**kw):

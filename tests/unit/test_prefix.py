@@ -1,6 +1,7 @@
 import pytest
 
-from kv3d.prefix import PrefixCache, chain_blocks, cut_points, reusable_blocks
+from kv3d.engine.budget import KVBudget
+from kv3d.engine.prefix import PrefixCache, chain_blocks, cut_points, reusable_blocks
 
 SEED = b"model-A"
 
@@ -66,7 +67,7 @@ class FakeContext:
 
 def test_hit_shares_cells_and_collision_is_a_miss():
     ctx = FakeContext()
-    cache = PrefixCache(ctx, holder_seq_ids=[8, 9])
+    cache = PrefixCache(ctx, holder_seq_ids=[8, 9], budget=KVBudget(1000))
     prompt = list(range(100))
     blocks = chain_blocks(prompt[:64], 32, SEED)
     prefix = cache.register_from(slot=0, tokens=prompt[:64], blocks=blocks)
@@ -84,7 +85,7 @@ def test_hit_shares_cells_and_collision_is_a_miss():
 
 def test_referenced_prefixes_are_never_evicted_and_lru_goes_first():
     ctx = FakeContext()
-    cache = PrefixCache(ctx, holder_seq_ids=[8, 9])
+    cache = PrefixCache(ctx, holder_seq_ids=[8, 9], budget=KVBudget(1000))
     a = cache.register_from(0, list(range(32)), chain_blocks(list(range(32)), 32, SEED))
     b_tokens = list(range(100, 132))
     b = cache.register_from(1, b_tokens, chain_blocks(b_tokens, 32, SEED))
@@ -100,7 +101,7 @@ def test_referenced_prefixes_are_never_evicted_and_lru_goes_first():
 
 
 def test_free_a_holder_evicts_only_idle_prefixes():
-    cache = PrefixCache(FakeContext(), holder_seq_ids=[8])
+    cache = PrefixCache(FakeContext(), holder_seq_ids=[8], budget=KVBudget(1000))
     p = cache.register_from(0, list(range(16)), chain_blocks(list(range(16)), 16, SEED))
     assert not cache.free_a_holder()  # in use
     cache.release(p)

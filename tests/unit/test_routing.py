@@ -1,4 +1,4 @@
-"""The routing policy (kv3d.routing) on synthetic replica views."""
+"""The routing policy (kv3d.server.routing) on synthetic replica views."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from kv3d.generation import GenerationRequest
-from kv3d.prefix import reusable_blocks
-from kv3d.routing import (
+from kv3d.engine.generation import GenerationRequest
+from kv3d.engine.prefix import reusable_blocks
+from kv3d.server.routing import (
     RecentRoutes,
     ReplicaView,
     RouteCounter,

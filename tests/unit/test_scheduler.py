@@ -1,7 +1,8 @@
 import pytest
 
-from kv3d.generation import GenerationRequest
-from kv3d.scheduler import Pending, QueueFullError, RequestTooLargeError, Scheduler
+from kv3d.engine.budget import KVBudget
+from kv3d.engine.generation import GenerationRequest
+from kv3d.engine.scheduler import Pending, QueueFullError, RequestTooLargeError, Scheduler
 
 
 def request(rid: str, prompt_len: int, max_tokens: int = 4) -> Pending:
@@ -9,20 +10,32 @@ def request(rid: str, prompt_len: int, max_tokens: int = 4) -> Pending:
     return Pending(GenerationRequest(rid, tuple(range(prompt_len)), max_tokens), events.append)
 
 
-def scheduler(**kw) -> Scheduler:
-    args = dict(num_slots=2, kv_cells_total=100, batch_tokens=16, max_waiting=2)
+def scheduler(kv_cells_total: int = 100, **kw) -> Scheduler:
+    args = dict(num_slots=2, batch_tokens=16, max_waiting=2)
     args.update(kw)
-    return Scheduler(**args)
+    return Scheduler(budget=KVBudget(kv_cells_total), **args)
+
+
+def admit_all(s: Scheduler, shared: dict[str, int] | None = None):
+    """The engine's admission walk, without prefix reuse: first come first served while the
+    head fits; `shared` gives the cells a hot prefix would provide per request id."""
+    admitted = []
+    for pending in s.waiting():
+        cells = (shared or {}).get(pending.request.request_id, 0)
+        if not s.can_admit(pending, cells):
+            break
+        admitted.append((pending, s.admit(pending, cells)))
+    return admitted
 
 
 def test_admits_fifo_while_slots_and_cells_allow():
     s = scheduler()
     for rid in "abc":
         s.enqueue(request(rid, 10))
-    admitted = s.admit()
+    admitted = admit_all(s)
     assert [p.request.request_id for p, _ in admitted] == ["a", "b"]
     assert s.num_waiting == 1 and s.num_free_slots == 0
-    assert s.kv_cells_reserved == 2 * (10 + 4)
+    assert s.budget.reserved_cells == 2 * (10 + 4)
     s.check_invariants()
 
 
@@ -31,10 +44,10 @@ def test_head_of_queue_waits_for_cells_and_blocks_later_requests():
     s.enqueue(request("big", 30))
     s.enqueue(request("next", 20))
     s.enqueue(request("small", 2))
-    assert [p.request.request_id for p, _ in s.admit()] == ["big"]
+    assert [p.request.request_id for p, _ in admit_all(s)] == ["big"]
     slot = next(iter(s.running))
     s.release(slot)
-    assert [p.request.request_id for p, _ in s.admit()] == ["next", "small"]
+    assert [p.request.request_id for p, _ in admit_all(s)] == ["next", "small"]
     s.check_invariants()
 
 
@@ -42,7 +55,7 @@ def test_decode_tokens_come_first_then_prompt_chunks_within_budget():
     s = scheduler(batch_tokens=8)
     s.enqueue(request("gen", 3))
     s.enqueue(request("long", 20))
-    (_, gen), (_, long) = s.admit()
+    (_, gen), (_, long) = admit_all(s)
     gen.num_computed_tokens, gen.pending_token = 3, 99
     chunks = s.plan()
     assert (chunks[0].slot, chunks[0].tokens, chunks[0].start_pos) == (gen.slot, [99], 3)
@@ -54,7 +67,7 @@ def test_decode_tokens_come_first_then_prompt_chunks_within_budget():
 def test_last_prompt_chunk_asks_for_logits():
     s = scheduler(batch_tokens=16)
     s.enqueue(request("p", 20))
-    ((_, p),) = s.admit()
+    ((_, p),) = admit_all(s)
     first = s.plan()
     assert len(first[0].tokens) == 16 and not first[0].want_logits
     p.num_computed_tokens = 16
@@ -82,13 +95,55 @@ def test_cancel_waiting_removes_only_that_request():
     s.enqueue(request("b", 1))
     assert s.cancel_waiting("b").request.request_id == "b"
     assert s.cancel_waiting("b") is None
-    assert [p.request.request_id for p, _ in s.admit()] == ["a"]
+    assert [p.request.request_id for p, _ in admit_all(s)] == ["a"]
 
 
 def test_release_returns_slot_and_cells():
     s = scheduler()
     s.enqueue(request("a", 10))
-    ((_, prog),) = s.admit()
+    ((_, prog),) = admit_all(s)
     s.release(prog.slot)
-    assert s.kv_cells_reserved == 0 and s.num_free_slots == 2
+    assert s.budget.reserved_cells == 0 and s.num_free_slots == 2
     s.check_invariants()
+
+
+def test_cells_a_hot_prefix_provides_are_not_reserved_and_let_a_request_in():
+    s = scheduler(kv_cells_total=40)
+    s.enqueue(request("a", 30))
+    assert len(admit_all(s)) == 1  # fits alone: 34 of 40 cells
+    s.enqueue(request("b", 30))
+    assert admit_all(s) == []  # 34 + 34 > 40 without sharing
+    (pending,) = s.waiting()
+    assert not s.can_admit(pending) and s.can_admit(pending, shared_cells=30)
+    progress = s.admit(pending, shared_cells=30)
+    assert progress.shared_cells_expected == 30 and s.budget.reserved_by(progress.slot) == 4
+    s.check_invariants()
+
+
+def test_held_cells_count_against_admission():
+    s = scheduler(kv_cells_total=40)
+    s.budget.hold(30)  # a hot prefix
+    s.enqueue(request("a", 10))
+    assert admit_all(s) == []
+    s.budget.unhold(30)
+    assert len(admit_all(s)) == 1
+    s.check_invariants()
+
+
+def test_admit_skips_a_request_cancelled_meanwhile():
+    s = scheduler()
+    s.enqueue(request("a", 4))
+    (pending,) = s.waiting()
+    s.cancel_waiting("a")
+    assert s.admit(pending) is None
+    assert s.num_free_slots == 2 and s.budget.reserved_cells == 0
+    s.check_invariants()
+
+
+def test_next_to_admit_needs_a_free_slot():
+    s = scheduler(num_slots=1)
+    s.enqueue(request("a", 4))
+    s.enqueue(request("b", 4))
+    assert s.next_to_admit().request.request_id == "a"
+    admit_all(s)
+    assert s.next_to_admit() is None  # "b" waits, but no slot is free

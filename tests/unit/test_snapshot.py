@@ -1,7 +1,7 @@
 import pytest
 
-from kv3d.prefix import chain_blocks
-from kv3d.snapshot import SnapshotError, decode_snapshot, encode_snapshot
+from kv3d.engine.prefix import chain_blocks
+from kv3d.engine.snapshot import SnapshotError, decode_snapshot, encode_snapshot
 
 FP = bytes(range(16))
 TOKENS = tuple(range(40))

@@ -1,4 +1,4 @@
-"""kv3d.statefmt on hand-written blobs.
+"""kv3d.engine.statefmt on hand-written blobs.
 
 The blobs come from `Writer` below, a deliberately naive struct.pack transcription of
 llama.cpp's `state_write` (llama-kv-cache.cpp), so the parser is checked against the format
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from kv3d.statefmt import (
+from kv3d.engine.statefmt import (
     STATE_MAGIC,
     CacheSection,
     LayerTensor,

@@ -1,4 +1,4 @@
-from kv3d.textstream import IncrementalText
+from kv3d.engine.textstream import IncrementalText
 
 
 def feed(stream: IncrementalText, pieces: list[bytes]) -> str:

@@ -6,7 +6,13 @@ import os
 
 import pytest
 
-from kv3d.tiers import ColdTier, SessionRecord, SessionRecordError, SessionStore, decode_record
+from kv3d.engine.tiers import (
+    ColdTier,
+    SessionRecord,
+    SessionRecordError,
+    SessionStore,
+    decode_record,
+)
 from tests.unit.test_codec import make_state
 
 FP = b"f" * 16

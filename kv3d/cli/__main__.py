@@ -1,0 +1,5 @@
+import sys
+
+from kv3d.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,572 @@
+"""The batching engine: one llama.cpp context, many sequences, one decode per step.
+
+`Engine.step()` is three moves: admit what fits (the scheduler and the KV budget decide, prefix
+reuse and sessions place cached cells), decode the batch the scheduler plans, then sample and
+stream. A single engine thread runs the steps and is the only code that touches the native
+handles; other threads talk to it through `submit` and `cancel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kv3d.config import KV3DConfig
+from kv3d.engine.budget import KVBudget
+from kv3d.engine.generation import (
+    EngineStats,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Rejected,
+    StreamEvent,
+    TextDelta,
+    Usage,
+    ends_stream,
+)
+from kv3d.engine.llama import (
+    ContextParams,
+    KVCacheFullError,
+    LlamaBatch,
+    LlamaContext,
+    LlamaError,
+    LlamaModel,
+    SamplerChain,
+)
+from kv3d.engine.logprobs import log_softmax_top, token_logprob
+from kv3d.engine.modelfile import cache_fingerprint
+from kv3d.engine.reuse import Admission, NoReuse, PrefixReuse, Publish
+from kv3d.engine.safemode import SafeMode
+from kv3d.engine.scheduler import (
+    Chunk,
+    Emit,
+    Pending,
+    QueueFullError,
+    RequestTooLargeError,
+    Scheduler,
+    SeqProgress,
+)
+from kv3d.engine.selfcheck import run_self_check
+from kv3d.engine.sessions import NoSessions, Sessions
+from kv3d.engine.settings import MIB, CapacityError, EngineSettings, plan_kv_cells
+from kv3d.engine.textstream import IncrementalText
+from kv3d.engine.tiers import SessionStore, SharedSessions
+from kv3d.engine.view import CacheView
+
+__all__ = ["MIB", "CapacityError", "Engine", "EngineSettings", "new_request_id"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Live:
+    """The engine-side half of a running sequence (the scheduler holds its progress)."""
+
+    pending: Pending
+    progress: SeqProgress
+    sampler: SamplerChain
+    text: IncrementalText
+    admission: Admission
+    admitted_by: PrefixReuse | NoReuse  # releases what it admitted, even after safe mode
+    output_ids: list[int]
+
+
+class Engine:
+    """Owns one model, one context and one batch; serves many sequences by continuous batching.
+
+    Invariant: every submitted request gets exactly one terminal event (`Finished` or
+    `Rejected`), and its sequence slot and KV cells are released before that event is emitted.
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        replica_id: str = "local",
+        publish: Publish | None = None,
+    ):
+        """`publish(key, snapshot)` receives each family prefix snapshot (from the step thread;
+        it must not block)."""
+        self.settings = settings
+        self.replica_id = replica_id
+        self.model_id = settings.model_id
+        t0 = time.perf_counter()
+        self.model = LlamaModel(settings.model_path, n_gpu_layers=settings.n_gpu_layers)
+        self.safe = SafeMode(forced=settings.safe_mode, canary_period_s=settings.canary_period_s)
+        reuse_on = settings.reuse_enabled and self.model.has_per_cell_kv and not self.safe.active
+        if settings.reuse_enabled and not reuse_on and not self.safe.active:
+            log.warning(
+                "prefix reuse is off: %s keeps no per-token KV cells to share",
+                self.model.description,
+            )
+        num_holders = settings.max_hot_prefixes if reuse_on else 0
+        try:
+            self.kv_cells_total, self.context_tokens = plan_kv_cells(settings, self.model)
+            self.ctx = LlamaContext(
+                self.model,
+                ContextParams(
+                    n_ctx_cells=self.kv_cells_total,
+                    n_seq_max=settings.max_sequences + num_holders,
+                    n_batch_tokens=settings.batch_tokens,
+                    n_threads=settings.threads,
+                    n_threads_single=settings.decode_threads,
+                    kv_type=settings.kv_type,
+                    flash_attn=settings.flash_attn,
+                ),
+            )
+        except BaseException:
+            self.model.close()
+            raise
+        self.kv_cells_total = self.ctx.n_ctx_cells
+        self._bytes_per_cell = self.model.kv_bytes_per_cell(settings.kv_type)
+        self.batch = LlamaBatch(settings.batch_tokens)
+        if reuse_on:
+            check = run_self_check(self.model, self.ctx, self.batch)
+            if not check.ok:
+                reuse_on = False
+                self.safe.trip(f"start-up self-check failed: {check.reason}")
+        if not reuse_on:
+            self.safe.canary_period_s = 0.0  # the canary checks stored state: there is none
+        self.budget = KVBudget(self.kv_cells_total)
+        self.scheduler = Scheduler(
+            num_slots=settings.max_sequences,
+            budget=self.budget,
+            batch_tokens=settings.batch_tokens,
+            max_waiting=settings.max_queued_requests,
+        )
+        self.fingerprint = cache_fingerprint(
+            settings.model_path, kv_type=settings.kv_type, flash_attn=settings.flash_attn
+        )
+        self.reuse: PrefixReuse | NoReuse = NoReuse(settings.reuse)
+        self.sessions: Sessions | NoSessions = NoSessions()
+        if reuse_on:
+            holders = list(range(settings.max_sequences, settings.max_sequences + num_holders))
+            snapshot_sink = publish if settings.reuse.snapshots else None
+            self.reuse = PrefixReuse(
+                self.ctx, self.budget, holders, settings.reuse, self.fingerprint, snapshot_sink
+            )
+            # Sessions need prefix reuse: their deltas compose with a shared family prefix.
+            store = SessionStore(settings.warm_budget_bytes, settings.cold_path)
+            self.sessions = Sessions(self.reuse, store, auto=settings.auto_sessions)
+        self._live: dict[int, _Live] = {}
+        self._hot_view = CacheView()
+        self._hot_view_version = 0
+        self._cancelled: set[str] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._counters = dict(
+            steps_total=0,
+            batched_steps_total=0,
+            max_sequences_in_step=0,
+            prompt_tokens_total=0,
+            generated_tokens_total=0,
+            prefill_tokens_total=0,
+        )
+        log.info(
+            "engine ready in %.2fs: %s, %d KV cells (%s), %d slots, %d tokens/sequence, "
+            "%d threads, %d GPU layers",
+            time.perf_counter() - t0,
+            self.model.description,
+            self.kv_cells_total,
+            settings.kv_type,
+            settings.max_sequences,
+            self.context_tokens,
+            settings.threads,
+            settings.n_gpu_layers,
+        )
+
+    @classmethod
+    def from_config(cls, config: KV3DConfig, **kwargs) -> Engine:
+        return cls(EngineSettings.from_config(config), **kwargs)
+
+    # --- safe mode --------------------------------------------------------------------------
+    @property
+    def safe_mode(self) -> bool:
+        return self.safe.active
+
+    @property
+    def safe_mode_reason(self) -> str:
+        return self.safe.reason
+
+    def enter_safe_mode(self, reason: str) -> None:
+        """Stop all reuse from now on (engine thread): requests run as plain inference."""
+        if self.safe.trip(reason):
+            self._reuse_off()
+
+    def _reuse_off(self) -> None:
+        self.reuse.retire()
+        self.reuse = NoReuse(self.settings.reuse)
+        self.sessions = NoSessions()
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kv3d-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the step thread, end every request, free native handles (idempotent)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.batch is None:
+            return
+        for slot in list(self._live):
+            self._finish(slot, "cancelled")
+        for pending in self.scheduler.drain_waiting():
+            pending.emit(Rejected("unavailable", "the engine is shutting down"))
+        self.sessions.close()
+        self.batch.close()
+        self.ctx.close()
+        self.model.close()
+        self.batch = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- any thread -------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, emit: Emit, snapshot=None) -> None:
+        """Queue a request. `emit` is called from the engine thread and must not block.
+
+        `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
+        object); it is verified before use and ignored when it does not apply.
+        """
+        blocks = self.prefix_blocks(request)
+        # A stored session is decoded off this thread while the request waits.
+        session = self.sessions.take_for(request, blocks, self._hot_view.sessions)
+        try:
+            self.scheduler.enqueue(Pending(request, emit, snapshot, session, blocks))
+        except RequestTooLargeError as exc:
+            emit(Rejected("too_large", str(exc)))
+            return
+        except QueueFullError as exc:
+            emit(
+                Rejected(
+                    "queue_full", f"server busy: {exc}", retry_after_s=self.settings.retry_after_s
+                )
+            )
+            return
+        with self._wake:
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (client gone); its slot is freed before the next step."""
+        pending = self.scheduler.cancel_waiting(request_id)
+        if pending is not None:
+            usage = Usage(len(pending.request.prompt_tokens), 0)
+            pending.emit(Finished("cancelled", usage, replica_id=self.replica_id))
+            return
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    def set_session_share(self, shared: SharedSessions) -> None:
+        """A warm tier shared with other replicas: every kept session is published there."""
+        self.sessions.set_shared(shared)
+
+    def set_snapshot_sink(self, publish: Publish) -> None:
+        """Where family prefix snapshots go (called from the step thread; must not block)."""
+        if self.settings.reuse.snapshots:
+            self.reuse.set_publish(publish)
+
+    def routing_view(self, max_warm_sessions: int = 1024) -> CacheView:
+        """What this replica can serve best: hot prefixes and sessions it can resume locally
+        (hot, or the most recent warm ones). Refreshed after each engine step."""
+        hot = self._hot_view
+        warm = self.sessions.recent_ids(max_warm_sessions)
+        if not warm:
+            return hot
+        return CacheView(hot.sessions | frozenset(warm), hot.blocks)
+
+    def prefix_blocks(self, request: GenerationRequest) -> list:
+        """The request's reusable blocks (pure)."""
+        return self.reuse.blocks_for(
+            request.prompt_tokens, request.family_tokens, request.cache_salt
+        )
+
+    def hot_prefix_tokens(self, blocks: list) -> int:
+        """How many of the blocks' tokens this replica holds hot (a hint)."""
+        return self.reuse.hot_tokens(blocks)
+
+    async def stream(self, request: GenerationRequest, snapshot=None) -> AsyncIterator[StreamEvent]:
+        """Submit `request` and yield its events; closing the iterator early cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def emit(event: StreamEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is gone: nobody is listening
+                self.cancel(request.request_id)
+
+        self.submit(request, emit, snapshot)
+        ended = False
+        try:
+            while not ended:
+                event = await queue.get()
+                ended = ends_stream(event)
+                yield event
+        finally:
+            if not ended:
+                self.cancel(request.request_id)
+
+    def stats(self) -> EngineStats:
+        """The engine's figures now (a snapshot of another thread's state: for metrics, not
+        for decisions)."""
+        sched = self.scheduler
+        reuse = self.reuse.stats()
+        return EngineStats(
+            replica_id=self.replica_id,
+            taken_at_s=time.time(),
+            running_sequences=len(sched.running),
+            waiting_requests=sched.num_waiting,
+            free_slots=sched.num_free_slots,
+            kv_cells_total=self.kv_cells_total,
+            kv_cells_reserved=self.budget.reserved_cells,
+            canary_runs_total=self.safe.canary_runs_total,
+            **self._counters,
+            **reuse,
+            **self.sessions.stats(),
+            kv_bytes_used=self._kv_bytes_used(reuse.get("hot_prefix_cells", 0)),
+            sessions_hot=len(sched.running) + reuse.get("hot_idle_sessions", 0),
+            safe_mode=int(self.safe_mode),
+        )
+
+    def _kv_bytes_used(self, hot_prefix_cells: int) -> int:
+        cells = hot_prefix_cells
+        cells += sum(
+            live.progress.num_computed_tokens - live.admission.prefix_tokens
+            for live in list(self._live.values())
+        )
+        return cells * self._bytes_per_cell
+
+    def check_invariants(self) -> None:
+        """Slots, the KV budget and the hot prefixes agree (tests call this between steps)."""
+        self.scheduler.check_invariants()
+        self.reuse.check_invariants()
+        assert set(self._live) == set(self.scheduler.running), "live and running sequences differ"
+
+    # --- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.scheduler.has_work() and not self._cancelled:
+                    wait_s = self._canary_wait_s()
+                    if wait_s == 0.0:
+                        break
+                    self._wake.wait(wait_s)
+                if self._stopping:
+                    return
+            if self._canary_wait_s() == 0.0 and not self.scheduler.running:
+                if self.safe.run_canary(self.model, self.ctx, self.batch):
+                    self._reuse_off()
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the replica's only thread
+                log.exception("engine step failed")
+                for slot in list(self._live):
+                    self._fail(slot, "engine step failed")
+            self._refresh_hot_view()
+            if self.safe.check_state_failures(self.reuse.state_failures):
+                self._reuse_off()
+
+    def _canary_wait_s(self) -> float | None:
+        return self.safe.canary_wait_s()
+
+    def _refresh_hot_view(self) -> None:
+        version = self.reuse.hot_version
+        if version != self._hot_view_version:
+            self._hot_view = self.reuse.hot_view()  # one reference swap: readers need no lock
+            self._hot_view_version = version
+
+    def step(self) -> int:
+        """Run one scheduler step; returns the number of sequences it decoded."""
+        self._apply_cancels()
+        self._admit_waiting()
+        chunks = self.scheduler.plan()
+        if not chunks:
+            return 0
+        rows = self._fill_batch(chunks)
+        try:
+            self._decode_making_room()
+        except LlamaError as exc:
+            log.error("decode of %d tokens failed: %s", self.batch.n_tokens, exc)
+            for chunk in chunks:
+                self._fail(chunk.slot, f"decode failed: {exc}")
+            return 0
+        self._count_step(chunks)
+        for chunk, row in zip(chunks, rows, strict=True):
+            self._advance(chunk, row)
+        return len(chunks)
+
+    def _admit_waiting(self) -> None:
+        """Admit waiting requests first come first served while they fit. A request that should
+        wait for a prefix another sequence is computing stays queued; those behind it may go."""
+        head = self.scheduler.next_to_admit()
+        if head is not None:
+            self.reuse.make_room(head)
+        for pending in self.scheduler.waiting():
+            # One at a time: a request admitted now may start computing a prefix that the
+            # next one should then wait for.
+            if self.reuse.should_wait(pending):
+                continue
+            shared = self.reuse.cells_already_hot(pending)
+            if not self.scheduler.can_admit(pending, shared):
+                return
+            progress = self.scheduler.admit(pending, shared)
+            if progress is not None:
+                self._start(pending, progress)
+
+    def _decode_making_room(self) -> None:
+        """Decode the batch; when llama.cpp finds no KV cells for it (fragmentation, a budget
+        misjudged), demote every idle prefix and session to the warm tier and try once more."""
+        try:
+            self.ctx.decode(self.batch)
+        except KVCacheFullError:
+            if not self.reuse.evict_idle():
+                raise
+            log.warning("KV cache full: idle prefixes and sessions demoted, decode retried")
+            self.ctx.decode(self.batch)
+
+    def _start(self, pending: Pending, progress: SeqProgress) -> None:
+        req = pending.request
+        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(32)
+        sampler = SamplerChain(
+            temperature=req.sampling.temperature,
+            top_p=req.sampling.top_p,
+            top_k=req.sampling.top_k,
+            seed=seed,
+        )
+        # Tokens whose KV reuse places into the slot need no prefill.
+        admission = self.sessions.resume(pending, progress)
+        if admission is None:
+            admission = self.reuse.admit(pending, progress)
+        self.reuse.begin(admission, progress)
+        text = IncrementalText(req.stop)
+        live = _Live(pending, progress, sampler, text, admission, self.reuse, [])
+        self._live[progress.slot] = live
+        self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
+
+    def _fill_batch(self, chunks: list[Chunk]) -> list[int]:
+        """Write the chunks into the batch; returns each chunk's logits row (or -1)."""
+        self.batch.clear()
+        rows = []
+        for chunk in chunks:
+            row = -1
+            last = len(chunk.tokens) - 1
+            for i, token in enumerate(chunk.tokens):
+                want = chunk.want_logits and i == last
+                r = self.batch.add(token, chunk.start_pos + i, chunk.slot, want)
+                if want:
+                    row = r
+            rows.append(row)
+        return rows
+
+    def _count_step(self, chunks: list[Chunk]) -> None:
+        c = self._counters
+        c["steps_total"] += 1
+        n_seqs = len({chunk.slot for chunk in chunks})
+        if n_seqs > 1:
+            c["batched_steps_total"] += 1
+        c["max_sequences_in_step"] = max(c["max_sequences_in_step"], n_seqs)
+        c["prefill_tokens_total"] += sum(len(ch.tokens) for ch in chunks if ch.prefill)
+
+    def _advance(self, chunk: Chunk, row: int) -> None:
+        live = self._live[chunk.slot]
+        progress = live.progress
+        progress.num_computed_tokens = chunk.start_pos + len(chunk.tokens)
+        progress.pending_token = None
+        if chunk.prefill and self.reuse.after_chunk(live.admission, progress):
+            self.sessions.after_prefix(live.admission, progress)
+        if row < 0:
+            return  # a prefill chunk that is not the prompt's last
+        req = live.pending.request
+        top = None
+        if req.top_logprobs is not None:
+            top = log_softmax_top(self.ctx.logits(row), req.top_logprobs)
+        token = live.sampler.sample(self.ctx, row)
+        if self.model.is_eog(token) and not req.ignore_eos:
+            self._finish(chunk.slot, "stop")
+            return
+        progress.generated_tokens += 1
+        live.output_ids.append(token)
+        self._counters["generated_tokens_total"] += 1
+        piece = self.model.token_to_piece(token)
+        text = live.text.push(piece)
+        logprobs = ()
+        if top is not None:
+            logprobs = (token_logprob(*top, token, piece, self.model.token_to_piece),)
+        if text or logprobs:
+            live.pending.emit(TextDelta(text, 1, logprobs))
+        if live.text.stopped:
+            self._finish(chunk.slot, "stop")
+        elif progress.generated_tokens >= req.max_tokens:
+            self._finish(chunk.slot, "length")
+        else:
+            progress.pending_token = token
+
+    def _apply_cancels(self) -> None:
+        with self._wake:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for slot, live in list(self._live.items()):
+            if live.pending.request.request_id in cancelled:
+                self._finish(slot, "cancelled")
+
+    def _release(self, slot: int) -> _Live:
+        live = self._live.pop(slot)
+        self.scheduler.release(slot)
+        self.ctx.seq_remove(slot)
+        live.admitted_by.release(live.admission)
+        live.sampler.close()
+        return live
+
+    def _finish(self, slot: int, reason: FinishReason) -> None:
+        live = self._live[slot]
+        if reason != "cancelled":
+            try:
+                req = live.pending.request
+                self.sessions.keep(req, live.admission, live.progress, live.output_ids)
+            except Exception:  # keeping a session is an optimisation, never a failure
+                log.exception("could not keep the session of slot %d", slot)
+        self._release(slot)
+        progress = live.progress
+        adm = live.admission
+        usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, adm.cached_tokens)
+        tail = live.text.finish() if reason != "cancelled" else ""
+        live.pending.emit(
+            Finished(
+                reason,
+                usage,
+                tail,
+                self.replica_id,
+                adm.restore_s,
+                adm.resume_s,
+                adm.resume_tier,
+            )
+        )
+
+    def _fail(self, slot: int, message: str) -> None:
+        if slot not in self._live:
+            return
+        live = self._release(slot)
+        live.pending.emit(Rejected("internal", message))
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,147 @@
+"""The records that cross from the API layer to the engine and back.
+
+They are plain frozen dataclasses so they pickle cheaply across a Ray DeploymentHandle call and
+carry nothing native. A request's stream is zero or more `TextDelta`s ended by exactly one
+terminal event: `Finished` or `Rejected`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+# Why the engine would not run a request. Domain reasons only: the API layer alone chooses the
+# HTTP status and error code each one becomes.
+RejectReason = Literal[
+    "too_large",  # prompt + max_tokens can never fit this engine's KV cells
+    "queue_full",  # the wait queue is at its bound: retry later
+    "unavailable",  # shutting down, or no replica can take it now: retry later
+    "internal",  # the engine failed this request (the others go on)
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely tokens.
+    top_logprobs: int | None = None
+    # Where the family prefix (system/developer messages) ends in `prompt_tokens`, if known.
+    family_tokens: int | None = None
+    # Keep generating past end-of-generation tokens (benchmarks, tests): ends at max_tokens.
+    ignore_eos: bool = False
+    # A conversation: its KV is kept (as an int8 delta) after the request and resumed later.
+    session_id: str | None = None
+    # Mixed into every block key: requests under different salts (tenants) share no KV.
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    num_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    usage: Usage
+    text: str = ""  # text released at the very end (held back for a possible stop string)
+    replica_id: str | None = None  # the engine that ran it
+    snapshot_restore_s: float | None = None  # set when the prefix came from a snapshot
+    session_resume_s: float | None = None  # set when a stored session was resumed
+    session_tier: str | None = None  # where it was resumed from: warm | cold
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The engine would not run (or could not finish) the request."""
+
+    reason: RejectReason
+    message: str
+    retry_after_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A replica engine's counters at one moment (monotonic `*_total`, gauges otherwise)."""
+
+    replica_id: str
+    taken_at_s: float
+    running_sequences: int
+    waiting_requests: int
+    free_slots: int
+    kv_cells_total: int
+    kv_cells_reserved: int
+    steps_total: int
+    batched_steps_total: int  # steps whose llama_decode carried more than one sequence
+    max_sequences_in_step: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    prefill_tokens_total: int
+    canary_runs_total: int = 0
+    prefix_lookups_total: int = 0
+    prefix_hits_total: int = 0
+    prefix_tokens_reused_total: int = 0
+    hot_prefixes: int = 0
+    hot_idle_sessions: int = 0  # finished conversations whose KV is still in the cache
+    hot_prefix_cells: int = 0
+    snapshot_restores_total: int = 0
+    snapshot_rejects_total: int = 0
+    snapshots_published_total: int = 0
+    session_parks_total: int = 0
+    session_shares_total: int = 0
+    session_resumes_total: int = 0
+    session_demotions_total: int = 0
+    session_drops_total: int = 0
+    session_rejects_total: int = 0
+    session_restore_failures_total: int = 0
+    state_failures_total: int = 0  # intact snapshots/sessions llama.cpp refused to restore
+    safe_mode: int = 0  # 1: plain inference only (self-check failed, forced, or tripped)
+    sessions_warm: int = 0
+    sessions_cold: int = 0
+    warm_bytes: int = 0
+    cold_bytes: int = 0
+    delta_compression_ratio: float = 0.0
+    kv_bytes_used: int = 0  # KV bytes of running sequences and hot prefixes (the hot tier)
+    sessions_hot: int = 0  # running sequences + idle sessions still in the KV cache
+
+
+StreamEvent = TextDelta | Finished | Rejected
+
+
+def ends_stream(event: StreamEvent) -> bool:
+    """Whether `event` is a request's terminal event: nothing follows it."""
+    return isinstance(event, (Finished, Rejected))

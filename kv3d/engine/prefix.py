@@ -1,0 +1,326 @@
+"""Exact-prefix detection and the replica's hot prefixes.
+
+Identity: a prompt is cut into blocks of `block_tokens`; a block also ends exactly at the
+family boundary (the end of the system/developer messages) so that a family's prefix is one chain
+whatever its length. Each block's key is a chained 64-bit hash over (parent key, block tokens),
+seeded by the model fingerprint, so a key never matches across models or cache layouts. A hit is
+confirmed by comparing tokens: a hash collision costs a miss, never wrong KV.
+
+Reuse: a hot prefix's KV cells belong to a holder sequence of the llama.cpp context; a session
+that shares it gets the cells added to its own sequence (`seq_cp` in a unified cache: no copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kv3d.engine.budget import KVBudget
+from kv3d.engine.memory import KVMemory, load_cells
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    key: int  # chained hash of every token up to `end_tokens`
+    end_tokens: int
+
+
+def cut_points(n_tokens: int, block_tokens: int, boundary: int | None = None) -> list[int]:
+    """Block ends for `n_tokens` tokens: every `block_tokens`, restarting at `boundary`.
+
+    Only whole blocks are listed (a tail shorter than a block is recomputed, never guessed),
+    except that the block ending at `boundary` may be short.
+    """
+    ends: list[int] = []
+    start = 0
+    if boundary is not None and 0 < boundary <= n_tokens:
+        ends.extend(range(block_tokens, boundary, block_tokens))
+        ends.append(boundary)
+        start = boundary
+    ends.extend(range(start + block_tokens, n_tokens + 1, block_tokens))
+    return ends
+
+
+def chain_blocks(
+    tokens: Sequence[int], block_tokens: int, seed: bytes, boundary: int | None = None
+) -> list[Block]:
+    """The chained block keys of `tokens` (see `cut_points`)."""
+    data = np.asarray(tokens, dtype="<i4").tobytes()
+    parent = hashlib.blake2b(seed, digest_size=KEY_BYTES).digest()
+    blocks, start = [], 0
+    for end in cut_points(len(tokens), block_tokens, boundary):
+        h = hashlib.blake2b(parent, digest_size=KEY_BYTES)
+        h.update(data[4 * start : 4 * end])
+        parent = h.digest()
+        blocks.append(Block(int.from_bytes(parent, "little"), end))
+        start = end
+    return blocks
+
+
+def block_seed(fingerprint: bytes, cache_salt: str = "") -> bytes:
+    """The chain's seed: the model fingerprint, mixed with a cache salt when there is one, so
+    that requests under different salts (tenants) never share a block key."""
+    if not cache_salt:
+        return fingerprint
+    return hashlib.blake2b(
+        fingerprint + b"|salt|" + cache_salt.encode("utf-8"), digest_size=16
+    ).digest()
+
+
+def reusable_blocks(
+    prompt: Sequence[int], block_tokens: int, seed: bytes, boundary: int | None
+) -> list[Block]:
+    """Blocks of the part of `prompt` that may come from cache: all but its last token, whose
+    logits pick the first generated token."""
+    usable = prompt[: len(prompt) - 1]
+    if boundary is not None and boundary > len(usable):
+        boundary = None
+    return chain_blocks(usable, block_tokens, seed, boundary)
+
+
+@dataclass(slots=True)
+class HotPrefix:
+    key: int  # key of its last block: the family id
+    tokens: tuple[int, ...]
+    seq_id: int  # the holder sequence that owns its cells
+    blocks: tuple[Block, ...]
+    refs: int = 0  # running sequences whose cells include it, and child prefixes it pins
+    hits: int = 0
+    last_used_s: float = field(default_factory=time.monotonic)
+    # An idle session kept hot is a child of the family prefix it shares [0, parent_tokens)
+    # with: it owns only the cells after, and pins its parent while it lives.
+    parent: HotPrefix | None = None
+    parent_tokens: int = 0
+    session_key: str | None = None
+    superseded: bool = False  # a newer turn of the same session replaced it
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def owned_cells(self) -> int:
+        return self.n_tokens - self.parent_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    prefix: HotPrefix
+    n_tokens: int  # how much of the prefix the prompt shares (a block end)
+
+
+class PrefixCache:
+    """The hot prefixes of one llama.cpp context.
+
+    Invariants (`check_invariants`): each hot prefix owns one holder sequence id and exactly
+    `owned_cells` cells (a child shares the rest with the parent it pins), and the `KVBudget`'s
+    held cells are the sum of them (every prefix added or dropped is reported there); a prefix
+    with `refs > 0` is never evicted; every key in the block index lists only live prefixes
+    that have that block. Eviction order is least recently used among
+    prefixes with no references; `on_evict` sees each one before it goes (sessions are demoted
+    to the warm tier there). Engine thread only, except `peek`.
+    """
+
+    def __init__(self, ctx: KVMemory, holder_seq_ids: Sequence[int], budget: KVBudget):
+        self.ctx = ctx
+        self.budget = budget
+        self._free_holders = list(reversed(holder_seq_ids))
+        self._num_holders = len(holder_seq_ids)
+        self._by_block: dict[int, list[HotPrefix]] = {}
+        self._prefixes: dict[int, HotPrefix] = {}  # by holder seq id
+        self.on_evict: Callable[[HotPrefix], None] | None = None
+        self.version = 0  # bumped whenever the set of hot prefixes changes
+
+    # --- lookups --------------------------------------------------------------------------------
+    def match(self, blocks: Sequence[Block], prompt: Sequence[int]) -> PrefixMatch | None:
+        """The deepest block of `blocks` held hot whose tokens equal the prompt's."""
+        best = None
+        for block in blocks:
+            end = block.end_tokens
+            want = tuple(prompt[:end])
+            # Different tokens under the same key would be a hash collision: never reused. An
+            # idle session matches only past its family prefix (the cells it owns); sharing just
+            # the family is a match of the family prefix itself, so the request does not
+            # attach to, and later supersede, an unrelated session.
+            found = [
+                p
+                for p in self._by_block.get(block.key, ())
+                if p.tokens[:end] == want and (p.parent is None or end > p.parent_tokens)
+            ]
+            if not found:
+                break
+            best = PrefixMatch(max(found, key=lambda p: p.n_tokens), end)
+        return best
+
+    def peek(self, blocks: Sequence[Block]) -> int:
+        """Tokens hot for `blocks` by key alone (no token check); safe from any thread."""
+        n = 0
+        for block in blocks:
+            if block.key not in self._by_block:
+                break
+            n = block.end_tokens
+        return n
+
+    # --- references -----------------------------------------------------------------------------
+    def attach(self, match: PrefixMatch, slot: int) -> None:
+        """Share the matched cells into sequence `slot` and hold a reference for it."""
+        self.ctx.seq_copy(match.prefix.seq_id, slot, 0, match.n_tokens)
+        self._ref(match.prefix)
+        match.prefix.hits += 1
+
+    def release(self, prefix: HotPrefix) -> None:
+        prefix.refs -= 1
+        prefix.last_used_s = time.monotonic()
+        if prefix.superseded and prefix.refs == 0:
+            self._drop(prefix)  # its cells live on in the newer turn that replaced it
+
+    # --- admission of new prefixes -------------------------------------------------------------
+    def register_from(self, slot: int, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+        """Make the first `len(tokens)` cells of `slot` a hot prefix (shared, not copied)."""
+        prefix = self._new_prefix(tokens, blocks)
+        self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
+        self._ref(prefix)  # the creating sequence shares its cells
+        return prefix
+
+    def keep_session(
+        self,
+        slot: int,
+        tokens: Sequence[int],
+        blocks: Sequence[Block],
+        key: str,
+        parent: HotPrefix | None,
+        parent_tokens: int,
+    ) -> HotPrefix:
+        """Keep a finished sequence's history hot as an idle session (a child of `parent`)."""
+        prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
+        prefix.session_key = key
+        self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
+        if parent is not None:
+            self._ref(parent)  # pinned: the child's first cells are the parent's
+        return prefix
+
+    def restore(self, state, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+        """Load a snapshot's sequence state as a new hot prefix."""
+        prefix = self._new_prefix(tokens, blocks)
+        try:
+            load_cells(self.ctx, prefix.seq_id, state, len(tokens))
+        except Exception:
+            self._drop(prefix)
+            raise
+        return prefix
+
+    def export_state(self, prefix: HotPrefix) -> bytes:
+        return self.ctx.seq_state(prefix.seq_id)
+
+    def evict_unused(self, cells_needed: int) -> int:
+        """Evict least recently used unreferenced prefixes until `cells_needed` cells are freed
+        (or none is left); returns the cells freed. A family prefix that only its evicted idle
+        sessions pinned becomes unreferenced on the way, and is considered too."""
+        freed = 0
+        while freed < cells_needed:
+            idle = sorted(
+                (p for p in self._prefixes.values() if p.refs == 0), key=lambda p: p.last_used_s
+            )
+            if not idle:
+                break
+            for prefix in idle:
+                if freed >= cells_needed:
+                    break
+                if self._prefixes.get(prefix.seq_id) is not prefix:
+                    continue  # already gone (a superseded turn dropped with its last user)
+                freed += prefix.owned_cells
+                self._evict(prefix)
+        return freed
+
+    def free_a_holder(self) -> bool:
+        """Make sure a holder sequence is free, evicting the least recently used idle prefix."""
+        if not self._free_holders:
+            idle = [p for p in self._prefixes.values() if p.refs == 0]
+            if idle:
+                self._evict(min(idle, key=lambda p: p.last_used_s))
+        return bool(self._free_holders)
+
+    @property
+    def cells_held(self) -> int:
+        return sum(p.owned_cells for p in self._prefixes.values())
+
+    @property
+    def num_hot(self) -> int:
+        return len(self._prefixes)
+
+    def hot(self) -> list[HotPrefix]:
+        return list(self._prefixes.values())
+
+    # --- internals ------------------------------------------------------------------------------
+    def _new_prefix(
+        self,
+        tokens: Sequence[int],
+        blocks: Sequence[Block],
+        parent: HotPrefix | None = None,
+        parent_tokens: int = 0,
+    ) -> HotPrefix:
+        if not self._free_holders:
+            raise RuntimeError("no free holder sequence for a new prefix")
+        prefix = HotPrefix(
+            blocks[-1].key,
+            tuple(tokens),
+            self._free_holders.pop(),
+            tuple(blocks),
+            parent=parent,
+            parent_tokens=parent_tokens if parent is not None else 0,
+        )
+        self._prefixes[prefix.seq_id] = prefix
+        self.version += 1
+        for block in blocks:
+            self._by_block.setdefault(block.key, []).append(prefix)
+        self.budget.hold(prefix.owned_cells)
+        return prefix
+
+    def _evict(self, prefix: HotPrefix) -> None:
+        if self.on_evict is not None:
+            try:
+                self.on_evict(prefix)
+            except Exception:  # demotion is an optimisation: eviction must still happen
+                log.exception("on_evict failed for prefix %016x", prefix.key)
+        self._drop(prefix)
+
+    def _ref(self, prefix: HotPrefix) -> None:
+        prefix.refs += 1
+        prefix.last_used_s = time.monotonic()
+
+    def _drop(self, prefix: HotPrefix) -> None:
+        self.ctx.seq_remove(prefix.seq_id)
+        del self._prefixes[prefix.seq_id]
+        self.version += 1
+        for block in prefix.blocks:
+            holders = self._by_block.get(block.key, [])
+            if prefix in holders:
+                holders.remove(prefix)
+            if not holders:
+                self._by_block.pop(block.key, None)
+        self._free_holders.append(prefix.seq_id)
+        self.budget.unhold(prefix.owned_cells)
+        if prefix.parent is not None:
+            self.release(prefix.parent)
+
+    def check_invariants(self) -> None:
+        """Also checks the budget's held cells: nothing but this cache holds cells there."""
+        assert self.budget.held_cells == self.cells_held, "budget and hot prefixes disagree"
+        assert len(self._prefixes) + len(self._free_holders) == self._num_holders
+        assert all(p.refs >= 0 for p in self._prefixes.values())
+        for key, holders in self._by_block.items():
+            for prefix in holders:
+                assert prefix.seq_id in self._prefixes, "index points at an evicted prefix"
+                assert any(b.key == key for b in prefix.blocks)
+        for prefix in self._prefixes.values():
+            if prefix.parent is not None:
+                assert prefix.parent.seq_id in self._prefixes, "a child outlived its parent"

@@ -1,0 +1,210 @@
+"""Continuous-batching scheduler: which tokens of which sequences go into the next decode step.
+
+It never touches llama.cpp; the engine turns its plan into a batch. Policy, in order:
+1. every running sequence that is generating gets its one next token (keeps inter-token latency
+   flat while others prefill);
+2. sequences still prefilling get prompt chunks, first admitted first, within `batch_tokens`;
+3. waiting requests are admitted first-come first-served while a slot is free and the KV budget
+   can reserve the cells they may need (prompt + max_tokens, less what a hot prefix provides).
+
+The engine walks the wait queue (`waiting`), asks prefix reuse what each request shares and
+whether it should wait, and admits with `can_admit`/`admit`; the scheduler asks the `KVBudget`
+and calls nobody back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kv3d.engine.budget import KVBudget
+from kv3d.engine.generation import GenerationRequest, StreamEvent
+
+Emit = Callable[[StreamEvent], None]
+
+
+class QueueFullError(RuntimeError):
+    """The wait queue is at its bound; the client should retry later."""
+
+
+class RequestTooLargeError(ValueError):
+    """The request can never fit this engine's KV cells, whatever the load."""
+
+
+@dataclass(slots=True)
+class Pending:
+    request: GenerationRequest
+    emit: Emit
+    snapshot: object | None = None  # a prefix snapshot fetched for this request (bytes-like)
+    session: object | None = None  # Future of a stored session being decoded for this request
+    blocks: list | None = None  # the prompt's reusable blocks, hashed once at submit
+
+    @property
+    def cells_needed(self) -> int:
+        return len(self.request.prompt_tokens) + self.request.max_tokens
+
+
+@dataclass(slots=True)
+class Chunk:
+    """`tokens` of sequence `slot`, placed at positions `start_pos`…; logits wanted on the last."""
+
+    slot: int
+    tokens: list[int]
+    start_pos: int
+    want_logits: bool
+    prefill: bool
+
+
+@dataclass(slots=True)
+class SeqProgress:
+    """What the scheduler tracks of a running sequence (the engine keeps the rest)."""
+
+    slot: int
+    prompt_tokens: tuple[int, ...]
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    pending_token: int | None = None  # sampled, not yet decoded
+    generated_tokens: int = 0
+    chunk_stop: int | None = None  # prefill chunks must end here (a prefix to register)
+    shared_cells_expected: int = 0  # left out of the reservation: a hot prefix provides them
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_tokens)
+
+
+@dataclass
+class Scheduler:
+    """Owns the sequence slots and the wait queue.
+
+    Invariants (checked by `check_invariants`): a slot is free or held by exactly one running
+    sequence, and every running sequence has a reservation in `budget`. `enqueue`,
+    `cancel_waiting` and the figures may be called from any thread; everything else only from
+    the engine thread.
+    """
+
+    num_slots: int
+    budget: KVBudget
+    batch_tokens: int
+    max_waiting: int
+    running: dict[int, SeqProgress] = field(default_factory=dict)
+    _waiting: deque[Pending] = field(default_factory=deque)
+    _free_slots: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))
+
+    # --- any thread -------------------------------------------------------------------------
+    def enqueue(self, pending: Pending) -> None:
+        if pending.cells_needed > self.budget.total_cells:
+            raise RequestTooLargeError(
+                f"prompt + max_tokens = {pending.cells_needed} tokens exceeds this replica's "
+                f"{self.budget.total_cells} KV cells"
+            )
+        with self._lock:
+            # Requests that a free slot will take at the next step do not count as queued.
+            if len(self._waiting) >= self.max_waiting + len(self._free_slots):
+                raise QueueFullError(f"{len(self._waiting)} requests already waiting")
+            self._waiting.append(pending)
+
+    def cancel_waiting(self, request_id: str) -> Pending | None:
+        with self._lock:
+            for pending in self._waiting:
+                if pending.request.request_id == request_id:
+                    self._waiting.remove(pending)
+                    return pending
+        return None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def drain_waiting(self) -> list[Pending]:
+        with self._lock:
+            drained = list(self._waiting)
+            self._waiting.clear()
+        return drained
+
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self._waiting)
+
+    # --- engine thread ----------------------------------------------------------------------
+    def waiting(self) -> list[Pending]:
+        """The wait queue, first come first."""
+        with self._lock:
+            return list(self._waiting)
+
+    def next_to_admit(self) -> Pending | None:
+        """The request at the head of the queue while a slot is free for it; else None."""
+        with self._lock:
+            if self._waiting and self._free_slots:
+                return self._waiting[0]
+        return None
+
+    def can_admit(self, pending: Pending, shared_cells: int = 0) -> bool:
+        """Whether `pending` fits now: a free slot, and cells for all it needs but the
+        `shared_cells` a hot prefix provides."""
+        need = pending.cells_needed - shared_cells
+        return bool(self._free_slots) and self.budget.can_admit(need)
+
+    def admit(self, pending: Pending, shared_cells: int = 0) -> SeqProgress | None:
+        """Move `pending` from the queue into a slot and reserve its cells (call `can_admit`
+        first); None when it left the queue meanwhile (cancelled)."""
+        with self._lock:
+            try:
+                self._waiting.remove(pending)
+            except ValueError:
+                return None
+            slot = self._free_slots.pop()
+        progress = SeqProgress(
+            slot=slot,
+            prompt_tokens=pending.request.prompt_tokens,
+            shared_cells_expected=shared_cells,
+        )
+        self.budget.admit(slot, pending.cells_needed - shared_cells)
+        self.running[slot] = progress
+        return progress
+
+    def plan(self) -> list[Chunk]:
+        """The chunks of the next step; empty when nothing can run."""
+        budget = self.batch_tokens
+        chunks: list[Chunk] = []
+        for seq in self.running.values():
+            if seq.pending_token is not None and budget > 0:
+                chunks.append(
+                    Chunk(seq.slot, [seq.pending_token], seq.num_computed_tokens, True, False)
+                )
+                budget -= 1
+        for seq in self.running.values():
+            if not seq.prefilling or budget <= 0:
+                continue
+            start = seq.num_computed_tokens
+            take = min(len(seq.prompt_tokens) - start, budget)
+            if seq.chunk_stop is not None and start < seq.chunk_stop:
+                take = min(take, seq.chunk_stop - start)
+            last = start + take == len(seq.prompt_tokens)
+            tokens = list(seq.prompt_tokens[start : start + take])
+            chunks.append(Chunk(seq.slot, tokens, start, want_logits=last, prefill=True))
+            budget -= take
+        return chunks
+
+    def release(self, slot: int) -> SeqProgress:
+        progress = self.running.pop(slot)
+        self.budget.release(slot)
+        self._free_slots.append(slot)
+        return progress
+
+    def check_invariants(self) -> None:
+        held = set(self.running)
+        free = set(self._free_slots)
+        assert not held & free, f"slots both held and free: {held & free}"
+        assert held | free == set(range(self.num_slots)), "a slot is lost"
+        assert len(self._free_slots) == len(free), "a slot is free twice"
+        assert self.budget.reserving_slots == held, "reservations and running sequences differ"
+        self.budget.check_invariants()

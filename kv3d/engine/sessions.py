@@ -1,0 +1,340 @@
+"""Sessions: a finished conversation's KV is kept, and resumed when the conversation returns.
+
+A session is keyed by its id (`X-Session-ID`, or OpenAI's `user`), or, with `auto_sessions`,
+by its history's last whole block (`auto:<key>`), so that a request repeating an earlier
+history finds it without an id. Its KV is a family prefix shared with other sessions plus the
+cells private to it, and it lives in one of these places:
+
+- **hot**: kept in the KV cache as an idle child of its family prefix (`keep`), while there is
+  a free holder sequence; the next turn shares its cells exactly;
+- **warm / cold / shared**: its private cells as an int8 delta in `SessionStore` (`park`), when
+  it could not stay hot or was evicted from the cache under pressure (`demote`).
+
+A returning request takes its stored session off the store at submit (decoded on the store's
+worker thread while it waits), and at admission `resume` restores the private cells into its
+sequence and shares the family prefix back. When the family prefix is not hot (a restart) the
+resume is deferred: the prefix is prefilled as on a miss, and the delta goes on top of it
+(`after_prefix`). Nothing here can make output wrong: whatever does not check out is
+recomputed.
+
+`NoSessions` is the null object for reuse off and safe mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from kv3d.engine.generation import GenerationRequest
+from kv3d.engine.memory import load_cells
+from kv3d.engine.prefix import Block, HotPrefix, PrefixMatch
+from kv3d.engine.reuse import Admission, PrefixReuse
+from kv3d.engine.scheduler import Pending, SeqProgress
+from kv3d.engine.statefmt import build_seq_state, cells_from, parse_seq_state
+from kv3d.engine.tiers import Resumable, SessionStore, SharedSessions
+
+log = logging.getLogger(__name__)
+
+AUTO_SESSION_PREFIX = "auto:"  # sessions detected from their history, keyed by its last block
+
+
+def auto_session_key(block_key: int) -> str:
+    return f"{AUTO_SESSION_PREFIX}{block_key:016x}"
+
+
+def same_conversation(kept_key: str, new_key: str) -> bool:
+    """Whether a sequence that continued session `kept_key` is the next turn of it. Auto keys
+    name a history's last block, so every turn of one auto session has a new key."""
+    if kept_key == new_key:
+        return True
+    return kept_key.startswith(AUTO_SESSION_PREFIX) and new_key.startswith(AUTO_SESSION_PREFIX)
+
+
+def common_prefix_tokens(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+class PrivateCells:
+    """The part of a sequence state that is the session's own: cells at or after the family
+    prefix. Cutting them out is deferred to the store's worker thread (`bytes(...)`)."""
+
+    def __init__(self, blob: bytes, prefix_tokens: int):
+        self.blob, self.prefix_tokens = blob, prefix_tokens
+
+    def __bytes__(self) -> bytes:
+        if self.prefix_tokens == 0:
+            return self.blob
+        return build_seq_state(cells_from(parse_seq_state(self.blob), self.prefix_tokens))
+
+
+class Sessions:
+    """Keeps, parks, demotes and resumes the sessions of one engine.
+
+    Invariants: a kept hot session is an idle child prefix of its family prefix, which it pins;
+    at most one hot turn of a conversation is current (a newer turn marks the older one
+    `superseded`, and it drops with its last user); a stored session is resumed only when its
+    fingerprint is this engine's and its history agrees with the prompt beyond the family
+    prefix. Engine thread, except the methods marked "any thread".
+    """
+
+    def __init__(self, reuse: PrefixReuse, store: SessionStore, *, auto: bool):
+        self.reuse = reuse
+        self.store = store
+        self.auto = auto
+        self.fingerprint = reuse.fingerprint
+        self._memory = reuse.cache.ctx
+        reuse.cache.on_evict = self.demote
+
+    # --- any thread -------------------------------------------------------------------------
+    def take_for(
+        self, request: GenerationRequest, blocks: list[Block], hot: frozenset[str]
+    ) -> Future | None:
+        """Start fetching and decoding the stored session `request` continues (None when there
+        is none, or it is still hot here: the hot cells are exact and need no fetch)."""
+        key = self._key_to_resume(request, blocks)
+        if key is None or key in hot:
+            return None
+        return self.store.take(key)
+
+    def recent_ids(self, limit: int) -> list[str]:
+        return self.store.recent_ids(limit)
+
+    def stats(self) -> dict[str, float]:
+        return self.store.stats()
+
+    def set_shared(self, shared: SharedSessions) -> None:
+        self.store.shared = shared
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def _key_to_resume(self, request: GenerationRequest, blocks: list[Block]) -> str | None:
+        """By its id, else (auto sessions) the deepest of its blocks that ended an earlier
+        conversation's history."""
+        if request.session_id:
+            return request.session_id
+        if not self.auto:
+            return None
+        family = request.family_tokens or 0
+        for block in reversed(blocks):
+            if block.end_tokens <= family:
+                break  # what only the family prefix shares is a prefix hit, not a session
+            key = auto_session_key(block.key)
+            if self.store.holds(key):
+                return key
+        return None
+
+    # --- admission --------------------------------------------------------------------------
+    def resume(self, pending: Pending, progress: SeqProgress) -> Admission | None:
+        """Put the request's stored session back into its sequence; None when there is none
+        to resume here, or it cannot be done exactly (the request is admitted as any other)."""
+        if pending.session is None:
+            return None
+        hot = self.reuse.match(pending)
+        if hot is not None and hot.prefix.session_key is not None:
+            return None  # still hot here: exact cells beat any stored copy
+        resumable: Resumable | None = pending.session.result()
+        if resumable is None:
+            return None
+        started = time.perf_counter()
+        record = resumable.record
+        prompt = pending.request.prompt_tokens
+        common = common_prefix_tokens(record.tokens, prompt, len(prompt) - 1)
+        p = record.prefix_tokens
+        if record.fingerprint != self.fingerprint or common <= p:
+            return None
+        family = None
+        if p > 0:
+            if (hot is None or hot.n_tokens < p) and pending.snapshot is not None:
+                restored, _ = self.reuse.restore_snapshot(pending.snapshot, prompt)
+                hot = restored if restored is not None else hot
+            if hot is None or hot.n_tokens < p:
+                return self._defer(resumable, self.reuse.blocks_of(pending), progress)
+            family = PrefixMatch(hot.prefix, p)
+        if not self._load(progress.slot, resumable, "session not restored, recomputing"):
+            return None
+        admission = Admission()
+        if family is not None:
+            admission = self.reuse.share(family, progress)
+        self._trim(progress, record.tokens, common)
+        admission.cached_tokens = common
+        admission.resume_s = resumable.decode_s + time.perf_counter() - started
+        admission.resume_tier = resumable.tier
+        return admission
+
+    def after_prefix(self, admission: Admission, progress: SeqProgress) -> None:
+        """The sequence's registration prefix just became hot: put a deferred session's
+        private cells on top of it."""
+        resumable = admission.deferred_session
+        if resumable is None:
+            return
+        admission.deferred_session = None
+        started = time.perf_counter()
+        record = resumable.record
+        p = record.prefix_tokens
+        if admission.prefix is None or admission.prefix_tokens != p:
+            return  # the prefix could not be kept hot: its cells stay private, no delta
+        prompt = progress.prompt_tokens
+        common = common_prefix_tokens(record.tokens, prompt, len(prompt) - 1)
+        loaded = self._load(progress.slot, resumable, "session not restored after its prefix")
+        # The load replaced the slot's cells (or emptied them): share the prefix back either way.
+        self._memory.seq_copy(admission.prefix.seq_id, progress.slot, 0, p)
+        if not loaded:
+            return
+        self._trim(progress, record.tokens, common)
+        admission.cached_tokens = common - p
+        admission.resume_s = resumable.decode_s + time.perf_counter() - started
+        admission.resume_tier = resumable.tier
+
+    def _defer(
+        self, resumable: Resumable, blocks: list[Block], progress: SeqProgress
+    ) -> Admission | None:
+        """The family prefix is not hot (a restart, an eviction): prefill it as a miss would,
+        then restore the session's delta on top (`after_prefix`)."""
+        p = resumable.record.prefix_tokens
+        register = tuple(b for b in blocks if b.end_tokens <= p)
+        if not register or register[-1].end_tokens != p:
+            return None
+        progress.chunk_stop = p
+        return Admission(register_blocks=register, deferred_session=resumable)
+
+    def _load(self, slot: int, resumable: Resumable, what: str) -> bool:
+        try:
+            load_cells(self._memory, slot, resumable.blob, len(resumable.record.tokens))
+        except (ValueError, RuntimeError) as exc:
+            self.reuse.counters["session_restore_failures_total"] += 1
+            self.reuse.count_state_failure()
+            log.warning("%s: %s", what, exc)
+            return False
+        return True
+
+    def _trim(self, progress: SeqProgress, history: tuple[int, ...], common: int) -> None:
+        """Drop what the stored history holds past where the prompt diverges from it."""
+        if common < len(history):
+            self._memory.seq_remove(progress.slot, common, -1)
+        progress.num_computed_tokens = common
+
+    # --- keeping ------------------------------------------------------------------------------
+    def keep(
+        self,
+        request: GenerationRequest,
+        admission: Admission,
+        progress: SeqProgress,
+        output_ids: list[int],
+    ) -> None:
+        """Keep a finished conversation: hot while there is room, else as a warm int8 delta."""
+        n = progress.num_computed_tokens
+        history = (request.prompt_tokens + tuple(output_ids))[:n]
+        key = self._key_to_keep(request, history)
+        if key is None or n <= admission.prefix_tokens:
+            return
+        if self._keep_hot(admission, progress, history, request, key):
+            if self.store.shared is not None:  # write-behind: other replicas can resume it
+                shared, blob = self._private_state(progress.slot, admission)
+                self.store.park(key, self.fingerprint, history, shared, blob, local=False)
+            return
+        shared, blob = self._private_state(progress.slot, admission)
+        self.store.park(key, self.fingerprint, history, shared, blob)
+
+    def _key_to_keep(self, request: GenerationRequest, history: tuple[int, ...]) -> str | None:
+        if request.session_id:
+            return request.session_id
+        if not self.auto:
+            return None
+        # Keyed by the history's last whole block: the next turn's prompt repeats the history,
+        # so its blocks include this one.
+        blocks = self.reuse.blocks_for(history + (0,), request.family_tokens, request.cache_salt)
+        if not blocks or blocks[-1].end_tokens <= (request.family_tokens or 0):
+            return None  # nothing private beyond the family prefix: not worth keeping
+        return auto_session_key(blocks[-1].key)
+
+    def _keep_hot(
+        self,
+        admission: Admission,
+        progress: SeqProgress,
+        history: tuple[int, ...],
+        request: GenerationRequest,
+        key: str,
+    ) -> bool:
+        """Keep the history's whole blocks hot as an idle session, so the next turn shares its
+        cells. False when there is nothing private to keep or no free holder."""
+        blocks = self.reuse.blocks_for(history + (0,), request.family_tokens, request.cache_salt)
+        parent, shared = admission.prefix, admission.prefix_tokens
+        if parent is not None and parent.session_key is not None:
+            if same_conversation(parent.session_key, key):
+                # A resumed turn: the new history replaces the old one (kept hot here or
+                # parked warm by the caller); the old one goes with its last user.
+                parent.superseded = True
+            # Either way the new session hangs off the family prefix, not off another session.
+            parent, shared = parent.parent, parent.parent_tokens
+        cache = self.reuse.cache
+        if not blocks or blocks[-1].end_tokens <= shared or not cache.free_a_holder():
+            return False
+        end = blocks[-1].end_tokens
+        session = cache.keep_session(progress.slot, history[:end], blocks, key, parent, shared)
+        # The kept cells leave the sequence's reservation: the session holds them now.
+        self.reuse.budget.unreserve(progress.slot, session.owned_cells)
+        return True
+
+    def _private_state(self, slot: int, admission: Admission) -> tuple[int, PrivateCells]:
+        """(family prefix tokens, a lazy cut of the slot's state past them)."""
+        shared, prefix = admission.prefix_tokens, admission.prefix
+        if prefix is not None and prefix.session_key is not None:
+            shared = prefix.parent_tokens  # a resumed turn: keep all that is not the family's
+        return shared, PrivateCells(self._memory.seq_state(slot), shared)
+
+    def demote(self, prefix: HotPrefix) -> None:
+        """An idle session leaves the KV cache (LRU, under pressure): into the warm tier."""
+        if prefix.session_key is None:
+            return
+        blob = PrivateCells(self._memory.seq_state(prefix.seq_id), prefix.parent_tokens)
+        self.store.park(
+            prefix.session_key, self.fingerprint, prefix.tokens, prefix.parent_tokens, blob
+        )
+
+    def close(self) -> None:
+        """Park every idle session kept hot (shutdown, scale-down), then store what is pending:
+        nothing hot is lost."""
+        for prefix in self.reuse.cache.hot():
+            if prefix.session_key is not None and not prefix.superseded:
+                try:
+                    self.demote(prefix)
+                except Exception:
+                    log.exception("could not demote session %s", prefix.session_key)
+        self.store.close()
+
+
+class NoSessions:
+    """Sessions off (reuse off, or safe mode): nothing is kept, parked or resumed."""
+
+    def take_for(self, request, blocks, hot) -> None:
+        return None
+
+    def recent_ids(self, limit: int) -> list[str]:
+        return []
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def set_shared(self, shared: SharedSessions) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def resume(self, pending: Pending, progress: SeqProgress) -> None:
+        return None
+
+    def after_prefix(self, admission: Admission, progress: SeqProgress) -> None:
+        pass
+
+    def keep(self, request, admission, progress, output_ids) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

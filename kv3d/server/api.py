@@ -1,0 +1,689 @@
+"""The OpenAI-compatible HTTP API, as a plain FastAPI app over any `GenerateBackend`.
+
+This is the boundary: bodies are validated, prompts rendered and tokenized, limits checked, and
+every failure becomes an OpenAI-shaped error with its status here. It does not know about Ray:
+`deployments/ingress.py` serves it with a backend that calls model replicas through a
+DeploymentHandle; `LocalBackend` runs it over an in-process engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kv3d.engine.engine import Engine
+from kv3d.engine.generation import (
+    EngineStats,
+    Finished,
+    GenerationRequest,
+    Rejected,
+    RejectReason,
+    StreamEvent,
+    TextDelta,
+    TokenLogprob,
+    ends_stream,
+)
+from kv3d.server import dashboard
+from kv3d.server.chat import TemplateError, Tokenizer
+from kv3d.server.dashboard import build_stats
+from kv3d.server.guard import OPEN, Guard, Tenant
+from kv3d.server.metrics import CONTENT_TYPE, ServerMetrics
+from kv3d.server.openai_schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    now_s,
+    usage_dict,
+)
+
+log = logging.getLogger(__name__)
+
+HEALTH = {"status": "ok", "service": "kv3d-engine"}
+MAX_SESSION_ID_CHARS = 256
+
+
+class GenerateBackend(Protocol):
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Stream the request's events; closing the iterator early must cancel the request."""
+        ...
+
+    async def engine_stats(self) -> list[EngineStats]:
+        """Fresh engine counters from the replica(s) this backend can reach right now."""
+        ...
+
+    async def snapshot_stats(self) -> dict[str, Any] | None:
+        """The snapshot registry's figures (`snapshots`, `bytes`), or None without one."""
+        ...
+
+    def safe_mode(self) -> bool:
+        """Whether any model replica serves in safe mode (cheap: no remote call)."""
+        ...
+
+
+class LocalBackend:
+    """Runs requests on an engine in this process (no Ray)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        return self.engine.stream(request)
+
+    async def engine_stats(self) -> list[EngineStats]:
+        return [self.engine.stats()]
+
+    async def snapshot_stats(self) -> dict[str, Any] | None:
+        return None
+
+    def safe_mode(self) -> bool:
+        return self.engine.safe_mode
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model_id: str
+    tokenizer: Tokenizer
+    context_tokens: int  # most prompt + completion tokens of one sequence
+    created_s: int = field(default_factory=now_s)
+
+
+def build_api(
+    served: ServedModel,
+    backend: GenerateBackend,
+    metrics: ServerMetrics | None = None,
+    guard: Guard | None = None,
+) -> FastAPI:
+    app = FastAPI(title="KV3D", version="0.1.0")
+    metrics = metrics or ServerMetrics()
+    guard = guard or Guard()
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_key_and_size(request: Request, call_next):
+        # Before routing: an unauthenticated caller learns nothing, not even which routes exist.
+        if not _is_open(request.scope):
+            try:
+                request.state.tenant = guard.authenticate(request.headers.get("authorization"))
+                _check_declared_length(request, guard.limits.max_body_bytes)
+            except APIError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {**HEALTH, "mode": "safe" if backend.safe_mode() else "normal"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        for stats in await backend.engine_stats():
+            metrics.engine.observe(stats)
+        snapshots = await backend.snapshot_stats()
+        if snapshots is not None:
+            metrics.snapshots.snapshots = snapshots["snapshots"]
+            metrics.snapshots.bytes = snapshots["bytes"]
+            metrics.snapshots.shared_sessions = snapshots.get("sessions", 0)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/kv3d/stats")
+    async def kv3d_stats() -> dict[str, Any]:
+        engines = await backend.engine_stats()
+        for stats in engines:
+            metrics.engine.observe(stats)
+        registry = await backend.snapshot_stats()
+        return build_stats(engines, registry, metrics, backend.safe_mode())
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return _asset_response("dashboard.html")
+
+    @app.get("/dashboard/{name}")
+    async def dashboard_asset(name: str) -> Response:
+        return _asset_response(name)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != served.model_id:
+            raise APIError(404, f"model {model_id!r} not found", code="model_not_found")
+        return _model_card(served)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started_s = time.perf_counter()
+        req = await _parse(request, ChatCompletionRequest, guard.limits.max_body_bytes)
+        if len(req.messages) > guard.limits.max_messages:
+            raise APIError(
+                400,
+                f"{len(req.messages)} messages; at most {guard.limits.max_messages} are accepted",
+                param="messages",
+                code="too_many_messages",
+            )
+        messages = req.chat_messages()
+        try:
+            prompt = served.tokenizer.encode_chat(messages)
+            family = served.tokenizer.family_tokens(messages, prompt)
+        except TemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        tenant = _tenant(request)
+        session_header = request.headers.get("x-session-id")
+        if session_header is not None and not 0 < len(session_header) <= MAX_SESSION_ID_CHARS:
+            raise APIError(
+                400,
+                f"X-Session-ID must have 1 to {MAX_SESSION_ID_CHARS} characters",
+                param="X-Session-ID",
+            )
+        gen = _generation_request(
+            "chatcmpl",
+            req,
+            prompt,
+            _limits(served, guard),
+            req.requested_top_logprobs(),
+            tenant,
+            family,
+            session_header or req.user,
+        )
+        view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
+        return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        started_s = time.perf_counter()
+        req = await _parse(request, CompletionRequest, guard.limits.max_body_bytes)
+        prompt = served.tokenizer.encode_text(req.prompt)  # type: ignore[arg-type]
+        tenant = _tenant(request)
+        gen = _generation_request("cmpl", req, prompt, _limits(served, guard), req.logprobs, tenant)
+        view = _CompletionView(gen.request_id, served.model_id, req.include_usage_in_stream)
+        return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
+
+    return app
+
+
+def _asset_response(name: str) -> Response:
+    try:
+        body = dashboard.asset(name)
+    except KeyError:
+        raise APIError(404, f"no dashboard file {name!r}", type="not_found_error") from None
+    return Response(body, media_type=dashboard.ASSETS[name])
+
+
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    return {
+        "id": served.model_id,
+        "object": "model",
+        "created": served.created_s,
+        "owned_by": "kv3d",
+        "context_length": served.context_tokens,
+    }
+
+
+# --- request handling ----------------------------------------------------------------------
+# Open without a key: the health probe, and the dashboard's static files (they hold no data;
+# the page asks for a key when /v1/kv3d/stats answers 401).
+OPEN_PATHS = ("/health", "/dashboard", "/dashboard/kv3dchart.js")
+
+
+def _is_open(scope: dict[str, Any]) -> bool:
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return any(path in (p, root + p) for p in OPEN_PATHS)
+
+
+def _tenant(request: Request) -> Tenant:
+    return getattr(request.state, "tenant", OPEN)
+
+
+def _too_large(limit_bytes: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit_bytes} bytes", code="request_too_large")
+
+
+def _check_declared_length(request: Request, limit_bytes: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise _too_large(limit_bytes)
+
+
+@dataclass(frozen=True)
+class _TokenLimits:
+    context_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _limits(served: ServedModel, guard: Guard) -> _TokenLimits:
+    lim = guard.limits
+    ctx = served.context_tokens
+    return _TokenLimits(
+        ctx,
+        min(ctx, lim.max_prompt_tokens) if lim.max_prompt_tokens else ctx,
+        min(ctx, lim.max_completion_tokens) if lim.max_completion_tokens else ctx,
+    )
+
+
+async def _parse(request: Request, model: type[BaseModel], limit_bytes: int) -> Any:
+    raw = bytearray()
+    async for chunk in request.stream():  # bounded even when no length was declared
+        raw += chunk
+        if len(raw) > limit_bytes:
+            raise _too_large(limit_bytes)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        raise APIError(400, message, param=param) from None
+
+
+def _generation_request(
+    kind: str,
+    req: Any,
+    prompt: list[int],
+    limits: _TokenLimits,
+    top_logprobs: int | None,
+    tenant: Tenant,
+    family_tokens: int | None = None,
+    session_id: str | None = None,
+) -> GenerationRequest:
+    if not prompt:
+        raise APIError(400, "the prompt is empty after tokenization", param="messages")
+    if len(prompt) > limits.prompt_tokens and limits.prompt_tokens < limits.context_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt)} tokens; this server accepts at most "
+            f"{limits.prompt_tokens}",
+            param="messages",
+            code="prompt_too_long",
+        )
+    if req.max_tokens is not None and req.max_tokens > limits.completion_tokens:
+        raise APIError(
+            400,
+            f"max_tokens is {req.max_tokens}; this server allows at most "
+            f"{limits.completion_tokens}",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    context_tokens = limits.context_tokens
+    room = context_tokens - len(prompt)
+    if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
+        asked = len(prompt) + (req.max_tokens or 1)
+        raise APIError(
+            400,
+            f"this model's context is {context_tokens} tokens; the request needs {asked} "
+            f"({len(prompt)} prompt + {req.max_tokens or 1} completion). Shorten the messages "
+            "or lower max_tokens.",
+            param="max_tokens" if room > 0 else "messages",
+            code="context_length_exceeded",
+        )
+    return GenerationRequest(
+        request_id=f"{kind}-{uuid.uuid4().hex}",
+        prompt_tokens=tuple(prompt),
+        max_tokens=req.max_tokens or min(room, limits.completion_tokens),
+        sampling=req.sampling(),
+        stop=req.stop_strings(),
+        top_logprobs=top_logprobs,
+        family_tokens=family_tokens,
+        session_id=tenant.session_id(session_id),
+        ignore_eos=req.ignore_eos,
+        cache_salt=tenant.cache_salt(req.cache_salt),
+    )
+
+
+async def _respond(
+    backend: GenerateBackend,
+    metrics: ServerMetrics,
+    guard: Guard,
+    tenant: Tenant,
+    gen: GenerationRequest,
+    view: _View,
+    stream: bool,
+    started_s: float,
+) -> Response:
+    guard.acquire(tenant)  # released when the event stream is closed, whatever happens
+    metrics.prompt_tokens.inc(len(gen.prompt_tokens))
+    events = _Observed(
+        backend.generate(gen), metrics, started_s, on_close=lambda: guard.release(tenant)
+    )
+    if not stream:
+        try:
+            result = await events.collect()
+        finally:
+            await events.aclose()
+        return JSONResponse(view.full(result))
+    try:
+        first = await events.first()
+    except BaseException:
+        await events.aclose()
+        raise
+    return StreamingResponse(
+        _sse(view, first, events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@dataclass
+class _Result:
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: Finished | None = None
+
+
+class _Observed:
+    """Wraps a backend's event stream: records metrics, turns `Rejected` into `APIError`."""
+
+    def __init__(
+        self,
+        events: AsyncIterator[StreamEvent],
+        metrics: ServerMetrics,
+        t0: float,
+        on_close: Callable[[], None] | None = None,
+    ):
+        self._events = events
+        self._metrics = metrics
+        self._t0 = t0
+        self._on_close = on_close
+        self._last_token_s: float | None = None
+        self._active = True
+        metrics.active_requests.inc()
+
+    async def first(self) -> StreamEvent:
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            raise APIError(503, "the model replica sent nothing", type="server_error") from None
+
+    async def rest(self) -> AsyncIterator[StreamEvent]:
+        while True:
+            try:
+                event = await self._next()
+            except StopAsyncIteration:
+                return
+            yield event
+            if ends_stream(event):
+                return
+
+    async def collect(self) -> _Result:
+        result = _Result()
+        async for event in self.rest():
+            if isinstance(event, TextDelta):
+                result.text += event.text
+                result.logprobs.extend(event.logprobs)
+            elif isinstance(event, Finished):
+                result.text += event.text
+                result.finish = event
+        if result.finish is None:
+            raise APIError(503, "the model replica ended the stream early", type="server_error")
+        return result
+
+    async def _next(self) -> StreamEvent:
+        try:
+            event = await self._events.__anext__()
+        except StopAsyncIteration:
+            raise
+        except APIError:
+            raise
+        except Exception as exc:  # replica died, handle failed: the client gets a clean error
+            log.exception("backend stream failed")
+            raise APIError(
+                503, f"model replica unavailable: {type(exc).__name__}", type="server_error"
+            ) from exc
+        self._observe(event)
+        if isinstance(event, Rejected):
+            raise _rejected_error(event)
+        return event
+
+    def _observe(self, event: StreamEvent) -> None:
+        now = time.perf_counter()
+        m = self._metrics
+        if isinstance(event, TextDelta):
+            if self._last_token_s is None:
+                m.observe_ttft(now - self._t0)
+            else:
+                m.itl.observe((now - self._last_token_s) / max(event.num_tokens, 1))
+            self._last_token_s = now
+        elif isinstance(event, Finished):
+            if self._last_token_s is None:
+                m.observe_ttft(now - self._t0)
+            m.completion_tokens.inc(event.usage.completion_tokens)
+            if event.snapshot_restore_s is not None:
+                m.restore.observe(event.snapshot_restore_s)
+            if event.session_resume_s is not None:
+                m.observe_resume(event.session_tier or "warm", event.session_resume_s)
+
+    async def aclose(self) -> None:
+        if self._active:
+            self._active = False
+            self._metrics.active_requests.dec()
+            if self._on_close is not None:
+                self._on_close()
+            closer = getattr(self._events, "aclose", None)
+            if closer is not None:
+                await closer()
+
+
+# The one place an engine's reason for not running a request becomes HTTP:
+# reason -> (status, OpenAI error type, error code).
+REJECTION_HTTP: dict[RejectReason, tuple[int, str, str]] = {
+    "too_large": (400, "invalid_request_error", "context_length_exceeded"),
+    "queue_full": (429, "rate_limit_error", "queue_full"),
+    "unavailable": (503, "server_error", "unavailable"),
+    "internal": (500, "server_error", "engine_error"),
+}
+
+
+def _rejected_error(event: Rejected) -> APIError:
+    status, kind, code = REJECTION_HTTP[event.reason]
+    headers = {"Retry-After": str(event.retry_after_s)} if event.retry_after_s else None
+    return APIError(status, event.message, type=kind, code=code, headers=headers)
+
+
+async def _sse(view: _View, first: StreamEvent, events: _Observed) -> AsyncIterator[bytes]:
+    def frame(payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    try:
+        yield frame(view.opening())
+        pending: list[StreamEvent] = [first]
+        async for event in _chain(pending, events.rest()):
+            for payload in view.chunks(event):
+                yield frame(payload)
+    except APIError as exc:
+        yield frame(exc.body())
+    finally:
+        await events.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+async def _chain(head: list[StreamEvent], tail: AsyncIterator[StreamEvent]):
+    for event in head:
+        yield event
+        if isinstance(event, Finished):
+            return
+    async for event in tail:
+        yield event
+
+
+# --- response shapes -------------------------------------------------------------------------
+class _View(Protocol):
+    def full(self, result: _Result) -> dict[str, Any]: ...
+    def opening(self) -> dict[str, Any]: ...
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class _ChatView:
+    request_id: str
+    model_id: str
+    include_usage: bool
+    created_s: int = field(default_factory=now_s)
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created_s,
+            "model": self.model_id,
+            "system_fingerprint": None,
+        }
+
+    def full(self, result: _Result) -> dict[str, Any]:
+        finish = result.finish
+        assert finish is not None
+        return {
+            **self._envelope("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "logprobs": chat_logprobs(result.logprobs) if result.logprobs else None,
+                    "finish_reason": _finish_reason(finish),
+                }
+            ],
+            **_usage_fields(finish),
+        }
+
+    def _chunk(self, delta: dict, finish_reason: str | None, logprobs=None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+
+    def opening(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            lp = chat_logprobs(list(event.logprobs)) if event.logprobs else None
+            return [self._chunk({"content": event.text}, None, lp)]
+        if not isinstance(event, Finished):
+            return []
+        out = []
+        if event.text:
+            out.append(self._chunk({"content": event.text}, None))
+        out.append(self._chunk({}, _finish_reason(event)))
+        if self.include_usage:
+            out.append(
+                {
+                    **self._envelope("chat.completion.chunk"),
+                    "choices": [],
+                    **_usage_fields(event),
+                }
+            )
+        return out
+
+
+@dataclass
+class _CompletionView:
+    request_id: str
+    model_id: str
+    include_usage: bool
+    created_s: int = field(default_factory=now_s)
+    _text_offset: int = 0
+
+    def _envelope(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created_s,
+            "model": self.model_id,
+            "system_fingerprint": None,
+        }
+
+    def _choice(self, text: str, finish_reason: str | None, logprobs=None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def full(self, result: _Result) -> dict[str, Any]:
+        finish = result.finish
+        assert finish is not None
+        lp = completion_logprobs(result.logprobs) if result.logprobs else None
+        return {
+            **self._envelope(),
+            "choices": [self._choice(result.text, _finish_reason(finish), lp)],
+            **_usage_fields(finish),
+        }
+
+    def opening(self) -> dict[str, Any]:
+        return {**self._envelope(), "choices": [self._choice("", None)]}
+
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            lp = None
+            if event.logprobs:
+                lp = completion_logprobs(list(event.logprobs), self._text_offset)
+            self._text_offset += len(event.text)
+            return [{**self._envelope(), "choices": [self._choice(event.text, None, lp)]}]
+        if not isinstance(event, Finished):
+            return []
+        out = [{**self._envelope(), "choices": [self._choice(event.text, _finish_reason(event))]}]
+        if self.include_usage:
+            out.append({**self._envelope(), "choices": [], **_usage_fields(event)})
+        return out
+
+
+def _usage_fields(finish: Finished) -> dict[str, Any]:
+    """`usage`, plus a KV3D extension saying where the prompt's KV came from (clients that do
+    not know it ignore it): `miss`, `hot` (shared cells) or `snapshot` (object store)."""
+    if finish.session_resume_s is not None:
+        source = "session"
+    elif finish.snapshot_restore_s is not None:
+        source = "snapshot"
+    else:
+        source = "hot" if finish.usage.cached_tokens else "miss"
+    ext = {"prefix_source": source}
+    if finish.session_tier is not None:
+        ext["session_resumed_from"] = finish.session_tier
+        ext["session_resume_ms"] = round(1000 * (finish.session_resume_s or 0.0), 3)
+    if finish.replica_id is not None:
+        ext["replica"] = finish.replica_id
+    return {"usage": usage_dict(finish.usage), "kv3d": ext}
+
+
+def _finish_reason(finish: Finished) -> str:
+    return "length" if finish.reason == "length" else "stop"
+
+
+# --- errors ------------------------------------------------------------------------------------
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        err = APIError(exc.status_code, str(exc.detail), type=kind)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in the API")
+        err = APIError(500, "internal server error", type="server_error")
+        return JSONResponse(err.body(), status_code=500)

@@ -1,0 +1,149 @@
+"""Chat prompts: render the model's chat template, then tokenize.
+
+The template is the Jinja source stored in the GGUF (`tokenizer.chat_template`), rendered in a
+sandbox, so each model gets the prompt format it was trained on. Some GGUFs ship without one
+(the bundled Gemma 3 270M does): then llama.cpp's built-in template for the model's
+architecture renders the conversation, and ChatML only when the architecture is unknown.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from kv3d.engine.llama import LlamaModel, apply_builtin_template
+
+# llama.cpp built-in template per `general.architecture`, for GGUFs without a template.
+BUILTIN_TEMPLATE_BY_ARCH = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "llama": "llama3",
+    "phi3": "phi3",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+}
+
+
+class TemplateError(ValueError):
+    """The chat template refused the conversation (e.g. roles out of the order it allows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class ChatTemplate(Protocol):
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str: ...
+
+
+class JinjaChatTemplate:
+    def __init__(self, source: str, *, bos_token: str, eos_token: str):
+        # Lenient undefined on purpose: templates test optional variables such as `tools`.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self._template = env.from_string(source)
+        self._bos_token = bos_token
+        self._eos_token = eos_token
+
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._bos_token,
+                eos_token=self._eos_token,
+            )
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"the model's chat template failed: {exc}") from exc
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class BuiltinChatTemplate:
+    """One of llama.cpp's named templates (`gemma`, `chatml`, …), rendered by llama.cpp."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        return apply_builtin_template(
+            self.name, [(m.role, m.content) for m in messages], add_generation_prompt
+        )
+
+
+class Tokenizer:
+    """The model's vocabulary and chat template, without its weights (cheap for the ingress)."""
+
+    def __init__(self, model: LlamaModel):
+        self._model = model
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        return cls(LlamaModel(path, vocab_only=True))
+
+    def close(self) -> None:
+        self._model.close()
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._model.n_ctx_train
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        m = self._model
+        source = m.chat_template()
+        if source is None:
+            arch = m.meta("general.architecture") or ""
+            return BuiltinChatTemplate(BUILTIN_TEMPLATE_BY_ARCH.get(arch, "chatml"))
+        bos = m.token_to_piece(m.token_bos(), special=True).decode("utf-8", "replace")
+        eos = m.token_to_piece(m.token_eos(), special=True).decode("utf-8", "replace")
+        return JinjaChatTemplate(source, bos_token=bos, eos_token=eos)
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        return self._encode_rendered(self.chat_template.render(messages))
+
+    def family_tokens(self, messages: list[ChatMessage], prompt: list[int]) -> int | None:
+        """Where the leading system messages end in `prompt`: the family prefix that sessions
+        with the same system prompt share. None when there is none, or when the template does
+        not render them as a token prefix of the whole conversation."""
+        leading = []
+        for message in messages:
+            if message.role != "system":
+                break
+            leading.append(message)
+        if not leading or len(leading) == len(messages):
+            return None
+        text = self.chat_template.render(leading, add_generation_prompt=False)
+        if not text.strip():  # the template folds system text into the first user turn
+            return None
+        head = self._encode_rendered(text)
+        n = len(head)
+        return n if 0 < n < len(prompt) and prompt[:n] == head else None
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        # The template writes its own special tokens (BOS included, where the model uses one).
+        tokens = self._model.tokenize(text, add_special=False, parse_special=True)
+        bos = self._model.token_bos()
+        if self._model.add_bos and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        return tokens
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._model.tokenize(text, add_special=True, parse_special=False)
+
+    def decode(self, tokens: list[int]) -> str:
+        return b"".join(self._model.token_to_piece(t) for t in tokens).decode("utf-8", "replace")

@@ -1,0 +1,114 @@
+"""The API's guardrails: who may call, under which cache namespace, and how much at once.
+
+Keys are kept only as SHA-256 digests (the raw key never reaches logs, the Serve application's
+arguments or the dashboard) and compared in constant time against every known digest. Each key
+is a tenant: its namespace salts every prefix block key and scopes every session id, so one
+tenant can neither hit nor time another tenant's cached prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kv3d.config import LimitsConfig
+from kv3d.server.openai_schema import APIError
+
+NAMESPACE_CHARS = 16
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def digests_from_setting(api_key: str) -> tuple[str, ...]:
+    """`server.api_key` (one key, or several separated by commas) as digests."""
+    return tuple(key_digest(k.strip()) for k in api_key.split(",") if k.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    namespace: str = ""  # "" when the API is open
+
+    def cache_salt(self, request_salt: str | None) -> str:
+        """The salt of this tenant's block keys, with the request's own `cache_salt`."""
+        if not self.namespace and not request_salt:
+            return ""
+        return f"{self.namespace}|{request_salt or ''}"
+
+    def session_id(self, session_id: str | None) -> str | None:
+        if session_id is None or not self.namespace:
+            return session_id
+        return f"{self.namespace}/{session_id}"
+
+
+OPEN = Tenant()
+
+
+class Guard:
+    """Authenticates requests and counts each tenant's generation requests in flight.
+
+    Invariant: `_in_flight[tenant]` is the number of `acquire`s not yet `release`d; it never
+    exceeds `limits.max_streams_per_key`. Thread-safe.
+    """
+
+    def __init__(self, key_digests: Iterable[str] = (), limits: LimitsConfig | None = None):
+        self._digests = tuple(key_digests)
+        self.limits = limits or LimitsConfig()
+        self._in_flight: dict[Tenant, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if not self._digests:
+            return OPEN
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise _unauthorized("missing API key: send Authorization: Bearer <key>")
+        digest = key_digest(token)
+        found = False
+        for known in self._digests:  # no early exit: the time does not tell which key matched
+            found |= hmac.compare_digest(digest, known)
+        if not found:
+            raise _unauthorized("invalid API key")
+        return Tenant(digest[:NAMESPACE_CHARS])
+
+    def acquire(self, tenant: Tenant) -> None:
+        """Count one more request in flight for `tenant`, or raise 429 past the limit."""
+        with self._lock:
+            n = self._in_flight.get(tenant, 0)
+            if n >= self.limits.max_streams_per_key:
+                raise APIError(
+                    429,
+                    f"too many concurrent requests for this API key "
+                    f"(limit {self.limits.max_streams_per_key})",
+                    type="rate_limit_error",
+                    code="too_many_concurrent_requests",
+                    headers={"Retry-After": "1"},
+                )
+            self._in_flight[tenant] = n + 1
+
+    def release(self, tenant: Tenant) -> None:
+        with self._lock:
+            n = self._in_flight.get(tenant, 0) - 1
+            if n > 0:
+                self._in_flight[tenant] = n
+            else:
+                self._in_flight.pop(tenant, None)
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(
+        401,
+        message,
+        type="invalid_request_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

@@ -1,0 +1,167 @@
+"""Sessions on a fake KV memory: keep hot, park warm, demote, resume, defer, and the auto-session
+keys, with the KV budget's invariants checked after every move. The tiers are the real
+`SessionStore` (int8 codec, cold files in a temp folder)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kv3d.engine.generation import GenerationRequest
+from kv3d.engine.sessions import AUTO_SESSION_PREFIX, auto_session_key, same_conversation
+from kv3d.engine.tiers import SessionStore
+from tests.unit.fakememory import Harness
+
+FAMILY = tuple(range(1000, 1040))
+TURN1 = tuple(range(1, 21))
+REPLY1 = (70, 71, 72, 73)
+TURN2 = (80, 81, 82, 83, 84, 85, 86, 87)
+
+
+def request(rid, private, session_id=None, max_tokens=4):
+    return GenerationRequest(
+        rid, FAMILY + private, max_tokens, family_tokens=len(FAMILY), session_id=session_id
+    )
+
+
+def first_turn(h: Harness, session_id="chat-1"):
+    progress, adm = h.admit(h.submit(request("t1", TURN1, session_id)))
+    h.prefill(progress)
+    h.generate(progress, REPLY1)
+    cells = h.memory.values(progress.slot)
+    h.finish(progress, REPLY1)
+    return cells
+
+
+def second_turn_request(session_id="chat-1"):
+    # The client sends the history back, plus its new message.
+    return request("t2", TURN1 + REPLY1 + TURN2, session_id)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SessionStore(warm_budget_bytes=64 << 20, cold_dir=str(tmp_path / "cold"))
+    yield s
+    s.close()
+
+
+def test_a_finished_conversation_stays_hot_and_its_next_turn_shares_its_cells(store):
+    h = Harness(store=store)
+    cells = first_turn(h)
+    hot = [p for p in h.reuse.cache.hot() if p.session_key == "chat-1"]
+    assert len(hot) == 1 and hot[0].parent is not None  # a child of the family prefix
+    assert h.budget.held_cells == h.reuse.cache.cells_held
+    h.check()
+    pending = h.submit(second_turn_request())
+    assert pending.session is None  # hot here: nothing to fetch
+    progress, adm = h.admit(pending)
+    kept = hot[0].n_tokens
+    assert adm.prefix is hot[0] and adm.cached_tokens == kept
+    assert h.memory.values(progress.slot) == {p: v for p, v in cells.items() if p < kept}
+    h.check()
+    h.prefill(progress)
+    h.finish(progress)
+    # The new turn replaced the old one, which dropped with its last user.
+    sessions = [p for p in h.reuse.cache.hot() if p.session_key == "chat-1"]
+    assert len(sessions) == 1 and sessions[0].n_tokens > kept
+    h.check()
+
+
+def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
+    h = Harness(store=store, holders=1)  # the family prefix takes the only holder
+    cells = first_turn(h)
+    store.flush()
+    assert store.stats()["sessions_warm"] == 1
+    pending = h.submit(second_turn_request())
+    assert pending.session is not None  # decoding while it waits
+    progress, adm = h.admit(pending)
+    history = len(FAMILY + TURN1 + REPLY1)
+    assert adm.resume_tier == "warm" and adm.cached_tokens == history
+    assert adm.prefix_tokens == len(FAMILY)  # the family comes back shared
+    assert progress.num_computed_tokens == history
+    restored = h.memory.values(progress.slot)
+    assert restored.keys() == cells.keys()
+    assert all(abs(restored[p] - v) <= 0.02 * abs(v) for p, v in cells.items())  # int8
+    assert h.budget.reserved_by(progress.slot) == pending.cells_needed - len(FAMILY)
+    h.check()
+
+
+def test_an_evicted_hot_session_is_demoted_to_the_warm_tier(store):
+    h = Harness(store=store)
+    first_turn(h)
+    assert store.stats()["sessions_warm"] == 0
+    h.reuse.evict_idle()
+    store.flush()
+    assert store.stats()["sessions_warm"] == 1 and store.holds("chat-1")
+    assert h.budget.held_cells == 0
+    h.check()
+
+
+def test_after_a_restart_the_family_is_recomputed_and_the_delta_goes_on_top(store):
+    h = Harness(store=store)
+    cells = first_turn(h)
+    h.sessions.close()  # shutdown: hot sessions are parked, warm ones written to disk
+
+    restarted_store = SessionStore(64 << 20, cold_dir=str(store.cold.folder))
+    h2 = Harness(store=restarted_store)  # same model, empty cache
+    pending = h2.submit(second_turn_request())
+    progress, adm = h2.admit(pending)
+    assert adm.deferred_session is not None and progress.chunk_stop == len(FAMILY)
+    assert progress.num_computed_tokens == 0
+    h2.prefill(progress, upto=len(FAMILY))
+    history = len(FAMILY + TURN1 + REPLY1)
+    assert adm.resume_tier == "cold" and progress.num_computed_tokens == history
+    restored = h2.memory.values(progress.slot)
+    assert restored.keys() == cells.keys()
+    h2.check()
+    restarted_store.close()
+
+
+def test_a_session_llama_cpp_refuses_is_recomputed_and_counted(store):
+    h = Harness(store=store, holders=1)
+    first_turn(h)
+    store.flush()
+    h.memory.refuse_restores = 1
+    progress, adm = h.admit(h.submit(second_turn_request()))
+    assert adm.resume_tier is None and adm.cached_tokens == len(FAMILY)  # a plain prefix hit
+    assert h.reuse.counters["session_restore_failures_total"] == 1
+    assert h.reuse.state_failures == 1
+    h.check()
+
+
+def test_a_diverged_history_resumes_only_the_common_part(store):
+    h = Harness(store=store, holders=1)
+    first_turn(h)
+    store.flush()
+    edited = TURN1[:10] + (99,) * 10 + REPLY1 + TURN2  # the user edited their first message
+    progress, adm = h.admit(h.submit(request("t2", edited, "chat-1")))
+    assert adm.cached_tokens == len(FAMILY) + 10
+    assert h.memory.seq_pos_max(progress.slot) == len(FAMILY) + 10 - 1
+    h.check()
+
+
+def test_another_models_session_is_not_resumed(store):
+    h = Harness(store=store, holders=1)
+    first_turn(h)
+    store.flush()
+    other = Harness(store=store, holders=1, fingerprint=b"o" * 16)
+    progress, adm = other.admit(other.submit(second_turn_request()))
+    assert adm.resume_tier is None and progress.num_computed_tokens == 0
+    other.check()
+
+
+def test_auto_sessions_find_a_returning_history_without_an_id(store):
+    h = Harness(store=store, holders=1, auto_sessions=True)
+    first_turn(h, session_id=None)
+    store.flush()
+    (key,) = store.recent_ids(10)
+    assert key.startswith(AUTO_SESSION_PREFIX)
+    progress, adm = h.admit(h.submit(second_turn_request(session_id=None)))
+    assert adm.resume_tier == "warm"
+    h.check()
+
+
+def test_auto_session_keys_and_conversations():
+    assert auto_session_key(0xABC) == "auto:0000000000000abc"
+    assert same_conversation("chat-1", "chat-1") and not same_conversation("chat-1", "chat-2")
+    assert same_conversation(auto_session_key(1), auto_session_key(2))
+    assert not same_conversation("chat-1", auto_session_key(2))
