@@ -418,18 +418,22 @@ class Engine:
         wait for a prefix another sequence is computing stays queued; those behind it may go."""
         head = self.scheduler.next_to_admit()
         if head is not None:
-            self.reuse.make_room(head)
+            self.reuse.make_room(head.cells_needed - self._shared_cells(head))
         for pending in self.scheduler.waiting():
             # One at a time: a request admitted now may start computing a prefix that the
             # next one should then wait for.
             if self.reuse.should_wait(pending):
                 continue
-            shared = self.reuse.cells_already_hot(pending)
+            shared = self._shared_cells(pending)
             if not self.scheduler.can_admit(pending, shared):
                 return
             progress = self.scheduler.admit(pending, shared)
             if progress is not None:
                 self._start(pending, progress)
+
+    def _shared_cells(self, pending: Pending) -> int:
+        """Cells a hot prefix will provide `pending` at admission (not reserved for it)."""
+        return self.sessions.shared_cells(pending, self.reuse.cells_already_hot(pending))
 
     def _decode_making_room(self) -> None:
         """Decode the batch; when llama.cpp finds no KV cells for it (fragmentation, a budget

@@ -180,16 +180,14 @@ class PrefixReuse:
         return pending.blocks
 
     def cells_already_hot(self, pending: Pending) -> int:
-        """Prompt cells a hot prefix will provide at admission, so the budget need not reserve
-        them. A request that may resume a stored session counts none: it may share less."""
-        if pending.session is not None:
-            return 0
+        """Prompt cells a hot prefix holds for this request (token-checked), which `admit`
+        shares into it: the budget need not reserve them."""
         match = self.cache.match(self.blocks_of(pending), pending.request.prompt_tokens)
         return match.n_tokens if match is not None else 0
 
-    def make_room(self, pending: Pending) -> None:
-        """Evict idle prefixes when the next request to admit lacks cells."""
-        short = self.budget.shortfall(pending.cells_needed - self.cells_already_hot(pending))
+    def make_room(self, cells: int) -> None:
+        """Evict idle prefixes until a request needing `cells` more cells fits."""
+        short = self.budget.shortfall(cells)
         if short > 0:
             self.cache.evict_unused(short)
 
@@ -395,7 +393,7 @@ class NoReuse:
     def cells_already_hot(self, pending: Pending) -> int:
         return 0
 
-    def make_room(self, pending: Pending) -> None:
+    def make_room(self, cells: int) -> None:
         pass
 
     def evict_idle(self) -> bool:

@@ -130,6 +130,18 @@ class Sessions:
         return None
 
     # --- admission --------------------------------------------------------------------------
+    def shared_cells(self, pending: Pending, hot_tokens: int) -> int:
+        """Cells of the prompt a hot prefix will provide at admission, given that `hot_tokens`
+        of it are hot. A stored session to resume shares its family prefix when that is hot,
+        and nothing when its resume is deferred; never more than admission then shares."""
+        if pending.session is None:
+            return hot_tokens
+        resumable: Resumable | None = pending.session.result()
+        if resumable is None:
+            return hot_tokens
+        family = resumable.record.prefix_tokens
+        return family if hot_tokens >= family else 0
+
     def resume(self, pending: Pending, progress: SeqProgress) -> Admission | None:
         """Put the request's stored session back into its sequence; None when there is none
         to resume here, or it cannot be done exactly (the request is admitted as any other)."""
@@ -326,6 +338,9 @@ class NoSessions:
 
     def flush(self) -> None:
         pass
+
+    def shared_cells(self, pending: Pending, hot_tokens: int) -> int:
+        return hot_tokens
 
     def resume(self, pending: Pending, progress: SeqProgress) -> None:
         return None

@@ -527,7 +527,7 @@ async def _sse(view: _View, first: StreamEvent, events: _Observed) -> AsyncItera
 async def _chain(head: list[StreamEvent], tail: AsyncIterator[StreamEvent]):
     for event in head:
         yield event
-        if isinstance(event, Finished):
+        if ends_stream(event):
             return
     async for event in tail:
         yield event

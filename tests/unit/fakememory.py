@@ -141,7 +141,7 @@ class Harness:
 
     def admit(self, pending):
         """Admit one waiting request as the engine does; returns (progress, admission)."""
-        shared = self.reuse.cells_already_hot(pending)
+        shared = self.sessions.shared_cells(pending, self.reuse.cells_already_hot(pending))
         assert self.scheduler.can_admit(pending, shared)
         progress = self.scheduler.admit(pending, shared)
         admission = self.sessions.resume(pending, progress)

@@ -79,7 +79,7 @@ def test_make_room_evicts_idle_prefixes_for_the_head_of_the_queue():
     assert h.budget.held_cells == len(FAMILY)
     other = h.submit(chat("b", tuple(range(30)), family=tuple(range(500, 520))))
     assert not h.scheduler.can_admit(other)  # 54 cells needed, 24 free
-    h.reuse.make_room(other)
+    h.reuse.make_room(other.cells_needed)
     assert h.budget.held_cells == 0 and h.reuse.cache.num_hot == 0
     assert h.scheduler.can_admit(other)
     h.check()

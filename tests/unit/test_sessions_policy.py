@@ -165,3 +165,31 @@ def test_auto_session_keys_and_conversations():
     assert same_conversation("chat-1", "chat-1") and not same_conversation("chat-1", "chat-2")
     assert same_conversation(auto_session_key(1), auto_session_key(2))
     assert not same_conversation("chat-1", auto_session_key(2))
+
+
+def test_a_session_request_with_nothing_stored_is_admitted_on_its_shared_cells(store):
+    # Budget for the family once plus two private reservations: sharing the family is what
+    # lets the second conversation in.
+    h = Harness(store=store, kv_cells=len(FAMILY) + 2 * 40)
+    first, _ = h.admit(h.submit(request("a", TURN1, "chat-a")))
+    h.prefill(first)
+    pending = h.submit(request("b", TURN1, "chat-b"))  # a new conversation: nothing stored
+    assert pending.session is not None  # its lookup is still made off the step thread
+    shared = h.sessions.shared_cells(pending, h.reuse.cells_already_hot(pending))
+    assert shared == len(FAMILY)
+    assert h.scheduler.can_admit(pending, shared)
+    assert not h.scheduler.can_admit(pending, 0)
+    h.check()
+
+
+def test_a_deferred_resume_is_admitted_on_no_shared_cells(store):
+    h = Harness(store=store, holders=1)
+    first_turn(h)
+    store.flush()
+    h.reuse.evict_idle()  # the family prefix is gone: the resume must recompute it first
+    pending = h.submit(second_turn_request())
+    assert h.sessions.shared_cells(pending, h.reuse.cells_already_hot(pending)) == 0
+    progress, adm = h.admit(pending)
+    assert adm.deferred_session is not None
+    assert h.budget.reserved_by(progress.slot) == pending.cells_needed
+    h.check()
