@@ -38,6 +38,7 @@ from kv3d.engine.llama import (
     LlamaError,
     LlamaModel,
     SamplerChain,
+    on_own_thread,
 )
 from kv3d.engine.logprobs import log_softmax_top, token_logprob
 from kv3d.engine.modelfile import cache_fingerprint
@@ -127,7 +128,8 @@ class Engine:
         self._bytes_per_cell = self.model.kv_bytes_per_cell(settings.kv_type)
         self.batch = LlamaBatch(settings.batch_tokens)
         if reuse_on:
-            check = run_self_check(self.model, self.ctx, self.batch)
+            # Not on this thread: only the step thread may keep an OpenMP team (see on_own_thread).
+            check = on_own_thread(run_self_check, self.model, self.ctx, self.batch)
             if not check.ok:
                 reuse_on = False
                 self.safe.trip(f"start-up self-check failed: {check.reason}")

@@ -225,3 +225,27 @@ def test_gemma3_chat_template_and_generation_match_llama_cpp(gemma3_path):
     assert isinstance(chat_end, Finished)
     assert isinstance(end, Finished)
     assert text.split()[:6] == expected.split()[:6]
+
+
+def test_only_the_step_thread_keeps_decoding_threads(monkeypatch):
+    """llama.cpp's CPU backend keeps an OpenMP team per thread that ever decoded, and a second
+    live team halves decode speed: the start-up self-check must not decode on the caller's
+    (long-lived) thread, only the step thread and threads that end may."""
+    import threading
+
+    from kv3d.engine.llama import LlamaContext
+
+    decoded_on = []
+    real_decode = LlamaContext.decode
+
+    def recording_decode(self, batch):
+        decoded_on.append(threading.current_thread())
+        return real_decode(self, batch)
+
+    monkeypatch.setattr(LlamaContext, "decode", recording_decode)
+    with Engine.from_config(engine_config()) as eng:
+        assert decoded_on, "the self-check decodes at start-up"
+        assert threading.current_thread() not in decoded_on
+        assert all(not t.is_alive() for t in decoded_on)
+        asyncio.run(run(eng, GenerationRequest(new_request_id(), (1, 2, 3), 2, GREEDY)))
+        assert decoded_on[-1] is eng._thread
