@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +33,14 @@ class ModelReplica:
 
     def __init__(self, config: dict[str, Any]):
         cfg = KV3DConfig(**config)
+        if os.nice(0) > 0:
+            log.warning(
+                "this model replica runs at nice %d: its decode threads yield the cores to every "
+                "other process; start Ray with RAY_worker_niceness=0",
+                os.nice(0),
+            )
         self._engine = Engine.from_config(cfg, replica_id=_replica_id())
+        self._stream_interval_s = cfg.server.stream_interval_ms / 1000
         self._snapshots: SnapshotClient | None = None
         fingerprint = self._engine.fingerprint
         if cfg.prefix.enabled and cfg.prefix.snapshots:
@@ -51,7 +59,9 @@ class ModelReplica:
         """Stream the request's events. `route` is read by the request router, not here."""
         snapshot = await self._snapshot_for(request)
         # Serve cancels this generator when the caller goes away; Engine.stream then frees the slot.
-        async for event in self._engine.stream(request, snapshot):
+        async for event in self._engine.stream(
+            request, snapshot, min_interval_s=self._stream_interval_s
+        ):
             yield event
 
     async def _snapshot_for(self, request: GenerationRequest):

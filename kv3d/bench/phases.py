@@ -463,6 +463,8 @@ async def run_bench(
             http, url, story, max_tokens, temperature=0.8, seed=1, ignore_eos=True
         )
 
+        one_token = await one_token_latency(http, url, ask("Say hi."))
+
         started = time.perf_counter()
         many = await asyncio.gather(
             *(
@@ -492,6 +494,7 @@ async def run_bench(
             "ttft_s": round(single.ttft_s, 4),
             "decode_tokens_per_s": round(single.decode_tokens_per_s, 1),
         },
+        "one_token_latency": one_token,
         "concurrent": {
             "streams": concurrency,
             "completion_tokens": generated,
@@ -502,6 +505,27 @@ async def run_bench(
             "itl_p50_s": round(percentile(itls, 0.5), 4),
             "itl_p95_s": round(percentile(itls, 0.95), 4),
         },
+    }
+
+
+async def one_token_latency(
+    http: httpx.AsyncClient, url: str, messages: list[dict], requests: int = 10
+) -> dict:
+    """Wall time of non-streamed 1-token requests one after another: what a short call costs
+    end to end (HTTP, routing, a short prefill, one decode)."""
+    body = {**chat_body(messages, 1), "stream": False}
+    del body["stream_options"]  # only valid on a stream
+    latencies = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        r = await http.post(f"{url}/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            raise StreamError(f"http_{r.status_code}", r.text[:200])
+        latencies.append(time.perf_counter() - started)
+    return {
+        "requests": requests,
+        "p50_ms": round(1000 * percentile(latencies, 0.5), 1),
+        "p95_ms": round(1000 * percentile(latencies, 0.95), 1),
     }
 
 

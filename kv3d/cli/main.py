@@ -54,6 +54,12 @@ def serve_blocking(config: KV3DConfig) -> int:
 
     started_s = time.perf_counter()
     joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:
+        # Ray runs its worker processes at nice 15 unless told otherwise; the model replica's
+        # decode threads then lose the cores to every other process (measured: 35 instead of
+        # 52 tokens/s single-stream on 2 cores). On a cluster, `ray start` takes the same
+        # variable (cluster/README.md).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     log.info("%s Ray…", "joining" if joining else "starting a local")
     ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
     stop = threading.Event()

@@ -28,6 +28,7 @@ from kv3d.engine.generation import (
     StreamEvent,
     TextDelta,
     Usage,
+    coalesce,
     ends_stream,
 )
 from kv3d.engine.llama import (
@@ -304,8 +305,14 @@ class Engine:
         """How many of the blocks' tokens this replica holds hot (a hint)."""
         return self.reuse.hot_tokens(blocks)
 
-    async def stream(self, request: GenerationRequest, snapshot=None) -> AsyncIterator[StreamEvent]:
-        """Submit `request` and yield its events; closing the iterator early cancels it."""
+    async def stream(
+        self, request: GenerationRequest, snapshot=None, *, min_interval_s: float = 0.0
+    ) -> AsyncIterator[StreamEvent]:
+        """Submit `request` and yield its events; closing the iterator early cancels it.
+
+        Events that are ready together come out merged (`coalesce`). With `min_interval_s`,
+        text after the first is held until that long after the previous yield, so that each
+        message downstream carries several tokens (the first token is never held)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
 
@@ -317,11 +324,20 @@ class Engine:
 
         self.submit(request, emit, snapshot)
         ended = False
+        last_yield_s: float | None = None
         try:
             while not ended:
-                event = await queue.get()
-                ended = ends_stream(event)
-                yield event
+                events = [await queue.get()]
+                if last_yield_s is not None and not ends_stream(events[0]):
+                    wait_s = last_yield_s + min_interval_s - loop.time()
+                    if wait_s > 0:
+                        await asyncio.sleep(wait_s)
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for event in coalesce(events):
+                    ended = ends_stream(event)
+                    yield event
+                last_yield_s = loop.time()
         finally:
             if not ended:
                 self.cancel(request.request_id)

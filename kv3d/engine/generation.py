@@ -145,3 +145,22 @@ StreamEvent = TextDelta | Finished | Rejected
 def ends_stream(event: StreamEvent) -> bool:
     """Whether `event` is a request's terminal event: nothing follows it."""
     return isinstance(event, (Finished, Rejected))
+
+
+def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
+    """The same stream in fewer events: each run of adjacent `TextDelta`s becomes one (text
+    joined, tokens summed, logprobs in order). Every message downstream (a Ray streaming item,
+    an SSE frame) costs the same whatever it carries, so a consumer that fell behind catches up
+    in one message instead of many."""
+    out: list[StreamEvent] = []
+    for event in events:
+        last = out[-1] if out else None
+        if isinstance(event, TextDelta) and isinstance(last, TextDelta):
+            out[-1] = TextDelta(
+                last.text + event.text,
+                last.num_tokens + event.num_tokens,
+                last.logprobs + event.logprobs,
+            )
+        else:
+            out.append(event)
+    return out

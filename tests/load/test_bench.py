@@ -36,6 +36,8 @@ def test_bench_report_is_complete(server_url):
     assert report["prefill"]["prompt_tokens"] > 80
     assert report["prefill"]["prefill_tokens_per_s"] > 0
     assert report["single_stream"]["completion_tokens"] > 0
+    one = report["one_token_latency"]
+    assert one["requests"] == 10 and 0 < one["p50_ms"] <= one["p95_ms"]
     concurrent = report["concurrent"]
     assert concurrent["streams"] == 3
     assert concurrent["completion_tokens"] > 0 and concurrent["aggregate_tokens_per_s"] > 0
