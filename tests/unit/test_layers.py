@@ -102,6 +102,14 @@ def test_no_import_cycle_between_modules():
             visit(name, [])
 
 
+def run_probe(code: str) -> str:
+    """What `code` prints in a fresh interpreter (nothing imported before it)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return out.stdout.strip()
+
+
 def test_the_engine_core_runs_without_ray_http_or_the_layers_above():
     probe = (
         "import sys\n"
@@ -111,10 +119,7 @@ def test_the_engine_core_runs_without_ray_http_or_the_layers_above():
         "'kv3d.bench', 'kv3d.cli'))]\n"
         "print(','.join(sorted(bad)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert out.stdout.strip() == ""
+    assert run_probe(probe) == ""
 
 
 def test_leaf_modules_of_the_engine_load_no_native_library():
@@ -125,7 +130,4 @@ def test_leaf_modules_of_the_engine_load_no_native_library():
         "import kv3d.engine.codec, kv3d.engine.statefmt, kv3d.engine.tiers\n"
         "print('llama_cpp' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert out.stdout.strip() == "False"
+    assert run_probe(probe) == "False"
