@@ -648,11 +648,16 @@ def _times(value: float | None, factor: int) -> int | None:
     return None if value is None else round(value * factor)
 
 
+# The servers whose figures the others are given as ratios of, first found wins: llama.cpp's
+# own server (what KV3D's speed goals are set against), else llama-cpp-python's.
+ANCHORS = ("llama-server", "llama-cpp-python")
+
+
 def _ratios(entries: dict) -> tuple[str | None, dict]:
-    """requests/s and TTFT p95 of each contender over the anchor's (llama-cpp-python: the
-    alternative a Python user has); absolute times only mean something next to it."""
+    """requests/s and TTFT p95 of each contender over the anchor's; absolute times only mean
+    something next to it."""
     ran = {n: e["workload"] for n, e in entries.items() if not e.get("error")}
-    anchor = "llama-cpp-python" if "llama-cpp-python" in ran else None
+    anchor = next((name for name in ANCHORS if name in ran), None)
     if anchor is None:
         return None, {}
     base = ran[anchor]
@@ -801,9 +806,14 @@ def claim_rows(row: dict, ratio: dict, anchor: str | None) -> list[tuple[str, st
             "n/a" if drift is None else _two(drift["kl_mean"], drift["noise_floor_kl_mean"]),
         ),
         ("int8 drift top-1", "n/a" if drift is None else fmt(drift["top1"])),
-        (f"requests/s vs {anchor}", fmt(ratio.get("requests_per_s_vs_anchor"))),
-        (f"TTFT p95 vs {anchor}", fmt(ratio.get("ttft_p95_vs_anchor"))),
-    ]
+    ] + (
+        [
+            (f"requests/s vs {anchor}", fmt(ratio.get("requests_per_s_vs_anchor"))),
+            (f"TTFT p95 vs {anchor}", fmt(ratio.get("ttft_p95_vs_anchor"))),
+        ]
+        if anchor is not None
+        else []
+    )
 
 
 def workload_table(report: dict) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from kv3d.bench.compare import (
     ProgressBar,
+    _ratios,
     claims,
     comparison_table,
     fmt,
@@ -382,3 +383,20 @@ def test_progress_bar_writes_tenths_to_a_log_and_redraws_on_a_terminal():
     assert tty.getvalue().startswith("\r") and tty.getvalue().endswith(
         "3/3 requests, 0s, 0 errors\n"
     )
+
+
+def test_ratios_are_taken_against_llama_server_first():
+    def ran(rps: float, p95: float) -> dict:
+        return {"workload": {"requests_per_s": rps, "ttft_s": {"p95": p95}}, "error": None}
+
+    entries = {
+        "kv3d": ran(2.4, 1.0),
+        "llama-cpp-python": ran(0.6, 8.0),
+        "llama-server": ran(2.0, 2.0),
+    }
+    anchor, ratios = _ratios(entries)
+    assert anchor == "llama-server"
+    assert ratios["kv3d"] == {"requests_per_s_vs_anchor": 1.2, "ttft_p95_vs_anchor": 0.5}
+    del entries["llama-server"]
+    assert _ratios(entries)[0] == "llama-cpp-python"
+    assert _ratios({"kv3d": ran(1.0, 1.0)}) == (None, {})
