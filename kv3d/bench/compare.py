@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from kv3d.bench.phases import StreamError, capacity_phase, chat_body, read_chat_stream
+from kv3d.bench.phases import StreamError, capacity_phase, chat_body, decode_phase, read_chat_stream
 from kv3d.bench.scrape import read_metrics
 from kv3d.bench.workload import WorkloadSpec, latency_stats, run_workload, text_window
 
@@ -261,6 +261,8 @@ class CompareSettings:
     # More than KV3D keeps hot (prefix.max_hot=16): least recently used first, all are evicted.
     resume_sessions: int = 18
     fidelity_windows: int = 2  # each window costs tens of seconds on 2 cores
+    decode_tokens: int = 128  # per stream of the decode probe; 0 skips it
+    decode_streams: int = 8
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -269,6 +271,8 @@ class CompareSettings:
             raise ValueError(f"unknown contenders {unknown}; choose among {list(CONTENDER_NAMES)}")
         if min(self.kv_budget_mb, self.max_sequences, self.capacity_sessions) < 1:
             raise ValueError("kv_budget_mb, max_sequences and capacity_sessions must be >= 1")
+        if self.decode_tokens < 0 or self.decode_streams < 1:
+            raise ValueError("decode_tokens must be >= 0 and decode_streams >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,6 +573,13 @@ async def _measure(
 ) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S)) as http:
         before = await read_metrics(http, url)
+        decode = None
+        if settings.decode_tokens > 0:
+            # First, on a quiet server: nothing parked or evicted in the background yet.
+            log.info("decode probe: 1 and %d streams", settings.decode_streams)
+            decode = await decode_phase(
+                http, url, max_tokens=settings.decode_tokens, streams=settings.decode_streams
+            )
         on_request = progress.start() if progress is not None else None
         try:
             workload = await run_workload(http, url, spec, on_request=on_request)
@@ -587,6 +598,7 @@ async def _measure(
         )
     return {
         "kv_cells_total": before.kv_cells_total if before is not None else None,
+        "decode": decode,
         "workload": workload,
         "resume": resume,
         "capacity": capacity,
@@ -654,22 +666,41 @@ ANCHORS = ("llama-server", "llama-cpp-python")
 
 
 def _ratios(entries: dict) -> tuple[str | None, dict]:
-    """requests/s and TTFT p95 of each contender over the anchor's; absolute times only mean
-    something next to it."""
-    ran = {n: e["workload"] for n, e in entries.items() if not e.get("error")}
+    """Each contender's figures over the anchor's (above 1 is better, except TTFT and latency,
+    where below 1 is): absolute times only mean something next to it."""
+    ran = {n: e for n, e in entries.items() if not e.get("error")}
     anchor = next((name for name in ANCHORS if name in ran), None)
     if anchor is None:
         return None, {}
     base = ran[anchor]
-    out = {}
-    for name, w in ran.items():
-        rps, base_rps = w["requests_per_s"], base["requests_per_s"]
-        p95, base_p95 = w["ttft_s"]["p95"], base["ttft_s"]["p95"]
-        out[name] = {
-            "requests_per_s_vs_anchor": round(rps / base_rps, 2) if rps and base_rps else None,
-            "ttft_p95_vs_anchor": round(p95 / base_p95, 3) if p95 and base_p95 else None,
+    return anchor, {name: _ratio_row(entry, base) for name, entry in ran.items()}
+
+
+def _over(value: float | None, base: float | None, digits: int = 2) -> float | None:
+    return round(value / base, digits) if value and base else None
+
+
+def _ratio_row(entry: dict, base: dict) -> dict:
+    w, bw = entry["workload"], base["workload"]
+    row = {
+        "requests_per_s_vs_anchor": _over(w["requests_per_s"], bw["requests_per_s"]),
+        "ttft_p95_vs_anchor": _over(w["ttft_s"]["p95"], bw["ttft_s"]["p95"], 3),
+    }
+    d, bd = entry.get("decode"), base.get("decode")
+    if d and bd:
+        row |= {
+            "single_stream_vs_anchor": _over(
+                d["single_stream_tokens_per_s"], bd["single_stream_tokens_per_s"]
+            ),
+            "aggregate_vs_anchor": _over(d["aggregate_tokens_per_s"], bd["aggregate_tokens_per_s"]),
+            "one_token_repeated_p50_vs_anchor": _over(
+                d["one_token_repeated_prompt"]["p50_ms"], bd["one_token_repeated_prompt"]["p50_ms"]
+            ),
+            "one_token_new_p50_vs_anchor": _over(
+                d["one_token_new_prompt"]["p50_ms"], bd["one_token_new_prompt"]["p50_ms"]
+            ),
         }
-    return anchor, out
+    return row
 
 
 # --- what a person sees ------------------------------------------------------------------------
@@ -810,10 +841,38 @@ def claim_rows(row: dict, ratio: dict, anchor: str | None) -> list[tuple[str, st
         [
             (f"requests/s vs {anchor}", fmt(ratio.get("requests_per_s_vs_anchor"))),
             (f"TTFT p95 vs {anchor}", fmt(ratio.get("ttft_p95_vs_anchor"))),
+            (
+                f"1 stream / N streams tok/s vs {anchor}",
+                _two(ratio.get("single_stream_vs_anchor"), ratio.get("aggregate_vs_anchor")),
+            ),
+            (
+                f"1-token p50 repeated / new vs {anchor}",
+                _two(
+                    ratio.get("one_token_repeated_p50_vs_anchor"),
+                    ratio.get("one_token_new_p50_vs_anchor"),
+                ),
+            ),
         ]
         if anchor is not None
         else []
     )
+
+
+def decode_rows(d: dict | None) -> list[tuple[str, str]]:
+    """(figure, value) rows of one decode probe (`decode_phase`); n/a when it did not run."""
+    if not d:
+        return [
+            ("decode 1 stream / N streams (tok/s)", "n/a"),
+            ("1-token p50 repeated / new (ms)", "n/a"),
+        ]
+    repeated, new = d["one_token_repeated_prompt"], d["one_token_new_prompt"]
+    return [
+        (
+            "decode 1 stream / N streams (tok/s)",
+            _two(d["single_stream_tokens_per_s"], d["aggregate_tokens_per_s"]),
+        ),
+        ("1-token p50 repeated / new (ms)", _two(repeated["p50_ms"], new["p50_ms"])),
+    ]
 
 
 def workload_table(report: dict) -> str:
@@ -827,8 +886,12 @@ def comparison_table(report: dict) -> str:
     for name in names:
         entry = report["contenders"][name]
         if not entry.get("error"):
-            rows = workload_rows(entry["workload"]) + claim_rows(
-                report["claims"][name], report["ratios"].get(name, {}), report["anchor"]
+            rows = (
+                decode_rows(entry.get("decode"))
+                + workload_rows(entry["workload"])
+                + claim_rows(
+                    report["claims"][name], report["ratios"].get(name, {}), report["anchor"]
+                )
             )
             figures[name] = dict(rows)
     labels = list(next(iter(figures.values()))) if figures else []

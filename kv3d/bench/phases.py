@@ -27,6 +27,7 @@ import logging
 import random
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -509,14 +510,21 @@ async def run_bench(
 
 
 async def one_token_latency(
-    http: httpx.AsyncClient, url: str, messages: list[dict], requests: int = 10
+    http: httpx.AsyncClient,
+    url: str,
+    messages: list[dict],
+    requests: int = 10,
+    vary: Callable[[int], str] | None = None,
 ) -> dict:
     """Wall time of non-streamed 1-token requests one after another: what a short call costs
-    end to end (HTTP, routing, a short prefill, one decode)."""
+    end to end (HTTP, routing, a short prefill, one decode). `vary(i)`, when given, is the last
+    message's text of request i (a prompt nothing has cached)."""
     body = {**chat_body(messages, 1), "stream": False}
     del body["stream_options"]  # only valid on a stream
     latencies = []
-    for _ in range(requests):
+    for i in range(requests):
+        if vary is not None:
+            body["messages"] = [*messages[:-1], {**messages[-1], "content": vary(i)}]
         started = time.perf_counter()
         r = await http.post(f"{url}/v1/chat/completions", json=body)
         if r.status_code != 200:
@@ -526,6 +534,69 @@ async def one_token_latency(
         "requests": requests,
         "p50_ms": round(1000 * percentile(latencies, 0.5), 1),
         "p95_ms": round(1000 * percentile(latencies, 0.95), 1),
+    }
+
+
+DECODE_PROMPT = "Write a long, detailed story about a lighthouse keeper."
+
+
+def _generated_tokens(raw: RawStream) -> tuple[int, str]:
+    """Tokens a stream generated: its usage, else one per content chunk (servers that send no
+    usage on a stream send a chunk per token)."""
+    if raw.usage is not None and raw.usage.get("completion_tokens"):
+        return int(raw.usage["completion_tokens"]), "usage"
+    return raw.content_chunks, "chunks"
+
+
+async def decode_phase(
+    http: httpx.AsyncClient,
+    url: str,
+    max_tokens: int = 128,
+    streams: int = 8,
+    single_runs: int = 3,
+    one_token_requests: int = 10,
+) -> dict:
+    """Raw decode speed of any OpenAI-compatible server, measured on a quiet server: one stream
+    (median of `single_runs`), `streams` streams at once (aggregate), and the wall time of
+    1-token requests, the same prompt repeated (what a prompt cache serves) and a new prompt
+    each time (a short call with nothing cached). Streams run to `max_tokens` (`ignore_eos`,
+    which llama-server and KV3D honour) at temperature 0.8, so that they differ."""
+    messages = [{"role": "user", "content": DECODE_PROMPT}]
+
+    async def one(seed: int) -> tuple[RawStream, int, str]:
+        body = chat_body(messages, max_tokens, temperature=0.8, seed=seed, ignore_eos=True)
+        raw = await read_chat_stream(http, url, body)
+        return (raw, *_generated_tokens(raw))
+
+    await one(0)  # warm up: what a first request costs is not decode speed
+    single, counted_by = [], "usage"
+    for run in range(single_runs):
+        raw, tokens, counted_by = await one(1 + run)
+        decode_s = raw.total_s - (raw.ttft_s or raw.total_s)
+        single.append((tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else 0.0)
+
+    started = time.perf_counter()
+    many = await asyncio.gather(*(one(100 + i) for i in range(streams)))
+    wall_s = time.perf_counter() - started
+    generated = sum(tokens for _, tokens, _ in many)
+
+    hi = [{"role": "user", "content": "Say hi."}]
+    repeated = await one_token_latency(http, url, hi, one_token_requests)
+    # Unique from the first word on: a prompt cache that matches token by token (llama-server's
+    # slots) would otherwise serve all but the last few tokens of a shared lead.
+    new = await one_token_latency(
+        http, url, hi, one_token_requests, vary=lambda i: f"{uuid.uuid4().hex} Say hi."
+    )
+    return {
+        "max_tokens": max_tokens,
+        "tokens_counted_by": counted_by,
+        "single_stream_tokens_per_s": round(statistics.median(single), 1),
+        "single_stream_runs_tokens_per_s": [round(x, 1) for x in single],
+        "streams": streams,
+        "aggregate_tokens_per_s": round(generated / wall_s, 1),
+        "aggregate_completion_tokens": generated,
+        "one_token_repeated_prompt": repeated,
+        "one_token_new_prompt": new,
     }
 
 

@@ -134,6 +134,7 @@ def _compare_servers(args: argparse.Namespace) -> int:
         "capacity_sessions": args.capacity_sessions,
         "resume_sessions": args.resume_sessions,
         "fidelity_windows": args.fidelity_windows,
+        "decode_tokens": args.decode_tokens,
     }
     try:
         settings = CompareSettings(
@@ -316,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="W",
         help="with --compare: held-out windows scored for int8 logit drift (default 2; 0: skip)",
+    )
+    bench.add_argument(
+        "--decode-tokens",
+        type=int,
+        metavar="T",
+        help="with --compare: tokens per stream of the decode probe (1 stream, 8 streams, "
+        "1-token requests), run first on each server (default 128; 0: skip)",
     )
     bench.add_argument(
         "--routers",

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from kv3d.bench.compare import bench_url, server_answers
-from kv3d.bench.phases import run_bench
+from kv3d.bench.phases import decode_phase, run_bench
 from kv3d.bench.workload import WorkloadSpec, run_workload
 from tests.conftest import free_port
 
@@ -42,6 +42,23 @@ def test_bench_report_is_complete(server_url):
     assert concurrent["streams"] == 3
     assert concurrent["completion_tokens"] > 0 and concurrent["aggregate_tokens_per_s"] > 0
     assert 0 < concurrent["ttft_p50_s"] <= concurrent["ttft_p95_s"]
+
+
+def test_decode_probe_counts_every_generated_token(server_url):
+    async def go():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as http:
+            return await decode_phase(
+                http, server_url, max_tokens=12, streams=3, single_runs=2, one_token_requests=3
+            )
+
+    report = asyncio.run(go())
+    # ignore_eos: every stream runs to max_tokens, counted from usage (KV3D coalesces chunks).
+    assert report["tokens_counted_by"] == "usage"
+    assert report["aggregate_completion_tokens"] == 3 * 12
+    assert len(report["single_stream_runs_tokens_per_s"]) == 2
+    assert report["single_stream_tokens_per_s"] > 0 and report["aggregate_tokens_per_s"] > 0
+    for key in ("one_token_repeated_prompt", "one_token_new_prompt"):
+        assert report[key]["requests"] == 3 and 0 < report[key]["p50_ms"] <= report[key]["p95_ms"]
 
 
 def test_workload_report_is_complete_and_consistent(server_url):

@@ -16,6 +16,7 @@ from kv3d.bench.compare import (
     _ratios,
     claims,
     comparison_table,
+    decode_rows,
     fmt,
     render_table,
     workload_table,
@@ -400,3 +401,31 @@ def test_ratios_are_taken_against_llama_server_first():
     del entries["llama-server"]
     assert _ratios(entries)[0] == "llama-cpp-python"
     assert _ratios({"kv3d": ran(1.0, 1.0)}) == (None, {})
+
+
+def test_decode_ratios_and_rows_come_from_the_decode_probe():
+    def decode(single: float, many: float, repeated_ms: float, new_ms: float) -> dict:
+        return {
+            "single_stream_tokens_per_s": single,
+            "aggregate_tokens_per_s": many,
+            "one_token_repeated_prompt": {"p50_ms": repeated_ms},
+            "one_token_new_prompt": {"p50_ms": new_ms},
+        }
+
+    workload = {"requests_per_s": 1.0, "ttft_s": {"p95": 1.0}}
+    entries = {
+        "kv3d": {"workload": workload, "decode": decode(90, 240, 60, 120), "error": None},
+        "llama-server": {"workload": workload, "decode": decode(100, 200, 40, 80), "error": None},
+        "llama-cpp-python": {"workload": workload, "decode": None, "error": None},
+    }
+    anchor, ratios = _ratios(entries)
+    assert anchor == "llama-server"
+    assert ratios["kv3d"]["single_stream_vs_anchor"] == 0.9
+    assert ratios["kv3d"]["aggregate_vs_anchor"] == 1.2
+    assert ratios["kv3d"]["one_token_repeated_p50_vs_anchor"] == 1.5
+    assert ratios["kv3d"]["one_token_new_p50_vs_anchor"] == 1.5
+    assert "single_stream_vs_anchor" not in ratios["llama-cpp-python"]  # no probe, no ratio
+    assert dict(decode_rows(entries["kv3d"]["decode"]))["1-token p50 repeated / new (ms)"] == (
+        "60 / 120"
+    )
+    assert set(dict(decode_rows(None)).values()) == {"n/a"}
