@@ -10,7 +10,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.ingress import Ingress
 from deployments.replica import ModelReplica
@@ -69,12 +69,15 @@ def build_from_config(config: KV3DConfig) -> Application:
     key_digests = list(digests_from_setting(config.server.api_key))
     data = config.model_dump()
     data["server"]["api_key"] = ""
-    # Serve must not queue in front of the engine: the engine's own bounded queue answers 429.
-    replica_concurrency = config.engine.max_sequences + config.server.max_queued_requests
+    # The engine's own bounded queue (max_queued_requests) is where requests wait, in its
+    # order; Serve's queue at the ingress in front of the replicas is bounded by the same
+    # figure, and what does not fit in either is answered 429 with Retry-After.
+    queued = config.server.max_queued_requests
     replica = serve.deployment(
         ModelReplica,
         name="ModelReplica",
-        max_ongoing_requests=replica_concurrency,
+        max_ongoing_requests=config.engine.max_sequences + queued,
+        max_queued_requests=max(1, queued),  # Serve takes no 0 (-1 is unbounded)
         ray_actor_options={
             "num_cpus": config.deploy.num_cpus,
             "num_gpus": config.deploy.num_gpus,
@@ -89,6 +92,11 @@ def build_from_config(config: KV3DConfig) -> Application:
         name="Ingress",
         num_replicas=config.deploy.ingress_replicas,
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        # Requests beyond what the ingress replicas hold wait in the proxy, a bounded number.
+        max_queued_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        backpressure_config=BackpressureConfig(
+            status_code=429, retry_after_s=config.server.retry_after_s
+        ),
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replica.bind(data), data, key_digests)

@@ -86,11 +86,13 @@ class HandleBackend:
                     if ended:
                         return
                 return
-            except BackPressureError as exc:
+            except BackPressureError:
+                # Every replica's slots and queue are full, and so is Serve's queue in front of
+                # them (server.max_queued_requests): overload, answered like the engine's own.
                 ended = True
                 yield Rejected(
-                    "unavailable",
-                    f"all model replicas are busy: {exc}",
+                    "queue_full",
+                    "server busy: every model replica and the queue in front of them are full",
                     retry_after_s=self._retry_after_s,
                 )
                 return
