@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,10 +40,21 @@ class Tenant:
             return ""
         return f"{self.namespace}|{request_salt or ''}"
 
-    def session_id(self, session_id: str | None) -> str | None:
-        if session_id is None or not self.namespace:
+    def session_id(
+        self, session_id: str | None, cache_salt: str | None = None, user: str | None = None
+    ) -> str | None:
+        """The engine's id of a conversation: the client's id within this tenant's namespace,
+        the request's `cache_salt` and OpenAI's `user` (an end user, who may hold many
+        conversations), so that a session is reachable only from the same three."""
+        if session_id is None:
+            return None
+        if not (self.namespace or cache_salt or user):
             return session_id
-        return f"{self.namespace}/{session_id}"
+        # Hashed together, so no choice of salt and user can spell another pair's scope.
+        scope = hashlib.blake2b(
+            json.dumps([cache_salt or "", user or ""]).encode(), digest_size=8
+        ).hexdigest()
+        return f"{self.namespace}/{scope}/{session_id}"
 
 
 OPEN = Tenant()
