@@ -43,7 +43,14 @@ class HandleBackend:
     (nothing was sent to the client yet); one that dies later ends the stream with an error.
     """
 
-    def __init__(self, handle: DeploymentHandle, retry_after_s: int, keyer: RouteKeyer):
+    def __init__(
+        self,
+        handle: DeploymentHandle,
+        retry_after_s: int,
+        keyer: RouteKeyer,
+        configured_safe: bool = False,
+    ):
+        self._configured_safe = configured_safe
         self._unary = handle
         self._handle = handle.options(stream=True)
         self._retry_after_s = retry_after_s
@@ -70,8 +77,21 @@ class HandleBackend:
             log.warning("no engine stats from the model replicas: %s", exc)
         return list(reported.values())
 
-    def safe_mode(self) -> bool:
-        return any(s.safe_mode for s in reported_engine_stats())
+    async def safe_mode(self) -> bool:
+        """Whether the model replicas run in safe mode: all of them when the config says so;
+        else as they report to the router, or, before any report has come (the first seconds
+        after start), as one of them answers now."""
+        if self._configured_safe:
+            return True
+        reported = reported_engine_stats()
+        if reported:
+            return any(s.safe_mode for s in reported)
+        try:
+            fresh = await asyncio.wait_for(self._unary.stats.remote(), STATS_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("no engine stats from the model replicas: %s", exc)
+            return False
+        return fresh.safe_mode
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         route = self._keyer.keys(request)
@@ -128,7 +148,9 @@ class Ingress:
             cfg.prefix.block_tokens,
             enabled=cfg.prefix.enabled,
         )
-        self._backend = HandleBackend(model_replica, cfg.server.retry_after_s, keyer)
+        self._backend = HandleBackend(
+            model_replica, cfg.server.retry_after_s, keyer, configured_safe=cfg.server.safe_mode
+        )
         self._routes = routing_state.ROUTES if cfg.route.policy == "kv3d" else None
 
     def __serve_build_asgi_app__(self):

@@ -52,6 +52,7 @@ def test_serve_rejects_a_missing_model_before_starting_ray(tmp_path):
 
 
 def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
+    """In safe mode, which `/health` reports from its first answer on."""
     port = free_port()
     env = {
         **os.environ,
@@ -62,7 +63,7 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
     }
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [*KV3D, "serve", "--port", str(port)],
+        [*KV3D, "serve", "--port", str(port), "--safe-mode"],
         env=env,
         text=True,
         stdout=subprocess.PIPE,
@@ -76,7 +77,14 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
             assert line or proc.poll() is None, "kv3d serve exited early"
             ready = line if "serving at" in line else ready
         assert f"http://127.0.0.1:{port}/v1" in ready
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["status"] == "ok"
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        assert health["status"] == "ok" and health["mode"] == "safe"
+        chat = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
     finally:
