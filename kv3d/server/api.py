@@ -45,6 +45,7 @@ from kv3d.server.openai_schema import (
     chat_logprobs,
     completion_logprobs,
     now_s,
+    parse_json_body,
     usage_dict,
 )
 
@@ -289,12 +290,7 @@ async def _parse(request: Request, model: type[BaseModel], limit_bytes: int) -> 
         raw += chunk
         if len(raw) > limit_bytes:
             raise _too_large(limit_bytes)
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
+    body = parse_json_body(raw)
     try:
         return model.model_validate(body)
     except ValidationError as exc:

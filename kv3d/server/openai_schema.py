@@ -7,6 +7,9 @@ and rejected otherwise, so a client never silently gets behaviour it did not ask
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 import time
 from typing import Any, Literal
 
@@ -16,6 +19,14 @@ from kv3d.engine.generation import SamplingParams, TokenLogprob, Usage
 from kv3d.server.chat import ChatMessage
 
 Role = Literal["system", "developer", "user", "assistant"]
+
+# What the backend's C API takes: llama.cpp reads counts such as top_k as int32, and a seed as
+# uint32 where 0xFFFFFFFF means "draw one at random". Larger values would silently wrap.
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 2
+# Deepest nesting of objects and arrays a request body may have (OpenAI bodies use a handful).
+MAX_JSON_DEPTH = 64
+LOGIT_BIAS_MAX = 100.0
 
 
 class APIError(Exception):
@@ -50,22 +61,102 @@ class APIError(Exception):
         }
 
 
+# --- request bodies ----------------------------------------------------------------------------
+def parse_json_body(raw: bytes | bytearray) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400: also for nesting deeper than `MAX_JSON_DEPTH`,
+    integers past Python's digit limit, and strings holding lone UTF-16 surrogates (`"\\ud800"`),
+    which no tokenizer can encode. Every JSON endpoint reads its body through here."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except ValueError:  # the only other ValueError json raises: int-string conversion limit
+        raise APIError(
+            400,
+            f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits",
+            code="number_too_large",
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    _check_tree(body)
+    return body
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """Iteratively (a deep body must not recurse here either): depth and lone surrogates."""
+    # Entries: (container, depth, parent entry, key in parent); the chain names the param.
+    stack: list[tuple[Any, int, Any, Any]] = [(body, 1, None, None)]
+    while stack:
+        entry = stack.pop()
+        node, depth = entry[0], entry[1]
+        for key, value in node.items() if type(node) is dict else enumerate(node):
+            if type(key) is str and _SURROGATE.search(key):
+                raise _lone_surrogate(entry, key)
+            kind = type(value)
+            if kind is str:
+                if _SURROGATE.search(value):
+                    raise _lone_surrogate(entry, key)
+            elif kind is list or kind is dict:
+                if depth >= MAX_JSON_DEPTH:
+                    raise _too_deep()
+                if value:
+                    stack.append((value, depth + 1, entry, key))
+
+
+def _too_deep() -> APIError:
+    return APIError(
+        400,
+        f"request body nests objects and arrays deeper than {MAX_JSON_DEPTH} levels",
+        code="nesting_too_deep",
+    )
+
+
+def _lone_surrogate(entry: tuple[Any, int, Any, Any], key: Any) -> APIError:
+    path = [key]
+    while entry[2] is not None:
+        path.append(entry[3])
+        entry = entry[2]
+    # The name may hold the surrogate itself: escaped, so that the error body encodes.
+    names = (str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in reversed(path))
+    param = ".".join(names)
+    return APIError(
+        400,
+        f"{param}: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), "
+        "which is not valid Unicode",
+        param=param,
+        code="invalid_unicode",
+    )
+
+
+def _is_token_id(key: str) -> bool:
+    return key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= INT32_MAX
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and Infinity (which Python's json reads) are no value any field accepts.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="Extension: keep the k most likely tokens; 0 = off.")
+    top_k: int = Field(
+        0, ge=0, le=INT32_MAX, description="Extension: keep the k most likely tokens; 0 = off."
+    )
     ignore_eos: bool = Field(False, description="Extension: generate until max_tokens.")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)
     cache_salt: str | None = Field(
         None,
@@ -87,6 +178,18 @@ class _Request(BaseModel):
         if value != 0.0:
             raise ValueError("penalties are not supported; send 0 or omit the field")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not _is_token_id(token):
+                raise ValueError(f"keys must be token ids from 0 to {INT32_MAX}; got {token!r}")
+            if not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
+                raise ValueError(f"values must lie in [-100, 100]; got {value}")
+        if bias:
+            raise ValueError("logit_bias is not supported; send {} or omit the field")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -136,7 +239,7 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -161,7 +264,7 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None

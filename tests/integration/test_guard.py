@@ -9,8 +9,7 @@ import logging
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings
 
 from kv3d.config import LimitsConfig, load_config
 from kv3d.engine.engine import Engine
@@ -19,6 +18,7 @@ from kv3d.engine.sessions import NoSessions
 from kv3d.server.api import LocalBackend, ServedModel, build_api
 from kv3d.server.chat import Tokenizer
 from kv3d.server.guard import Guard, digests_from_setting
+from tests.integration.fuzzbodies import request_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -202,56 +202,135 @@ def test_repeated_state_restore_failures_trip_safe_mode(tok):
         assert e.safe_mode and health.json()["mode"] == "safe"
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
-    max_leaves=12,
-)
-MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", 3])},
-    optional={"content": st.one_of(st.text(max_size=40), JSON)},
-)
-CHAT_BODY = st.fixed_dictionaries(
-    {"messages": st.one_of(st.lists(MESSAGE, max_size=4), JSON)},
-    optional={
-        "model": st.one_of(st.text(max_size=10), JSON),
-        "max_tokens": st.one_of(st.integers(-5, 6), JSON),
-        "temperature": st.one_of(st.floats(-1, 3), JSON),
-        "top_p": st.one_of(st.floats(-1, 2), JSON),
-        "top_k": st.one_of(st.integers(-3, 50), JSON),
-        "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=5), JSON),
-        "stream": st.booleans(),
-        "logprobs": st.one_of(st.booleans(), JSON),
-        "top_logprobs": st.one_of(st.integers(-2, 30), JSON),
-        "seed": st.one_of(st.integers(), JSON),
-        "n": st.one_of(st.integers(-1, 3), JSON),
-        "user": st.one_of(st.text(max_size=300), JSON),
-        "cache_salt": st.one_of(st.text(max_size=300), JSON),
-        "prompt": st.one_of(st.text(max_size=40), JSON),
-    },
-)
-
-
 @pytest.fixture(scope="module")
 def fuzz_app(engine, tok):
     return app_for(engine, tok, max_completion_tokens=6)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.one_of(CHAT_BODY, JSON), raw=st.one_of(st.none(), st.binary(max_size=64)))
-def test_fuzzed_requests_never_get_a_5xx(fuzz_app, body, raw):
-    # Encoded here: Python's json writes NaN and Infinity, which a server must also survive.
-    data = raw if raw is not None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    chat_r, completion_r = call(
-        fuzz_app,
-        ("POST", "/v1/chat/completions", {"content": data, "headers": headers}),
-        ("POST", "/v1/completions", {"content": json.dumps(body).encode(), "headers": headers}),
-    )
+CMPL = "/v1/completions"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def post(path: str, data: bytes):
+    return ("POST", path, {"content": data, "headers": {"Content-Type": "application/json"}})
+
+
+FUZZ_EXAMPLES = 120
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=request_bytes())
+def test_fuzzed_requests_never_get_a_5xx(fuzz_app, data):
+    chat_r, completion_r = call(fuzz_app, post("/v1/chat/completions", data), post(CMPL, data))
+    event(f"HTTP {chat_r.status_code} (chat), {completion_r.status_code} (completions)")
     for r in (chat_r, completion_r):
         assert r.status_code < 500, r.text
         if r.status_code >= 400:
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def error_of(response: httpx.Response) -> dict:
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
+
+
+def test_lone_surrogates_are_a_400_in_every_string_field(fuzz_app):
+    lone = "a\ud800b"
+    parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": lone}]
+    cases = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": lone}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": lone}]}),
+        ("/v1/chat/completions", {"messages": HELLO, "stop": [lone]}),
+        ("/v1/chat/completions", {"messages": HELLO, "cache_salt": lone}),
+        ("/v1/chat/completions", {"messages": HELLO, "user": lone}),
+        ("/v1/chat/completions", {"messages": HELLO, "tools": [{"function": {"name": lone}}]}),
+        (CMPL, {"prompt": lone}),
+        (CMPL, {"prompt": [lone]}),
+        (CMPL, {"prompt": "hi", "stop": lone}),
+    ]
+    params = [
+        "messages.0.content",
+        "messages.0.content.1.text",
+        "messages.0.name",
+        "stop.0",
+        "cache_salt",
+        "user",
+        "tools.0.function.name",
+        "prompt",
+        "prompt.0",
+        "stop",
+    ]
+    # json.dumps writes the lone surrogate as the escape "\ud800", as a client's JSON would.
+    responses = call(fuzz_app, *(post(path, json.dumps(body).encode()) for path, body in cases))
+    for response, param in zip(responses, params, strict=True):
+        err = error_of(response)
+        assert (err["param"], err["code"]) == (param, "invalid_unicode")
+    # Raw surrogate bytes (CESU-8), which Python's json decodes to the same string.
+    raw = b'{"prompt":"a\xed\xa0\x80b"}'
+    (r,) = call(fuzz_app, post(CMPL, raw))
+    assert error_of(r)["param"] == "prompt"
+    # A surrogate pair is one valid character (an emoji): served as usual.
+    (ok,) = call(fuzz_app, chat(messages=[{"role": "user", "content": "\U0001f600 hi"}]))
+    assert ok.status_code == 200, ok.text
+
+
+def test_deep_nesting_and_huge_integers_are_a_400(fuzz_app):
+    deep = b"[" * 50_000 + b"]" * 50_000
+    deep_field = b'{"messages":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    huge = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":' + b"9" * 5000 + b"}"
+    huge_cmpl = b'{"prompt":"hi","seed":-' + b"1" * 5000 + b"}"
+    responses = call(
+        fuzz_app,
+        post("/v1/chat/completions", deep),
+        post(CMPL, deep_field),
+        post("/v1/chat/completions", huge),
+        post(CMPL, huge_cmpl),
+    )
+    codes = [error_of(r)["code"] for r in responses]
+    assert codes == ["nesting_too_deep"] * 2 + ["number_too_large"] * 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", 2**32 + 1),  # was served as top_k=1: C int truncation
+        ("top_k", 2**31),
+        ("seed", 2**32 - 1),  # llama.cpp's "random seed" marker
+        ("seed", 2**64),
+        ("seed", -1),
+        ("max_tokens", 2**31),
+        ("max_completion_tokens", 2**63),
+        ("temperature", "NaN"),
+        ("top_p", "Infinity"),
+        ("presence_penalty", "-Infinity"),
+        ("frequency_penalty", 2.5),
+        ("top_logprobs", 2**31),
+        ("logit_bias", {"4294967296": 1}),
+        ("logit_bias", {"5": "NaN"}),
+    ],
+)
+def test_numbers_out_of_the_backends_range_are_a_400_naming_the_field(fuzz_app, field, value):
+    body = {"messages": HELLO, "max_tokens": 2, "logprobs": True, field: value}
+    if field == "max_completion_tokens":
+        del body["max_tokens"]
+    # NaN and Infinity are written as JavaScript's literals, which Python's json reads.
+    data = json.dumps(body).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+    data = data.replace('"-Infinity"', "-Infinity")
+    (r,) = call(fuzz_app, post("/v1/chat/completions", data.encode()))
+    assert error_of(r)["param"].split(".")[0] == field
+
+
+def test_numbers_at_the_backends_limits_are_served(fuzz_app):
+    edges = {"top_k": 2**31 - 1, "seed": 2**32 - 2, "temperature": 2.0, "top_p": 5e-324}
+    ok, zero_seed, cmpl = call(
+        fuzz_app,
+        chat(**edges),
+        chat(seed=0, logit_bias={}, presence_penalty=0.0),
+        post(CMPL, json.dumps({"prompt": "Hi", "max_tokens": 2, "logprobs": 5}).encode()),
+    )
+    for r in (ok, zero_seed, cmpl):
+        assert r.status_code == 200, r.text
 
 
 def test_the_idle_canary_passes_and_its_failure_trips_safe_mode(monkeypatch):

@@ -9,6 +9,10 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.fuzzbodies import EDGE, request_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -233,6 +237,18 @@ BAD_BODIES = [
         b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
         400,
     ),
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400),
+    ("nested 50000 deep", b"[" * 50_000 + b"]" * 50_000, 400),
+    (
+        "integer of 5000 digits",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
+        400,
+    ),
+    (
+        "top_k past int32",
+        b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 4294967297}',
+        400,
+    ),
 ]
 
 
@@ -271,6 +287,25 @@ def test_server_keeps_serving_after_bad_input(client, server_url):
         )
     r = client.chat.completions.create(model="m", messages=ask("Hi"), max_tokens=4)
     assert r.choices[0].message.content is not None
+
+
+SERVE_FUZZ_EXAMPLES = 40
+ENDPOINTS = ("/chat/completions", "/completions")
+
+
+# A share of test_guard's fuzz, through Ray Serve's HTTP proxy and the ingress deployment.
+# max_tokens is always drawn (small, or a number edge): this server has no completion limit.
+@settings(max_examples=SERVE_FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=request_bytes(max_tokens=st.one_of(st.integers(-2, 4), EDGE)))
+def test_fuzzed_requests_over_serve_never_get_a_5xx(server_url, data):
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=f"{server_url}/v1", headers=headers, timeout=60) as http:
+        responses = [http.post(path, content=data) for path in ENDPOINTS]
+    event(" ".join(f"HTTP {r.status_code}" for r in responses))
+    for r in responses:
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server_url):
