@@ -68,8 +68,8 @@ class GenerateBackend(Protocol):
         """The snapshot registry's figures (`snapshots`, `bytes`), or None without one."""
         ...
 
-    def safe_mode(self) -> bool:
-        """Whether any model replica serves in safe mode (cheap: no remote call)."""
+    async def safe_mode(self) -> bool:
+        """Whether any model replica serves in safe mode, true from the first answer on."""
         ...
 
 
@@ -88,7 +88,7 @@ class LocalBackend:
     async def snapshot_stats(self) -> dict[str, Any] | None:
         return None
 
-    def safe_mode(self) -> bool:
+    async def safe_mode(self) -> bool:
         return self.engine.safe_mode
 
 
@@ -133,7 +133,7 @@ def build_api(
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        return {**HEALTH, "mode": "safe" if backend.safe_mode() else "normal"}
+        return {**HEALTH, "mode": "safe" if await backend.safe_mode() else "normal"}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -152,7 +152,7 @@ def build_api(
         for stats in engines:
             metrics.engine.observe(stats)
         registry = await backend.snapshot_stats()
-        return build_stats(engines, registry, metrics, backend.safe_mode())
+        return build_stats(engines, registry, metrics, await backend.safe_mode())
 
     @app.get("/dashboard")
     async def dashboard_page() -> Response:
@@ -205,7 +205,7 @@ def build_api(
             req.requested_top_logprobs(),
             tenant,
             family,
-            session_header or req.user,
+            session_header,
         )
         view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
         return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
@@ -348,7 +348,7 @@ def _generation_request(
         stop=req.stop_strings(),
         top_logprobs=top_logprobs,
         family_tokens=family_tokens,
-        session_id=tenant.session_id(session_id),
+        session_id=tenant.session_id(session_id, req.cache_salt, req.user),
         ignore_eos=req.ignore_eos,
         cache_salt=tenant.cache_salt(req.cache_salt),
     )

@@ -372,7 +372,7 @@ def test_session_header_resumes_the_conversation(server_url):
         second = http.post(
             "/chat/completions", json={**body, "messages": turn2}, headers=headers
         ).json()
-        # The `user` field names a session too.
+        # `user` scopes sessions (an end user may hold many), and a request with only it works.
         by_user = http.post(
             "/chat/completions", json={**body, "messages": turn1, "user": "alice"}
         ).json()
