@@ -67,8 +67,10 @@ def replica_scaling(config: KV3DConfig) -> dict[str, Any]:
 def build_from_config(config: KV3DConfig) -> Application:
     # The API keys travel as digests: application args show in `serve status` and the dashboard.
     key_digests = list(digests_from_setting(config.server.api_key))
+    admin_digests = list(digests_from_setting(config.server.admin_api_key))
     data = config.model_dump()
     data["server"]["api_key"] = ""
+    data["server"]["admin_api_key"] = ""
     # The engine's own bounded queue (max_queued_requests) is where requests wait, in its
     # order; Serve's queue at the ingress in front of the replicas is bounded by the same
     # figure, and what does not fit in either is answered 429 with Retry-After.
@@ -99,7 +101,7 @@ def build_from_config(config: KV3DConfig) -> Application:
         ),
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(replica.bind(data), data, key_digests)
+    return ingress.bind(replica.bind(data), data, key_digests, admin_digests)
 
 
 def build_app(args: dict[str, Any]) -> Application:

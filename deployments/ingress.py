@@ -131,11 +131,16 @@ class Ingress:
     """Validates, tokenizes and streams; holds the tokenizer (vocabulary only, no weights)."""
 
     def __init__(
-        self, model_replica: DeploymentHandle, config: dict[str, Any], key_digests: list[str]
+        self,
+        model_replica: DeploymentHandle,
+        config: dict[str, Any],
+        key_digests: list[str],
+        admin_digests: list[str] | None = None,
     ):
-        """`key_digests`: SHA-256 of the API keys (the raw keys are not application args)."""
+        """`key_digests`, `admin_digests`: SHA-256 of the API keys and of the admin keys (the
+        raw keys are not application args)."""
         cfg = KV3DConfig(**config)
-        self._guard = Guard(key_digests, cfg.limits)
+        self._guard = Guard(key_digests, cfg.limits, admin_digests or ())
         path = resolve_model_path(cfg.model.path)
         self._tokenizer = Tokenizer.load(path)
         self._served = ServedModel(

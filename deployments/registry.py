@@ -31,13 +31,23 @@ class SnapshotRegistry:
         self._catalog = SnapshotCatalog(budget_bytes)
 
     def publish(
-        self, key: int, fingerprint: bytes, n_tokens: int, block_keys: list[int], blob: bytes
+        self,
+        key: int,
+        fingerprint: bytes,
+        n_tokens: int,
+        block_keys: list[int],
+        blob: bytes,
+        tenant: str = "",
     ) -> bool:
+        """Keep a prefix snapshot. `tenant` (SnapshotMeta.tenant) says whose family it is, for
+        the stats; a caller that does not send one (an older replica) publishes under "", which
+        only an open API or an admin key sees."""
         if key in self._catalog:
             self._catalog.touch(key)
             return True
         ref = ray.put(pa.py_buffer(blob))
         entry = CatalogEntry(key, fingerprint, n_tokens, len(blob), tuple(block_keys), ref)
+        entry.tenant = tenant if isinstance(tenant, str) else ""
         evicted = self._catalog.add(entry)
         if evicted is None:
             log.warning("snapshot %016x (%d bytes) exceeds the whole budget", key, len(blob))
@@ -65,16 +75,14 @@ class SnapshotRegistry:
         return None if entry is None else [entry.handle]
 
     def stats(self) -> dict[str, Any]:
-        entries = [e for e in self._catalog.entries() if isinstance(e.key, int)]
+        """Figures of every tenant: the API shows each caller only its own `families`."""
+        families = self._catalog.families()
         return {
-            "sessions": len(self._catalog) - len(entries),
-            "snapshots": len(entries),
+            "sessions": len(self._catalog) - len(families),
+            "snapshots": len(families),
             "bytes": self._catalog.total_bytes,
             "budget_bytes": self._catalog.budget_bytes,
-            "families": [
-                {"key": f"{e.key:016x}", "tokens": e.n_tokens, "bytes": e.nbytes, "hits": e.hits}
-                for e in entries
-            ],
+            "families": families,
         }
 
 
@@ -113,7 +121,7 @@ class SnapshotClient:
     def publish(self, meta: SnapshotMeta, blob: bytes) -> None:
         # Fire and forget: called from the engine's step thread.
         self._registry.publish.remote(
-            meta.key, meta.fingerprint, meta.n_tokens, list(meta.block_keys), blob
+            meta.key, meta.fingerprint, meta.n_tokens, list(meta.block_keys), blob, meta.tenant
         )
 
     async def fetch(self, block_keys: list[int]):

@@ -47,6 +47,12 @@ class ServerConfig(_Section):
         "separated by commas, each a tenant with its own cache namespace. Empty = open. "
         "KV3D_API_KEY sets it too.",
     )
+    admin_api_key: str = Field(
+        "",
+        description="Admin bearer key(s), comma-separated: valid API keys (each its own tenant) "
+        "that also see every tenant's prefix families in /v1/kv3d/stats and the dashboard "
+        "(other keys see only their own). Setting one turns keys on. Empty = none.",
+    )
     canary_period_s: float = Field(
         300.0,
         ge=0,

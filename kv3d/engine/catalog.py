@@ -22,6 +22,7 @@ class CatalogEntry:
     created_s: float = field(default_factory=time.time)
     last_used_s: float = field(default_factory=time.time)
     hits: int = 0
+    tenant: str = ""  # whose family a snapshot is (SnapshotMeta.tenant); "" for one owner
 
 
 class SnapshotCatalog:
@@ -91,6 +92,21 @@ class SnapshotCatalog:
 
     def entries(self) -> list[CatalogEntry]:
         return list(self._entries.values())
+
+    def families(self) -> list[dict[str, Any]]:
+        """Every prefix snapshot (not the session records) as figures: its family key, size,
+        hits and tenant; never its tokens."""
+        return [
+            {
+                "key": f"{e.key:016x}",
+                "tokens": e.n_tokens,
+                "bytes": e.nbytes,
+                "hits": e.hits,
+                "tenant": e.tenant,
+            }
+            for e in self._entries.values()
+            if isinstance(e.key, int)
+        ]
 
     def _drop(self, entry: CatalogEntry) -> CatalogEntry:
         del self._entries[entry.key]

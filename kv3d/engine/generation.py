@@ -46,6 +46,9 @@ class GenerationRequest:
     session_id: str | None = None
     # Mixed into every block key: requests under different salts (tenants) share no KV.
     cache_salt: str = ""
+    # Who owns the cache this request builds (an opaque id: the API's tenant namespace, "" for
+    # one shared owner). The family prefixes it computes are recorded under it.
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,7 @@ class HotPrefix:
     parent_tokens: int = 0
     session_key: str | None = None
     superseded: bool = False  # a newer turn of the same session replaced it
+    tenant: str = ""  # who the prefix belongs to (GenerationRequest.tenant), for figures only
 
     @property
     def n_tokens(self) -> int:
@@ -184,9 +185,12 @@ class PrefixCache:
             self._drop(prefix)  # its cells live on in the newer turn that replaced it
 
     # --- admission of new prefixes -------------------------------------------------------------
-    def register_from(self, slot: int, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+    def register_from(
+        self, slot: int, tokens: Sequence[int], blocks: Sequence[Block], tenant: str = ""
+    ) -> HotPrefix:
         """Make the first `len(tokens)` cells of `slot` a hot prefix (shared, not copied)."""
         prefix = self._new_prefix(tokens, blocks)
+        prefix.tenant = tenant
         self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         self._ref(prefix)  # the creating sequence shares its cells
         return prefix
@@ -208,9 +212,12 @@ class PrefixCache:
             self._ref(parent)  # pinned: the child's first cells are the parent's
         return prefix
 
-    def restore(self, state, tokens: Sequence[int], blocks: Sequence[Block]) -> HotPrefix:
+    def restore(
+        self, state, tokens: Sequence[int], blocks: Sequence[Block], tenant: str = ""
+    ) -> HotPrefix:
         """Load a snapshot's sequence state as a new hot prefix."""
         prefix = self._new_prefix(tokens, blocks)
+        prefix.tenant = tenant
         try:
             load_cells(self.ctx, prefix.seq_id, state, len(tokens))
         except Exception:

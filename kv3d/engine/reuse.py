@@ -57,6 +57,7 @@ class Admission:
     prefix: HotPrefix | None = None  # the prefix this sequence holds a reference on
     prefix_tokens: int = 0  # cells [0, prefix_tokens) of the sequence are the prefix's
     register_blocks: tuple[Block, ...] = ()  # on a miss: the prefix to keep once prefilled
+    tenant: str = ""  # whose prefix register_blocks is (GenerationRequest.tenant)
     restore_s: float | None = None
     resume_s: float | None = None  # a stored session was resumed (fetch + decode + restore)
     resume_tier: str | None = None
@@ -217,7 +218,7 @@ class PrefixReuse:
         restore_s = None
         if match is None and pending.snapshot is not None:
             match, restore_s = self.restore_snapshot(
-                pending.snapshot, pending.request.prompt_tokens
+                pending.snapshot, pending.request.prompt_tokens, pending.request.tenant
             )
         if match is not None:
             self.counters["prefix_hits_total"] += 1
@@ -226,7 +227,9 @@ class PrefixReuse:
             admission = self.share(match, progress)
             admission.restore_s = restore_s
             return admission
-        return self.plan_registration(blocks, pending.request.family_tokens, progress)
+        return self.plan_registration(
+            blocks, pending.request.family_tokens, progress, pending.request.tenant
+        )
 
     def share(self, match: PrefixMatch, progress: SeqProgress) -> Admission:
         """Put a hot prefix's cells into the sequence (no copy) and hold a reference on it."""
@@ -234,13 +237,18 @@ class PrefixReuse:
         return Admission(match.n_tokens, match.prefix, match.n_tokens)
 
     def plan_registration(
-        self, blocks: list[Block], family_tokens: int | None, progress: SeqProgress
+        self,
+        blocks: list[Block],
+        family_tokens: int | None,
+        progress: SeqProgress,
+        tenant: str = "",
     ) -> Admission:
         end = registration_end([b.end_tokens for b in blocks], family_tokens, self.settings)
         if end is None:
             return Admission()
         progress.chunk_stop = end
-        return Admission(register_blocks=tuple(b for b in blocks if b.end_tokens <= end))
+        register = tuple(b for b in blocks if b.end_tokens <= end)
+        return Admission(register_blocks=register, tenant=tenant)
 
     def begin(self, admission: Admission, progress: SeqProgress) -> None:
         """Settle a new sequence with the budget and track the family it computes (every
@@ -261,10 +269,11 @@ class PrefixReuse:
         self.budget.reserve_more(progress.slot, -extra)
 
     def restore_snapshot(
-        self, raw, prompt: tuple[int, ...]
+        self, raw, prompt: tuple[int, ...], tenant: str = ""
     ) -> tuple[PrefixMatch | None, float | None]:
-        """Verify a snapshot fetched for this prompt and restore it as a hot prefix; (None,
-        None) when it does not apply or fails (recompute)."""
+        """Verify a snapshot fetched for this prompt and restore it as a hot prefix (of
+        `tenant`, the requester: block keys are salted per tenant); (None, None) when it does
+        not apply or fails (recompute)."""
         started = time.perf_counter()
         try:
             snap = decode_snapshot(raw, self.fingerprint)
@@ -279,7 +288,7 @@ class PrefixReuse:
             check_prefix_state(parse_seq_state(snap.state), n)
             if not self.cache.free_a_holder():
                 return None, None
-            prefix = self.cache.restore(snap.state, snap.tokens, snap.blocks)
+            prefix = self.cache.restore(snap.state, snap.tokens, snap.blocks, tenant)
         except (ValueError, RuntimeError) as exc:
             self.counters["snapshot_rejects_total"] += 1
             self.count_state_failure()
@@ -308,7 +317,9 @@ class PrefixReuse:
             return  # every hot prefix is in use: this one stays private to its sequence
         # The cells move from the sequence's reservation to the prefix (order: never over).
         self.budget.unreserve(progress.slot, n)
-        prefix = self.cache.register_from(progress.slot, progress.prompt_tokens[:n], blocks)
+        prefix = self.cache.register_from(
+            progress.slot, progress.prompt_tokens[:n], blocks, admission.tenant
+        )
         admission.prefix = prefix
         admission.prefix_tokens = n
         if self.publish and n >= self.settings.snapshot_min_tokens:
@@ -359,6 +370,7 @@ class PrefixReuse:
                 prefix.n_tokens,
                 len(state),
                 tuple(b.key for b in prefix.blocks),
+                prefix.tenant,
             )
             self.publish(meta, blob)
             self.counters["snapshots_published_total"] += 1

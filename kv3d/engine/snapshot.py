@@ -35,6 +35,9 @@ class SnapshotMeta:
     n_tokens: int
     state_bytes: int
     block_keys: tuple[int, ...]
+    # Who the family belongs to (`GenerationRequest.tenant`): told to the registry beside the
+    # container, never stored in it ("" in a decoded snapshot).
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)

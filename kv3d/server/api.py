@@ -147,12 +147,15 @@ def build_api(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/kv3d/stats")
-    async def kv3d_stats() -> dict[str, Any]:
+    async def kv3d_stats(request: Request) -> dict[str, Any]:
         engines = await backend.engine_stats()
         for stats in engines:
             metrics.engine.observe(stats)
         registry = await backend.snapshot_stats()
-        return build_stats(engines, registry, metrics, await backend.safe_mode())
+        # The figures are the whole server's; the families, the caller's own (all: admin key).
+        return build_stats(
+            engines, registry, metrics, await backend.safe_mode(), viewer=_tenant(request)
+        )
 
     @app.get("/dashboard")
     async def dashboard_page() -> Response:
@@ -351,6 +354,7 @@ def _generation_request(
         session_id=tenant.session_id(session_id, req.cache_salt, req.user),
         ignore_eos=req.ignore_eos,
         cache_salt=tenant.cache_salt(req.cache_salt),
+        tenant=tenant.namespace,
     )
 
 

@@ -2,7 +2,8 @@
 in the package, no CDN) polling `/v1/kv3d/stats` (the JSON built here).
 
 The stats hold figures and hashes only: prefix families are named by their key, size and hit
-count, never by prompt text.
+count, never by prompt text. The figures are the whole server's, but each caller sees only its
+own tenant's families (an admin key: every tenant's, each with its tenant's namespace).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from importlib.resources import files
 from typing import Any
 
 from kv3d.engine.generation import EngineStats
+from kv3d.server.guard import OPEN, Tenant
 from kv3d.server.metrics import ServerMetrics
 
 ASSETS = {
@@ -33,7 +35,10 @@ def build_stats(
     registry: dict[str, Any] | None,
     metrics: ServerMetrics,
     safe_mode: bool,
+    viewer: Tenant = OPEN,
 ) -> dict[str, Any]:
+    """The stats `viewer` may see: every figure, and the families it owns (all of them for an
+    admin key)."""
     lookups = sum(s.prefix_lookups_total for s in engines)
     hits = sum(s.prefix_hits_total for s in engines)
     ttft_p50, ttft_p95 = metrics.recent_ttft.percentiles(0.5, 0.95)
@@ -64,18 +69,31 @@ def build_stats(
                 for tier, window in sorted(metrics.recent_resume.items())
             },
         },
-        "families": _top_families(registry),
+        "families": _top_families(registry, viewer),
+        "families_scope": "all" if viewer.admin else "tenant",
         "replicas": [_replica(s) for s in sorted(engines, key=lambda s: s.replica_id)],
         "routes": routes.by_replica() if routes is not None else {},
     }
 
 
-def _top_families(registry: dict[str, Any] | None) -> list[dict[str, Any]]:
-    families = (registry or {}).get("families") or []
-    ranked = sorted(families, key=lambda f: f.get("hits", 0), reverse=True)
-    return [
-        {k: f.get(k) for k in ("key", "tokens", "bytes", "hits")} for f in ranked[:TOP_FAMILIES]
+def _top_families(registry: dict[str, Any] | None, viewer: Tenant) -> list[dict[str, Any]]:
+    """The most hit of the families `viewer` may see. A family without a tenant (a registry of
+    an older version) is the "" tenant's: an open API's, shown to no key but an admin's."""
+    families = [
+        f for f in (registry or {}).get("families") or [] if viewer.sees(_owner(f.get("tenant")))
     ]
+    ranked = sorted(families, key=lambda f: f.get("hits", 0), reverse=True)
+    out = []
+    for f in ranked[:TOP_FAMILIES]:
+        row = {k: f.get(k) for k in ("key", "tokens", "bytes", "hits")}
+        if viewer.admin:
+            row["tenant"] = _owner(f.get("tenant"))
+        out.append(row)
+    return out
+
+
+def _owner(tenant: Any) -> str:
+    return tenant if isinstance(tenant, str) else ""
 
 
 def _replica(s: EngineStats) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Keys are kept only as SHA-256 digests (the raw key never reaches logs, the Serve application's
 arguments or the dashboard) and compared in constant time against every known digest. Each key
 is a tenant: its namespace salts every prefix block key and scopes every session id, so one
-tenant can neither hit nor time another tenant's cached prompts.
+tenant can neither hit nor time another tenant's cached prompts. The families a tenant's
+requests compute are recorded under its namespace, and the stats show each tenant only its own;
+an admin key (`server.admin_api_key`), itself a tenant too, sees every tenant's.
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ def key_digest(key: str) -> str:
 
 
 def digests_from_setting(api_key: str) -> tuple[str, ...]:
-    """`server.api_key` (one key, or several separated by commas) as digests."""
+    """`server.api_key` or `server.admin_api_key` (one key, or several separated by commas) as
+    digests."""
     return tuple(key_digest(k.strip()) for k in api_key.split(",") if k.strip())
 
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
     namespace: str = ""  # "" when the API is open
+    admin: bool = False  # an admin key: sees every tenant's figures
+
+    def sees(self, owner: str) -> bool:
+        """Whether figures about what `owner` (a namespace, `GenerationRequest.tenant`) cached
+        are shown to this tenant: its own only, or everyone's to an admin key."""
+        return self.admin or owner == self.namespace
 
     def cache_salt(self, request_salt: str | None) -> str:
         """The salt of this tenant's block keys, with the request's own `cache_salt`."""
@@ -67,30 +76,40 @@ class Guard:
     exceeds `limits.max_streams_per_key`. Thread-safe.
     """
 
-    def __init__(self, key_digests: Iterable[str] = (), limits: LimitsConfig | None = None):
+    def __init__(
+        self,
+        key_digests: Iterable[str] = (),
+        limits: LimitsConfig | None = None,
+        admin_digests: Iterable[str] = (),
+    ):
+        """`admin_digests`: keys that also see every tenant's figures (valid API keys too)."""
         self._digests = tuple(key_digests)
+        self._admin_digests = tuple(admin_digests)
         self.limits = limits or LimitsConfig()
         self._in_flight: dict[Tenant, int] = {}
         self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._digests or self._admin_digests)
 
     def authenticate(self, authorization: str | None) -> Tenant:
-        if not self._digests:
+        if not self.enabled:
             return OPEN
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise _unauthorized("missing API key: send Authorization: Bearer <key>")
         digest = key_digest(token)
-        found = False
-        for known in self._digests:  # no early exit: the time does not tell which key matched
+        found = admin = False
+        # No early exit: the time does not tell which key matched, nor whether it is an admin's.
+        for known in self._digests:
             found |= hmac.compare_digest(digest, known)
-        if not found:
+        for known in self._admin_digests:
+            admin |= hmac.compare_digest(digest, known)
+        if not (found or admin):
             raise _unauthorized("invalid API key")
-        return Tenant(digest[:NAMESPACE_CHARS])
+        return Tenant(digest[:NAMESPACE_CHARS], admin=admin)
 
     def acquire(self, tenant: Tenant) -> None:
         """Count one more request in flight for `tenant`, or raise 429 past the limit."""

@@ -67,3 +67,19 @@ def test_engine_figures_reach_ray_metrics(ray_instance, smollm2_path):
     assert {"prefix_hits_total", "running_sequences", "snapshot_restores_total"} <= set(
         exporter._gauges
     )
+
+
+def test_stats_name_each_snapshots_tenant_and_an_older_publisher_is_nobodys(ray_instance, registry):
+    from deployments.registry import SnapshotClient
+    from kv3d.engine.snapshot import SnapshotMeta
+
+    ray = ray_instance
+    SnapshotClient(registry, FP).publish(SnapshotMeta(11, FP, 3, 90, (11,), "ns-a"), bytes(100))
+    # A replica of an older version sends no tenant: its snapshot is kept, under no tenant.
+    assert ray.get(registry.publish.remote(12, FP, 3, [12], bytes(100)))
+    stats = ray.get(registry.stats.remote())  # after both: one caller's calls run in order
+    assert {f["key"]: f["tenant"] for f in stats["families"]} == {
+        f"{11:016x}": "ns-a",
+        f"{12:016x}": "",
+    }
+    assert ray.get(registry.lookup.remote(FP, [11])) is not None
