@@ -21,7 +21,11 @@ from kv3d.engine.snapshot import SnapshotMeta
 
 log = logging.getLogger(__name__)
 
-REGISTRY_NAME = "kv3d-snapshot-registry"
+# The actor is detached and outlives a redeploy: its name carries the version of its calls, so
+# that new replicas never call an older registry with arguments it does not take.
+REGISTRY_VERSION = 2
+REGISTRY_NAME = f"kv3d-snapshot-registry-v{REGISTRY_VERSION}"
+LEGACY_REGISTRY_NAMES = ("kv3d-snapshot-registry",)
 REGISTRY_NAMESPACE = "kv3d"
 CALL_TIMEOUT_S = 2.0
 
@@ -92,9 +96,10 @@ def _session_key(fingerprint: bytes, session_id: str) -> tuple[str, bytes, str]:
 
 
 def get_registry(budget_bytes: int):
-    """The cluster's registry actor, created on first use."""
+    """The cluster's registry actor, created on first use. A registry of an older KV3D left
+    running by an upgrade only holds a cache that no new replica reads: it is stopped."""
     actor = ray.remote(SnapshotRegistry)
-    return actor.options(
+    registry = actor.options(
         name=REGISTRY_NAME,
         namespace=REGISTRY_NAMESPACE,
         lifetime="detached",
@@ -102,6 +107,14 @@ def get_registry(budget_bytes: int):
         num_cpus=0,
         max_restarts=-1,
     ).remote(budget_bytes)
+    for name in LEGACY_REGISTRY_NAMES:
+        try:
+            old = ray.get_actor(name, namespace=REGISTRY_NAMESPACE)
+        except ValueError:
+            continue
+        log.warning("stopping %s, the snapshot registry of an older KV3D", name)
+        ray.kill(old, no_restart=True)
+    return registry
 
 
 def find_registry():

@@ -61,7 +61,8 @@ class GenerateBackend(Protocol):
         ...
 
     async def engine_stats(self) -> list[EngineStats]:
-        """Fresh engine counters from the replica(s) this backend can reach right now."""
+        """Engine counters of every model replica there is now: a replica missing from the
+        list is gone, and its figures stop counting."""
         ...
 
     async def snapshot_stats(self) -> dict[str, Any] | None:
@@ -137,8 +138,7 @@ def build_api(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        for stats in await backend.engine_stats():
-            metrics.engine.observe(stats)
+        metrics.engine.refresh(await backend.engine_stats())
         snapshots = await backend.snapshot_stats()
         if snapshots is not None:
             metrics.snapshots.snapshots = snapshots["snapshots"]
@@ -149,8 +149,7 @@ def build_api(
     @app.get("/v1/kv3d/stats")
     async def kv3d_stats(request: Request) -> dict[str, Any]:
         engines = await backend.engine_stats()
-        for stats in engines:
-            metrics.engine.observe(stats)
+        metrics.engine.refresh(engines)
         registry = await backend.snapshot_stats()
         # The figures are the whole server's; the families, the caller's own (all: admin key).
         return build_stats(

@@ -154,13 +154,25 @@ _ENGINE_SERIES = (
         "session_demotions_total",
         "kv3d_session_demotions",
         "counter",
-        "Sessions moved from the warm tier to the cold tier.",
+        "Sessions that left the warm tier for lack of room (on disk with a cold tier).",
     ),
     (
         "session_drops_total",
         "kv3d_session_evictions",
         "counter",
         "Sessions dropped for lack of room (recomputed if they return).",
+    ),
+    (
+        "session_cold_evictions_total",
+        "kv3d_session_cold_evictions",
+        "counter",
+        "Session files removed to keep the cold folder within cache.ssd_cold_mb.",
+    ),
+    (
+        "session_cold_write_errors_total",
+        "kv3d_session_cold_write_errors",
+        "counter",
+        "Sessions that could not be written to the cold folder (disk full, permissions).",
     ),
     (
         "session_rejects_total",
@@ -185,7 +197,8 @@ _TIERS = (
 
 
 class _EngineCollector(Collector):
-    """Sums the newest `EngineStats` of every replica that reported one."""
+    """Sums the newest `EngineStats` of every live replica: one that is gone (dead, scaled
+    down) stops counting as soon as it is missing from a `refresh`."""
 
     def __init__(self) -> None:
         self._latest: dict[str, EngineStats] = {}
@@ -196,6 +209,17 @@ class _EngineCollector(Collector):
             old = self._latest.get(stats.replica_id)
             if old is None or old.taken_at_s <= stats.taken_at_s:
                 self._latest[stats.replica_id] = stats
+
+    def refresh(self, live: list[EngineStats]) -> None:
+        """`live`: the stats of every replica there is now (all of them, not a sample)."""
+        with self._lock:
+            for stats in live:
+                old = self._latest.get(stats.replica_id)
+                if old is None or old.taken_at_s <= stats.taken_at_s:
+                    self._latest[stats.replica_id] = stats
+            alive = {s.replica_id for s in live}
+            for replica_id in [r for r in self._latest if r not in alive]:
+                del self._latest[replica_id]
 
     def totals(self) -> dict[str, float]:
         with self._lock:
