@@ -459,6 +459,16 @@ class _Observed:
         self._observe(event)
         if isinstance(event, Rejected):
             raise _rejected_error(event)
+        if isinstance(event, Finished) and event.reason == "cancelled":
+            # The engine stopped it (the replica is shutting down) while the client still
+            # listens: an error, never a finish_reason that passes cut-off text for complete.
+            raise APIError(
+                503,
+                "the request was cancelled before it completed (the model replica is stopping); "
+                "retry it",
+                type="server_error",
+                code="cancelled",
+            )
         return event
 
     def _observe(self, event: StreamEvent) -> None:
