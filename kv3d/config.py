@@ -102,7 +102,17 @@ class CacheConfig(_Section):
         2048, ge=1, description="KV cache budget per replica (llama.cpp cells), in MiB."
     )
     ram_warm_mb: int = Field(8192, ge=0, description="Warm tier budget (snapshots, deltas), MiB.")
-    ssd_cold_path: str = Field("", description="Folder of the cold tier; empty = off.")
+    ssd_cold_path: str = Field(
+        "",
+        description="Folder of the cold tier (every parked session is written there behind; "
+        "replicas of one node may share it); empty = off.",
+    )
+    ssd_cold_mb: int = Field(
+        10240,
+        ge=1,
+        description="Disk budget of the cold folder, MiB: least recently written sessions are "
+        "removed beyond it.",
+    )
     share_sessions: bool = Field(
         True,
         description="On a Ray cluster, publish each kept session's int8 delta to the object "

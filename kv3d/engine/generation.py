@@ -131,6 +131,8 @@ class EngineStats:
     session_drops_total: int = 0
     session_rejects_total: int = 0
     session_restore_failures_total: int = 0
+    session_cold_write_errors_total: int = 0  # sessions that could not be written to disk
+    session_cold_evictions_total: int = 0  # files removed to keep the cold folder's budget
     state_failures_total: int = 0  # intact snapshots/sessions llama.cpp refused to restore
     safe_mode: int = 0  # 1: plain inference only (self-check failed, forced, or tripped)
     sessions_warm: int = 0

@@ -42,6 +42,7 @@ class EngineSettings:
     auto_sessions: bool
     safe_mode: bool = False
     canary_period_s: float = 0.0
+    cold_budget_bytes: int = 0  # 0: unbounded
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -69,6 +70,7 @@ class EngineSettings:
             max_hot_prefixes=config.prefix.max_hot,
             warm_budget_bytes=config.cache.ram_warm_mb * MIB,
             cold_path=config.cache.ssd_cold_path,
+            cold_budget_bytes=config.cache.ssd_cold_mb * MIB,
             auto_sessions=config.cache.auto_sessions,
             safe_mode=config.server.safe_mode,
             canary_period_s=config.server.canary_period_s,
