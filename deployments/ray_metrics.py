@@ -40,7 +40,7 @@ class RayMetricsExporter:
         stats = self._engine.stats()
         tags = {"replica": stats.replica_id}
         for name, value in asdict(stats).items():
-            if name in _SKIP:
+            if name in _SKIP or not isinstance(value, (int, float)):  # text: not a gauge
                 continue
             gauge = self._gauges.get(name)
             if gauge is None:

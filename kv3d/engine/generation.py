@@ -135,6 +135,7 @@ class EngineStats:
     session_cold_evictions_total: int = 0  # files removed to keep the cold folder's budget
     state_failures_total: int = 0  # intact snapshots/sessions llama.cpp refused to restore
     safe_mode: int = 0  # 1: plain inference only (self-check failed, forced, or tripped)
+    safe_mode_reason: str = ""  # why, while safe_mode is 1
     sessions_warm: int = 0
     sessions_cold: int = 0
     warm_bytes: int = 0

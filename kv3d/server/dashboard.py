@@ -46,6 +46,7 @@ def build_stats(
     return {
         "taken_at_s": time.time(),
         "mode": "safe" if safe_mode else "normal",
+        "safe_mode_reasons": sorted({s.safe_mode_reason for s in engines if s.safe_mode}),
         "hit_rate": hits / lookups if lookups else 0.0,
         "prefix_lookups": lookups,
         "prefix_hits": hits,
@@ -107,4 +108,5 @@ def _replica(s: EngineStats) -> dict[str, Any]:
         "hot_prefixes": s.hot_prefixes,
         "prefix_hits": s.prefix_hits_total,
         "safe_mode": bool(s.safe_mode),
+        "safe_mode_reason": s.safe_mode_reason,
     }
