@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from kv3d.engine.statefmt import LayerTensor, parse_seq_state
+from kv3d.engine.statefmt import LayerTensor, StateFormatError, parse_seq_state
 
 MAGIC = b"KV3DDLT1"
 VERSION = 1
@@ -36,6 +36,7 @@ _ENTRY = np.dtype(
     [("offset", "<u8"), ("cells", "<u4"), ("channels", "<u4"), ("transposed", "u1"), ("pad", "V7")]
 )
 MODES = {"int8": 1, "f16": 2}
+_MAX_SCALE = np.float16(np.finfo(np.float16).max / 127.0)  # the largest scale f16 input gives
 Mode = Literal["int8", "f16"]
 
 _pool = ThreadPoolExecutor(
@@ -72,6 +73,9 @@ def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
 def _describe(layer: LayerTensor, n_cells: int, base: int) -> _Tensor | None:
     if layer.type_id != GGML_TYPE_F16 or n_cells == 0:
         return None
+    odd = layer.el_size != 2 if layer.transposed else layer.row_bytes % 2 != 0
+    if odd:
+        return None  # not laid out as f16 elements whatever its type says: kept verbatim
     offset = layer.data.__array_interface__["data"][0] - base
     if layer.transposed:
         return _Tensor(offset, n_cells, layer.n_embd_v_gqa, True)
@@ -174,8 +178,13 @@ def _pack(mode: int, group: int, n_tensors: int, blob_bytes: int, parts: list) -
 
 
 def decode_delta(buf) -> bytearray:
-    """Rebuild the sequence-state blob an encoded delta stands for (checks it first)."""
-    view = memoryview(buf).cast("B")
+    """Rebuild the sequence-state blob an encoded delta stands for. Every field is checked
+    before use, and the blob it rebuilds must parse as the state the tensor table describes:
+    anything off raises `DeltaError` (and only that)."""
+    try:
+        view = memoryview(buf).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise DeltaError(f"a delta must be a contiguous byte buffer: {exc}") from None
     if len(view) < _HEADER.size:
         raise DeltaError("delta shorter than its header")
     magic, version, mode, _, group, _, n, crc, blob_bytes, payload_bytes = _HEADER.unpack_from(view)
@@ -189,35 +198,79 @@ def decode_delta(buf) -> bytearray:
     if zlib.crc32(payload) != crc:
         raise DeltaError("delta fails its checksum")
     if mode == MODES["f16"]:
-        return bytearray(payload)
-    if mode != MODES["int8"] or group == 0:
+        if n != 0 or blob_bytes != len(payload):
+            raise DeltaError("an f16 delta holds its blob verbatim and no tensor table")
+        out = bytearray(payload)
+        _check_rebuilt(out, [], group=0)
+        return out
+    if mode != MODES["int8"]:
         raise DeltaError(f"unknown delta mode {mode}")
+    if group == 0:
+        raise DeltaError("int8 delta with a group of 0 channels")
     return _decode_int8(payload, n, group, blob_bytes)
 
 
+def _read_table(payload: memoryview, n: int, group: int, blob_bytes: int) -> list[_Tensor]:
+    """The tensor table, checked: entries in blob order, inside the blob, whole groups, and
+    exactly as many payload bytes as they and the verbatim bytes take."""
+    if n * _ENTRY.itemsize > len(payload):
+        raise DeltaError(f"delta tensor table of {n} entries exceeds its payload")
+    tensors, pos, coded = [], 0, 0
+    for offset, cells, channels, transposed, pad in np.frombuffer(
+        payload, dtype=_ENTRY, count=n
+    ).tolist():
+        if transposed > 1 or any(pad):
+            raise DeltaError(f"delta tensor {len(tensors)} has a malformed table entry")
+        if cells == 0 or channels == 0 or channels % group:
+            raise DeltaError(
+                f"delta tensor {len(tensors)} is {cells} cells x {channels} channels, "
+                f"not whole groups of {group}"
+            )
+        if offset < pos:
+            raise DeltaError("delta tensor table overlaps or is out of order")
+        pos = offset + 2 * cells * channels
+        if pos > blob_bytes:
+            raise DeltaError(f"delta tensor {len(tensors)} lies outside its {blob_bytes}-byte blob")
+        coded += 2 * cells * (channels // group) + cells * channels
+        tensors.append(_Tensor(offset, cells, channels, bool(transposed)))
+    verbatim = blob_bytes - sum(2 * t.cells * t.channels for t in tensors)
+    expected = n * _ENTRY.itemsize + verbatim + coded
+    if expected != len(payload):
+        raise DeltaError(f"delta payload is {len(payload)} bytes; its tensor table says {expected}")
+    return tensors
+
+
+def _check_rebuilt(blob: bytearray, tensors: list[_Tensor], group: int) -> None:
+    """The rebuilt bytes must be a sequence state whose f16 tensors (those an encoder with
+    `group` codes; none in f16 mode) are exactly `tensors`."""
+    try:
+        if group:
+            found = _f16_tensors(memoryview(blob), group)
+        else:
+            parse_seq_state(blob)
+            found = []
+    except StateFormatError as exc:
+        raise DeltaError(f"delta does not rebuild a sequence state: {exc}") from None
+    if found != tensors:
+        raise DeltaError("delta tensor table disagrees with the state it rebuilds")
+
+
 def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> bytearray:
-    table = np.frombuffer(payload, dtype=_ENTRY, count=n)
-    at = table.nbytes
+    tensors = _read_table(payload, n, group, blob_bytes)  # bounds blob_bytes by the payload
+    at = n * _ENTRY.itemsize
     out = bytearray(blob_bytes)
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
-    tensors = [
-        _Tensor(int(e["offset"]), int(e["cells"]), int(e["channels"]), bool(e["transposed"]))
-        for e in table
-    ]
     pos = 0
     for t in tensors:  # the bytes between tensors, in order
-        if t.offset < pos:
-            raise DeltaError("delta tensor table overlaps")
         gap = t.offset - pos
         out_raw[pos : t.offset] = src[at : at + gap]
         at += gap
         pos = t.offset + 2 * t.cells * t.channels
     tail = blob_bytes - pos
-    if tail < 0 or at + tail > len(src):
-        raise DeltaError("delta is truncated")
     out_raw[pos:] = src[at : at + tail]
     at += tail
+    _check_rebuilt(out, tensors, group)
     jobs = []
     for t in tensors:
         n_scales = t.cells * (t.channels // group)
@@ -225,12 +278,10 @@ def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> by
         at += 2 * n_scales
         q = src[at : at + t.cells * t.channels].view(np.int8).reshape(t.cells, t.channels)
         at += t.cells * t.channels
-        if q.size != t.cells * t.channels or scales.size != n_scales:
-            raise DeltaError("delta is truncated")
+        if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # NaN fails both
+            raise DeltaError("delta has a scale no encoder writes (negative, too large, NaN)")
         dest = _as_cells(out_raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
         jobs.append((dest, scales, q))
-    if at != len(src):
-        raise DeltaError("delta has trailing bytes")
     codec = backend()
     if isinstance(codec, NumpyCodec):
         list(_pool.map(lambda job: _dequantize_into(job[0], job[1], job[2], group), jobs))

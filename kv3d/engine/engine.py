@@ -4,6 +4,15 @@
 reuse and sessions place cached cells), decode the batch the scheduler plans, then sample and
 stream. A single engine thread runs the steps and is the only code that touches the native
 handles; other threads talk to it through `submit` and `cancel`.
+
+Faults stay with the request that met them: an exception while admitting or advancing one
+request fails that request alone (`Rejected("internal")`), after everything it held (slot,
+reserved cells, prefix references, families it was computing) is given back, so the engine stays
+consistent (`check_invariants`) and serves the next request. (Each reuse or session call that
+takes a reference on a hot prefix does so as its last act, and hands it to the admission it
+returns: a fault can never leave a reference that nothing releases.) The step thread never waits
+on I/O or on the codec: a request whose stored session is still being read waits in the queue,
+and the step thread is woken when the read is done.
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from kv3d.config import KV3DConfig
@@ -84,6 +94,7 @@ class Engine:
 
     Invariant: every submitted request gets exactly one terminal event (`Finished` or
     `Rejected`), and its sequence slot and KV cells are released before that event is emitted.
+    A fault in one request's admission or step ends that request alone (see the module doc).
     """
 
     def __init__(
@@ -248,9 +259,14 @@ class Engine:
         `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
         object); it is verified before use and ignored when it does not apply.
         """
-        blocks = self.prefix_blocks(request)
-        # A stored session is decoded off this thread while the request waits.
-        session = self.sessions.take_for(request, blocks, self._hot_view.sessions)
+        try:
+            blocks = self.prefix_blocks(request)
+            # A stored session is decoded off this thread while the request waits.
+            session = self.sessions.take_for(request, blocks, self._hot_view.sessions)
+        except Exception:
+            log.exception("request %s could not be queued", request.request_id)
+            emit(Rejected("internal", "the engine could not queue this request"))
+            return
         try:
             self.scheduler.enqueue(Pending(request, emit, snapshot, session, blocks))
         except RequestTooLargeError as exc:
@@ -263,6 +279,11 @@ class Engine:
                 )
             )
             return
+        if session is not None:  # the request becomes admissible when its session is read
+            session.add_done_callback(self._wake_up)
+        self._wake_up()
+
+    def _wake_up(self, _=None) -> None:
         with self._wake:
             self._wake.notify()
 
@@ -373,10 +394,26 @@ class Engine:
         return cells * self._bytes_per_cell
 
     def check_invariants(self) -> None:
-        """Slots, the KV budget and the hot prefixes agree (tests call this between steps)."""
+        """Slots, the KV budget and the hot prefixes agree, and every reference on a hot prefix
+        and every family being computed belongs to a running sequence or a kept session (tests
+        call this between steps)."""
         self.scheduler.check_invariants()
         self.reuse.check_invariants()
         assert set(self._live) == set(self.scheduler.running), "live and running sequences differ"
+        if not isinstance(self.reuse, PrefixReuse):
+            return
+        users: Counter[int] = Counter()
+        families: Counter[int] = Counter()
+        for live in self._live.values():
+            if live.admission.prefix is not None:
+                users[live.admission.prefix.seq_id] += 1
+            if live.admission.register_blocks:
+                families[live.admission.register_blocks[-1].key] += 1
+        hot = self.reuse.cache.hot()
+        users.update(p.parent.seq_id for p in hot if p.parent is not None)
+        for prefix in hot:
+            assert prefix.refs == users[prefix.seq_id], f"prefix {prefix.key:016x}: lost refs"
+        assert dict(families) == self.reuse._in_flight, "families computed by nobody"
 
     # --- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -389,18 +426,20 @@ class Engine:
                     self._wake.wait(wait_s)
                 if self._stopping:
                     return
-            if self._canary_wait_s() == 0.0 and not self.scheduler.running:
-                if self.safe.run_canary(self.model, self.ctx, self.batch):
+            try:  # never let anything kill the replica's only step thread
+                if self._canary_wait_s() == 0.0 and not self.scheduler.running:
+                    if self.safe.run_canary(self.model, self.ctx, self.batch):
+                        self._reuse_off()
+                try:
+                    self.step()
+                except Exception:  # not one request's fault (those are caught in the step)
+                    log.exception("engine step failed")
+                    self._fail_all("engine step failed")
+                self._refresh_hot_view()
+                if self.safe.check_state_failures(self.reuse.state_failures):
                     self._reuse_off()
-            try:
-                self.step()
-            except Exception:  # never let one bad step kill the replica's only thread
-                log.exception("engine step failed")
-                for slot in list(self._live):
-                    self._fail(slot, "engine step failed")
-            self._refresh_hot_view()
-            if self.safe.check_state_failures(self.reuse.state_failures):
-                self._reuse_off()
+            except Exception:
+                log.exception("engine loop failed")
 
     def _canary_wait_s(self) -> float | None:
         return self.safe.canary_wait_s()
@@ -428,26 +467,57 @@ class Engine:
             return 0
         self._count_step(chunks)
         for chunk, row in zip(chunks, rows, strict=True):
-            self._advance(chunk, row)
+            self._guarded(chunk.slot, self._advance, chunk, row)
         return len(chunks)
+
+    def _guarded(self, slot: int, fn: Callable, *args) -> None:
+        """Run one sequence's part of the step; a fault there fails that sequence alone."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("the request in slot %d failed", slot)
+            self._fail(slot, "internal error while running this request")
+
+    def _fail_all(self, message: str) -> None:
+        """A step failed as a whole: end every running request and give back every slot,
+        including one an admission left half done."""
+        for slot in list(self._live):
+            self._fail(slot, message)
+        for slot in list(self.scheduler.running):
+            self._give_back(slot, None, self.reuse, None)
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests first come first served while they fit. A request that should
-        wait for a prefix another sequence is computing stays queued; those behind it may go."""
+        wait for a prefix another sequence is computing, or whose stored session is still being
+        read, stays queued; those behind it may go. A request that raises is failed alone."""
         head = self.scheduler.next_to_admit()
         if head is not None:
-            self.reuse.make_room(head.cells_needed - self._shared_cells(head))
+            try:
+                self.reuse.make_room(head.cells_needed - self._shared_cells(head))
+            except Exception:
+                self._fail_waiting(head)
         for pending in self.scheduler.waiting():
-            # One at a time: a request admitted now may start computing a prefix that the
-            # next one should then wait for.
-            if self.reuse.should_wait(pending):
+            if not pending.ready:
+                continue  # never wait on the read here: it is admitted once it is done
+            try:
+                # One at a time: a request admitted now may start computing a prefix that the
+                # next one should then wait for.
+                if self.reuse.should_wait(pending):
+                    continue
+                shared = self._shared_cells(pending)
+                if not self.scheduler.can_admit(pending, shared):
+                    return
+                progress = self.scheduler.admit(pending, shared)
+            except Exception:
+                self._fail_waiting(pending)
                 continue
-            shared = self._shared_cells(pending)
-            if not self.scheduler.can_admit(pending, shared):
-                return
-            progress = self.scheduler.admit(pending, shared)
             if progress is not None:
                 self._start(pending, progress)
+
+    def _fail_waiting(self, pending: Pending) -> None:
+        log.exception("request %s failed before admission", pending.request.request_id)
+        if self.scheduler.remove_waiting(pending):
+            pending.emit(Rejected("internal", "internal error while admitting this request"))
 
     def _shared_cells(self, pending: Pending) -> int:
         """Cells a hot prefix will provide `pending` at admission (not reserved for it)."""
@@ -465,20 +535,28 @@ class Engine:
             self.ctx.decode(self.batch)
 
     def _start(self, pending: Pending, progress: SeqProgress) -> None:
+        """Set up an admitted request; on any fault, give back what it took and fail it."""
         req = pending.request
-        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(32)
-        sampler = SamplerChain(
-            temperature=req.sampling.temperature,
-            top_p=req.sampling.top_p,
-            top_k=req.sampling.top_k,
-            seed=seed,
-        )
-        # Tokens whose KV reuse places into the slot need no prefill.
-        admission = self.sessions.resume(pending, progress)
-        if admission is None:
-            admission = self.reuse.admit(pending, progress)
-        self.reuse.begin(admission, progress)
-        text = IncrementalText(req.stop)
+        sampler = admission = None
+        try:
+            seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(32)
+            sampler = SamplerChain(
+                temperature=req.sampling.temperature,
+                top_p=req.sampling.top_p,
+                top_k=req.sampling.top_k,
+                seed=seed,
+            )
+            # Tokens whose KV reuse places into the slot need no prefill.
+            admission = self.sessions.resume(pending, progress)
+            if admission is None:
+                admission = self.reuse.admit(pending, progress)
+            self.reuse.begin(admission, progress)
+            text = IncrementalText(req.stop)
+        except Exception:
+            log.exception("admitting request %s failed", req.request_id)
+            self._give_back(progress.slot, admission, self.reuse, sampler)
+            pending.emit(Rejected("internal", "internal error while admitting this request"))
+            return
         live = _Live(pending, progress, sampler, text, admission, self.reuse, [])
         self._live[progress.slot] = live
         self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
@@ -548,15 +626,35 @@ class Engine:
             return
         for slot, live in list(self._live.items()):
             if live.pending.request.request_id in cancelled:
-                self._finish(slot, "cancelled")
+                self._guarded(slot, self._finish, slot, "cancelled")
 
     def _release(self, slot: int) -> _Live:
         live = self._live.pop(slot)
-        self.scheduler.release(slot)
-        self.ctx.seq_remove(slot)
-        live.admitted_by.release(live.admission)
-        live.sampler.close()
+        self._give_back(slot, live.admission, live.admitted_by, live.sampler)
         return live
+
+    def _give_back(
+        self,
+        slot: int,
+        admission: Admission | None,
+        admitted_by: PrefixReuse | NoReuse,
+        sampler: SamplerChain | None,
+    ) -> None:
+        """Free a sequence's slot, cells, reservation, prefix reference and sampler: each part
+        even when another fails (that is logged), so that a fault never leaks the rest."""
+        parts: list[Callable[[], object]] = []
+        if slot in self.scheduler.running:
+            parts.append(lambda: self.scheduler.release(slot))
+        parts.append(lambda: self.ctx.seq_remove(slot))
+        if admission is not None:
+            parts.append(lambda: admitted_by.release(admission))
+        if sampler is not None:
+            parts.append(sampler.close)
+        for part in parts:
+            try:
+                part()
+            except Exception:
+                log.exception("could not free all of slot %d", slot)
 
     def _finish(self, slot: int, reason: FinishReason) -> None:
         live = self._live[slot]
@@ -566,11 +664,11 @@ class Engine:
                 self.sessions.keep(req, live.admission, live.progress, live.output_ids)
             except Exception:  # keeping a session is an optimisation, never a failure
                 log.exception("could not keep the session of slot %d", slot)
-        self._release(slot)
         progress = live.progress
         adm = live.admission
         usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, adm.cached_tokens)
-        tail = live.text.finish() if reason != "cancelled" else ""
+        tail = live.text.finish() if reason != "cancelled" else ""  # may fail: still live here
+        self._release(slot)
         live.pending.emit(
             Finished(
                 reason,

@@ -6,6 +6,8 @@ It never touches llama.cpp; the engine turns its plan into a batch. Policy, in o
 2. sequences still prefilling get prompt chunks, first admitted first, within `batch_tokens`;
 3. waiting requests are admitted first-come first-served while a slot is free and the KV budget
    can reserve the cells they may need (prompt + max_tokens, less what a hot prefix provides).
+   A request whose stored session is still being read or decoded is not ready: it keeps its
+   place in the queue, those behind it may go, and it goes first once it is ready.
 
 The engine walks the wait queue (`waiting`), asks prefix reuse what each request shares and
 whether it should wait, and admits with `can_admit`/`admit`; the scheduler asks the `KVBudget`
@@ -17,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kv3d.engine.budget import KVBudget
@@ -38,12 +41,18 @@ class Pending:
     request: GenerationRequest
     emit: Emit
     snapshot: object | None = None  # a prefix snapshot fetched for this request (bytes-like)
-    session: object | None = None  # Future of a stored session being decoded for this request
+    session: Future | None = None  # a stored session being read and decoded for this request
     blocks: list | None = None  # the prompt's reusable blocks, hashed once at submit
 
     @property
     def cells_needed(self) -> int:
         return len(self.request.prompt_tokens) + self.request.max_tokens
+
+    @property
+    def ready(self) -> bool:
+        """Whether admission can look at it without waiting: no stored session is still being
+        read or decoded for it (the step thread never waits on I/O or on the codec)."""
+        return self.session is None or self.session.done()
 
 
 @dataclass(slots=True)
@@ -125,6 +134,15 @@ class Scheduler:
     def num_free_slots(self) -> int:
         return len(self._free_slots)
 
+    def remove_waiting(self, pending: Pending) -> bool:
+        """Take `pending` out of the queue (it failed before admission); False when it left."""
+        with self._lock:
+            try:
+                self._waiting.remove(pending)
+            except ValueError:
+                return False
+        return True
+
     def drain_waiting(self) -> list[Pending]:
         with self._lock:
             drained = list(self._waiting)
@@ -132,7 +150,11 @@ class Scheduler:
         return drained
 
     def has_work(self) -> bool:
-        return bool(self.running) or bool(self._waiting)
+        """Running sequences, or a waiting request that is ready to be looked at."""
+        if self.running:
+            return True
+        with self._lock:
+            return any(p.ready for p in self._waiting)
 
     # --- engine thread ----------------------------------------------------------------------
     def waiting(self) -> list[Pending]:
@@ -141,10 +163,10 @@ class Scheduler:
             return list(self._waiting)
 
     def next_to_admit(self) -> Pending | None:
-        """The request at the head of the queue while a slot is free for it; else None."""
+        """The first ready request of the queue while a slot is free for it; else None."""
         with self._lock:
-            if self._waiting and self._free_slots:
-                return self._waiting[0]
+            if self._free_slots:
+                return next((p for p in self._waiting if p.ready), None)
         return None
 
     def can_admit(self, pending: Pending, shared_cells: int = 0) -> bool:
@@ -155,19 +177,20 @@ class Scheduler:
 
     def admit(self, pending: Pending, shared_cells: int = 0) -> SeqProgress | None:
         """Move `pending` from the queue into a slot and reserve its cells (call `can_admit`
-        first); None when it left the queue meanwhile (cancelled)."""
+        first); None when it left the queue meanwhile (cancelled). All or nothing: when the
+        budget refuses, the request is still queued and the slot still free."""
         with self._lock:
-            try:
-                self._waiting.remove(pending)
-            except ValueError:
+            if pending not in self._waiting:
                 return None
-            slot = self._free_slots.pop()
+            slot = self._free_slots[-1]
+            self.budget.admit(slot, pending.cells_needed - shared_cells)
+            self._free_slots.pop()
+            self._waiting.remove(pending)
         progress = SeqProgress(
             slot=slot,
             prompt_tokens=pending.request.prompt_tokens,
             shared_cells_expected=shared_cells,
         )
-        self.budget.admit(slot, pending.cells_needed - shared_cells)
         self.running[slot] = progress
         return progress
 

@@ -11,11 +11,12 @@ cells private to it, and it lives in one of these places:
   it could not stay hot or was evicted from the cache under pressure (`demote`).
 
 A returning request takes its stored session off the store at submit (decoded on the store's
-worker thread while it waits), and at admission `resume` restores the private cells into its
-sequence and shares the family prefix back. When the family prefix is not hot (a restart) the
-resume is deferred: the prefix is prefilled as on a miss, and the delta goes on top of it
-(`after_prefix`). Nothing here can make output wrong: whatever does not check out is
-recomputed.
+worker thread while it waits: the engine admits it only once that is done, so nothing here ever
+waits on it), and at admission `resume` restores the private cells into its sequence and shares
+the family prefix back. When the family prefix is not hot (a restart) the resume is deferred:
+the prefix is prefilled as on a miss, and the delta goes on top of it (`after_prefix`). Nothing
+here can make output wrong: whatever does not check out (a record that cannot be read or
+decoded included) is recomputed.
 
 `NoSessions` is the null object for reuse off and safe mode.
 """
@@ -134,9 +135,7 @@ class Sessions:
         """Cells of the prompt a hot prefix will provide at admission, given that `hot_tokens`
         of it are hot. A stored session to resume shares its family prefix when that is hot,
         and nothing when its resume is deferred; never more than admission then shares."""
-        if pending.session is None:
-            return hot_tokens
-        resumable: Resumable | None = pending.session.result()
+        resumable = self._resumable(pending)
         if resumable is None:
             return hot_tokens
         family = resumable.record.prefix_tokens
@@ -150,7 +149,7 @@ class Sessions:
         hot = self.reuse.match(pending)
         if hot is not None and hot.prefix.session_key is not None:
             return None  # still hot here: exact cells beat any stored copy
-        resumable: Resumable | None = pending.session.result()
+        resumable = self._resumable(pending)
         if resumable is None:
             return None
         started = time.perf_counter()
@@ -170,14 +169,29 @@ class Sessions:
             family = PrefixMatch(hot.prefix, p)
         if not self._load(progress.slot, resumable, "session not restored, recomputing"):
             return None
-        admission = Admission()
-        if family is not None:
-            admission = self.reuse.share(family, progress)
         self._trim(progress, record.tokens, common)
+        # Sharing takes a reference on the prefix: last, so that nothing after it can fail and
+        # leave a reference no admission holds.
+        admission = self.reuse.share(family, progress) if family is not None else Admission()
         admission.cached_tokens = common
         admission.resume_s = resumable.decode_s + time.perf_counter() - started
         admission.resume_tier = resumable.tier
         return admission
+
+    def _resumable(self, pending: Pending) -> Resumable | None:
+        """The stored session fetched for `pending`, without waiting: None when there is none,
+        or it could not be read (a miss: the request recomputes)."""
+        future = pending.session
+        if future is None:
+            return None
+        if not future.done():  # the engine admits only ready requests: never block on it
+            log.warning("session of %s looked at before it was read", pending.request.request_id)
+            return None
+        if future.exception() is not None:
+            log.warning("stored session not read, recomputing: %s", future.exception())
+            pending.session = None  # said once: from now on the request has no stored session
+            return None
+        return future.result()
 
     def after_prefix(self, admission: Admission, progress: SeqProgress) -> None:
         """The sequence's registration prefix just became hot: put a deferred session's

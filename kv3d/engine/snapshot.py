@@ -67,14 +67,21 @@ def encode_snapshot(
 
 
 def decode_snapshot(buf, fingerprint: bytes) -> Snapshot:
-    """Parse and verify a container; `buf` is any bytes-like object (an Arrow buffer too)."""
-    view = memoryview(buf).cast("B")
+    """Parse and verify a container; `buf` is any bytes-like object (an Arrow buffer too).
+    Every field is checked: anything off raises `SnapshotError`, and only that. (The state's
+    own layout is checked where it is restored.)"""
+    try:
+        view = memoryview(buf).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"a snapshot must be a contiguous byte buffer: {exc}") from None
     if len(view) < _HEADER.size:
         raise SnapshotError(f"snapshot of {len(view)} bytes is shorter than its header")
-    magic, version, _, fp, key, n_tokens, n_blocks, crc, state_bytes = _HEADER.unpack_from(view)
+    magic, version, reserved, fp, key, n_tokens, n_blocks, crc, state_bytes = _HEADER.unpack_from(
+        view
+    )
     if magic != MAGIC:
         raise SnapshotError("not a KV3D snapshot (bad magic)")
-    if version != VERSION:
+    if version != VERSION or reserved != 0:
         raise SnapshotError(f"snapshot format version {version}; this build reads {VERSION}")
     if fp != fingerprint:
         raise SnapshotError("snapshot was made for another model, llama.cpp build or cache type")
@@ -82,15 +89,21 @@ def decode_snapshot(buf, fingerprint: bytes) -> Snapshot:
     expected = at + 4 * n_tokens + _BLOCK.itemsize * n_blocks + state_bytes
     if len(view) != expected:
         raise SnapshotError(f"snapshot is {len(view)} bytes; its header says {expected}")
-    tokens = tuple(np.frombuffer(view, dtype="<i4", count=n_tokens, offset=at).tolist())
+    raw_tokens = np.frombuffer(view, dtype="<i4", count=n_tokens, offset=at)
     at += 4 * n_tokens
     raw_blocks = np.frombuffer(view, dtype=_BLOCK, count=n_blocks, offset=at)
     at += _BLOCK.itemsize * n_blocks
     state = view[at:]
     if zlib.crc32(state) != crc:
         raise SnapshotError("snapshot state fails its checksum")
+    if n_tokens and raw_tokens.min() < 0:
+        raise SnapshotError("snapshot tokens hold a negative token id")
+    ends = raw_blocks["end"].astype(np.int64)
+    if n_blocks and (ends[0] <= 0 or (np.diff(ends) <= 0).any()):
+        raise SnapshotError("snapshot block ends are not increasing")
     blocks = tuple(Block(int(k), int(e)) for k, e in raw_blocks.tolist())
     if not blocks or blocks[-1].end_tokens != n_tokens or blocks[-1].key != key:
         raise SnapshotError("snapshot blocks do not end at its key")
+    tokens = tuple(raw_tokens.tolist())
     meta = SnapshotMeta(key, bytes(fp), n_tokens, state_bytes, tuple(b.key for b in blocks))
     return Snapshot(meta, tokens, blocks, state)

@@ -201,7 +201,12 @@ class _Reader:
     """A cursor over the blob that checks every length against what remains before reading."""
 
     def __init__(self, blob: bytes | bytearray | memoryview):
-        self.buf = memoryview(blob).cast("B")
+        try:
+            self.buf = memoryview(blob).cast("B")
+        except (TypeError, ValueError) as err:
+            raise StateFormatError(
+                f"a state blob must be a contiguous byte buffer: {err}"
+            ) from None
         self.offset = 0
 
     @property

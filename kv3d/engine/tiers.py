@@ -84,17 +84,37 @@ def encode_record(record: SessionRecord) -> bytes:
     return head + body
 
 
-def decode_record(data: bytes) -> SessionRecord:
-    if len(data) < _HEADER.size:
+def decode_record(data) -> SessionRecord:
+    """Parse a stored session record (any bytes-like object). Every field is checked: anything
+    off raises `SessionRecordError`, and only that. The delta inside is checked by
+    `decode_delta` when the session is resumed."""
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise SessionRecordError(f"a session record must be a byte buffer: {exc}") from None
+    if len(view) < _HEADER.size:
         raise SessionRecordError("session file shorter than its header")
-    magic, version, _, fp, n_tokens, prefix, id_bytes, delta_bytes, crc = _HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
+    magic, version, reserved, fp, n_tokens, prefix, id_bytes, delta_bytes, crc = (
+        _HEADER.unpack_from(view)
+    )
+    if magic != MAGIC or version != VERSION or reserved != 0:
         raise SessionRecordError("not a KV3D session file of this version")
-    body = memoryview(data)[_HEADER.size :]
+    body = view[_HEADER.size :]
     if len(body) != id_bytes + 4 * n_tokens + delta_bytes or zlib.crc32(body) != crc:
         raise SessionRecordError("session file is truncated or corrupt")
-    sid = bytes(body[:id_bytes]).decode("utf-8")
+    if not prefix < n_tokens:
+        raise SessionRecordError(
+            f"session of {n_tokens} tokens claims a family prefix of {prefix}: it has no cells"
+        )
+    if id_bytes == 0:
+        raise SessionRecordError("session record has no id")
+    try:
+        sid = bytes(body[:id_bytes]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SessionRecordError("session id is not UTF-8") from None
     tokens = np.frombuffer(body, dtype="<i4", count=n_tokens, offset=id_bytes)
+    if tokens.min() < 0:
+        raise SessionRecordError("session history holds a negative token id")
     delta = bytes(body[id_bytes + 4 * n_tokens :])
     return SessionRecord(sid, bytes(fp), tuple(tokens.tolist()), prefix, delta)
 
@@ -310,7 +330,11 @@ class SessionStore:
             blob = decode_delta(record.delta)
         except (SessionRecordError, DeltaError, OSError) as exc:
             self.counters["session_rejects_total"] += 1
-            log.warning("session %s not resumable, recomputing: %s", session_id, exc)
+            log.warning("session %s not resumable, dropped, recomputing: %s", session_id, exc)
+            return None
+        except Exception:  # a bug, not bad bytes: still only a miss for the request
+            self.counters["session_rejects_total"] += 1
+            log.exception("session %s could not be read, dropped, recomputing", session_id)
             return None
         self.counters["session_resumes_total"] += 1
         return Resumable(record, blob, tier, time.perf_counter() - started)

@@ -141,6 +141,8 @@ class Harness:
 
     def admit(self, pending):
         """Admit one waiting request as the engine does; returns (progress, admission)."""
+        if pending.session is not None:  # the engine admits it once its session is read
+            pending.session.exception(timeout=10)
         shared = self.sessions.shared_cells(pending, self.reuse.cells_already_hot(pending))
         assert self.scheduler.can_admit(pending, shared)
         progress = self.scheduler.admit(pending, shared)
