@@ -166,7 +166,11 @@ class Engine:
                 self.ctx, self.budget, holders, settings.reuse, self.fingerprint, snapshot_sink
             )
             # Sessions need prefix reuse: their deltas compose with a shared family prefix.
-            store = SessionStore(settings.warm_budget_bytes, settings.cold_path)
+            store = SessionStore(
+                settings.warm_budget_bytes,
+                settings.cold_path,
+                cold_budget_bytes=settings.cold_budget_bytes,
+            )
             self.sessions = Sessions(self.reuse, store, auto=settings.auto_sessions)
         self._live: dict[int, _Live] = {}
         self._hot_view = CacheView()

@@ -162,10 +162,14 @@ class Sessions:
         family = None
         if p > 0:
             if (hot is None or hot.n_tokens < p) and pending.snapshot is not None:
-                restored, _ = self.reuse.restore_snapshot(pending.snapshot, prompt)
+                restored, _ = self.reuse.restore_snapshot(
+                    pending.snapshot, prompt, pending.request.tenant
+                )
                 hot = restored if restored is not None else hot
             if hot is None or hot.n_tokens < p:
-                return self._defer(resumable, self.reuse.blocks_of(pending), progress)
+                return self._defer(
+                    resumable, self.reuse.blocks_of(pending), progress, pending.request.tenant
+                )
             family = PrefixMatch(hot.prefix, p)
         if not self._load(progress.slot, resumable, "session not restored, recomputing"):
             return None
@@ -218,7 +222,7 @@ class Sessions:
         admission.resume_tier = resumable.tier
 
     def _defer(
-        self, resumable: Resumable, blocks: list[Block], progress: SeqProgress
+        self, resumable: Resumable, blocks: list[Block], progress: SeqProgress, tenant: str
     ) -> Admission | None:
         """The family prefix is not hot (a restart, an eviction): prefill it as a miss would,
         then restore the session's delta on top (`after_prefix`)."""
@@ -227,7 +231,7 @@ class Sessions:
         if not register or register[-1].end_tokens != p:
             return None
         progress.chunk_stop = p
-        return Admission(register_blocks=register, deferred_session=resumable)
+        return Admission(register_blocks=register, deferred_session=resumable, tenant=tenant)
 
     def _load(self, slot: int, resumable: Resumable, what: str) -> bool:
         try:
@@ -260,7 +264,7 @@ class Sessions:
         if key is None or n <= admission.prefix_tokens:
             return
         if self._keep_hot(admission, progress, history, request, key):
-            if self.store.shared is not None:  # write-behind: other replicas can resume it
+            if self.store.writes_behind:  # to the shared tier, disk: it outlives this replica
                 shared, blob = self._private_state(progress.slot, admission)
                 self.store.park(key, self.fingerprint, history, shared, blob, local=False)
             return

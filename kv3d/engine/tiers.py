@@ -1,11 +1,13 @@
 """Idle sessions, tiered: warm (int8 deltas in RAM) and cold (files on disk).
 
 A session that finishes a request leaves the KV cache (hot) at once: its private cells are
-exported, encoded as an int8 delta in a worker thread and kept warm. When the warm budget is
-exceeded, the least recently used deltas are demoted to the cold folder (or dropped without
-one). A returning session is taken out of whichever tier holds it and decoded ahead of its
-admission. Nothing here can make output wrong: a record that fails a check is dropped and the
-session's prompt is recomputed.
+exported, encoded as an int8 delta in a worker thread and kept warm. With a cold folder, every
+parked turn is also written behind to disk at once (so a killed replica loses no session), and
+the folder is held to its budget by evicting the least recently written files. When the warm
+budget is exceeded, the least recently used deltas leave RAM (still on disk with a cold tier,
+dropped without one). A returning session is taken from RAM, else disk, else the shared tier,
+and decoded ahead of its admission. Nothing here can make output wrong: a record that fails a
+check is dropped and the session's prompt is recomputed.
 
 Cold file format, version 1 (little-endian), written to a temp file then renamed:
     magic "KV3DSESS" | u16 version | u16 reserved | 16-byte fingerprint | u32 n_tokens
@@ -38,6 +40,7 @@ MAGIC = b"KV3DSESS"
 VERSION = 1
 _HEADER = struct.Struct("<8sHH16sIIIQI")
 SUFFIX = ".kv3d"
+TEMP_SUFFIX = ".tmp"
 
 
 class SessionRecordError(ValueError):
@@ -120,21 +123,28 @@ def decode_record(data) -> SessionRecord:
 
 
 class ColdTier:
-    """Session files in one folder. File names are a hash of the session id, never a path the
-    client chose; links are not followed; a file's own contents are checked before use."""
+    """Session files in one folder, which every replica on the node may share.
 
-    def __init__(self, folder: Path):
+    Invariants: a file is named by a hash of its session id (never a path a client chose) and
+    appears whole or not at all (written to a temp file, then renamed); links are not followed
+    and a file's own contents are checked before use; after every `put` the folder holds at most
+    `budget_bytes` of session files, the least recently written removed first. The folder is the
+    index: what other replicas wrote is seen at once, and nothing is remembered that a restart
+    or another replica could make stale.
+    """
+
+    TOTALS_TTL_S = 1.0  # figures are read often (metrics); a folder scan at most this often
+    STALE_TEMP_S = 3600.0  # a temp file this old is a crashed write even if its pid was reused
+
+    def __init__(self, folder: Path, budget_bytes: int = 0):
+        """`budget_bytes` 0: unbounded."""
         self.folder = folder
+        self.budget_bytes = budget_bytes
         folder.mkdir(parents=True, exist_ok=True)
-        # What is on disk, indexed once at start (sessions written before a restart included),
-        # so that lookups and figures never scan the folder.
         self._lock = threading.Lock()
-        with os.scandir(folder) as it:
-            self._sizes = {
-                e.name: e.stat(follow_symlinks=False).st_size
-                for e in it
-                if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)
-            }
+        self._totals: tuple[float, int, int] = (-1e9, 0, 0)  # (read at, sessions, bytes)
+        self.evictions_total = 0
+        self._remove_crashed_writes()
 
     def _name(self, session_id: str) -> str:
         return hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32] + SUFFIX
@@ -143,41 +153,122 @@ class ColdTier:
         return self.folder / self._name(session_id)
 
     def put(self, record: SessionRecord) -> int:
+        """Write (or replace) a session's file, then evict down to the budget."""
         path = self._path(record.session_id)
         data = encode_record(record)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
-        with self._lock:
-            self._sizes[path.name] = len(data)
+        # Hidden, and named by its writer, so that a crash's leftovers can be told apart.
+        tmp = self.folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
+        try:
+            # No fsync: a killed process loses nothing the kernel holds, and after a power loss
+            # a torn file fails its checksum and the session is recomputed.
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.budget_bytes:
+            self._evict_to_budget(keep=path.name)
         return len(data)
 
     def take(self, session_id: str) -> SessionRecord | None:
+        """The session's record, or None when no file holds it. The file stays: it is the
+        session's copy until a newer turn replaces it or the budget evicts it, so a request
+        that fails or is cancelled after taking it loses nothing."""
         path = self._path(session_id)
-        with self._lock:
-            known = self._sizes.pop(path.name, None) is not None
-        if not known or path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file():
             return None
         try:
             data = path.read_bytes()
-        finally:
-            path.unlink(missing_ok=True)
+        except FileNotFoundError:  # evicted or replaced between the check and the read
+            return None
         record = decode_record(data)
         if record.session_id != session_id:
             raise SessionRecordError("session file holds another session")
         return record
 
+    def discard(self, session_id: str) -> None:
+        """Remove a session's file (it failed its checks: it will never be resumed)."""
+        self._path(session_id).unlink(missing_ok=True)
+
     def exists(self, session_id: str) -> bool:
-        with self._lock:
-            return self._name(session_id) in self._sizes
+        path = self._path(session_id)
+        return path.is_file() and not path.is_symlink()
 
     def totals(self) -> tuple[int, int]:
-        """(sessions, bytes) on disk."""
+        """(sessions, bytes) on disk, this replica's and its neighbours'; at most
+        `TOTALS_TTL_S` old."""
         with self._lock:
-            return len(self._sizes), sum(self._sizes.values())
+            read_at, n, size = self._totals
+            if time.monotonic() - read_at < self.TOTALS_TTL_S:
+                return n, size
+        files = self._files()
+        n, size = len(files), sum(f[2] for f in files)
+        with self._lock:
+            self._totals = (time.monotonic(), n, size)
+        return n, size
+
+    def _files(self) -> list[tuple[float, str, int]]:
+        """(mtime, name, bytes) of every session file, oldest first."""
+        out = []
+        with os.scandir(self.folder) as it:
+            for e in it:
+                if not e.name.endswith(SUFFIX) or e.name.startswith("."):
+                    continue
+                try:
+                    if not e.is_file(follow_symlinks=False):
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:  # another replica took or evicted it meanwhile
+                    continue
+                out.append((st.st_mtime, e.name, st.st_size))
+        out.sort()
+        return out
+
+    def _evict_to_budget(self, keep: str) -> None:
+        files = self._files()
+        total = sum(f[2] for f in files)
+        for _, name, size in files:
+            if total <= self.budget_bytes:
+                break
+            if name == keep:  # the file just written stays, even alone over the budget
+                continue
+            try:
+                (self.folder / name).unlink()
+                self.evictions_total += 1
+            except FileNotFoundError:
+                pass  # a neighbour evicted it first: it counts as gone either way
+            total -= size
+        with self._lock:
+            self._totals = (-1e9, 0, 0)
+
+    def _remove_crashed_writes(self) -> None:
+        """Temp files whose writer is gone (killed mid-write) are removed at start."""
+        now = time.time()
+        with os.scandir(self.folder) as it:
+            for e in it:
+                if not (e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX)):
+                    continue
+                try:
+                    pid = int(e.name[: -len(TEMP_SUFFIX)].split(".")[-2])
+                    old = now - e.stat(follow_symlinks=False).st_mtime > self.STALE_TEMP_S
+                except (ValueError, IndexError, FileNotFoundError):
+                    pid, old = -1, True
+                if old or not _process_alive(pid):
+                    Path(e.path).unlink(missing_ok=True)
+                    log.info("removed %s, left by a write that did not finish", e.name)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class SharedSessions(Protocol):
@@ -195,9 +286,10 @@ class SharedSessions(Protocol):
 class SessionStore:
     """Warm and cold tiers of idle sessions, plus an optional shared warm tier.
 
-    Invariants: a session id is in at most one local tier; `warm_bytes` is the sum of the warm
-    records' bytes and stays within `warm_budget_bytes` once `put` returns (least recently used
-    records move to cold, or are dropped without a cold tier). With `shared`, every record this
+    Invariants: `warm_bytes` is the sum of the warm records' bytes and stays within
+    `warm_budget_bytes` once a park is stored (least recently used records leave RAM); with a
+    cold tier every parked record is on disk too (RAM is a cache of the folder), so the newest
+    turn of a session survives the process. With `shared`, every record this
     store encodes is also published there (newest turn wins), so another replica can resume the
     session when this one is gone; the shared copy is a fallback read only when no local tier
     holds the session. Thread-safe.
@@ -209,9 +301,10 @@ class SessionStore:
         cold_dir: str = "",
         group: int = 32,
         shared: SharedSessions | None = None,
+        cold_budget_bytes: int = 0,
     ):
         self.warm_budget_bytes = warm_budget_bytes
-        self.cold = ColdTier(Path(cold_dir).expanduser()) if cold_dir else None
+        self.cold = ColdTier(Path(cold_dir).expanduser(), cold_budget_bytes) if cold_dir else None
         self.group = group
         self.shared = shared
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
@@ -225,10 +318,17 @@ class SessionStore:
             session_drops_total=0,
             session_rejects_total=0,
             session_shares_total=0,
+            session_cold_write_errors_total=0,
         )
         self._raw_bytes = 0
         self._coded_bytes = 0
         self._closed = False
+
+    @property
+    def writes_behind(self) -> bool:
+        """Whether sessions kept hot are stored too (shared tier, cold folder), so that they
+        outlive this replica; worth a state export per turn."""
+        return self.shared is not None or self.cold is not None
 
     # --- parking (called from the engine's step thread: must not block) ----------------------
     def park(
@@ -241,9 +341,10 @@ class SessionStore:
         *,
         local: bool = True,
     ) -> None:
-        """Encode an idle session's delta and keep it warm here (and in the shared tier).
-        `local=False`: the session stays hot here, so only publish it (write-behind)."""
-        if local or self.shared is not None:
+        """Encode an idle session's delta and keep it warm here (and in the shared tier, and
+        on disk with a cold tier). `local=False`: the session stays hot here, so only write it
+        behind (shared tier, disk), so that it outlives this replica."""
+        if local or self.writes_behind:
             self._pool.submit(
                 self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob, local
             )
@@ -261,6 +362,8 @@ class SessionStore:
         if self.shared is not None:
             self.shared.publish(session_id, encode_record(record))
             self.counters["session_shares_total"] += 1
+        if self.cold is not None:
+            self._write_behind(record)
         if not local:
             return
         with self._lock:
@@ -282,16 +385,19 @@ class SessionStore:
             out.append(old)
         return out
 
-    def _demote(self, record: SessionRecord) -> None:
-        if self.cold is None:
-            self.counters["session_drops_total"] += 1
-            return
+    def _write_behind(self, record: SessionRecord) -> None:
+        """Every turn goes to disk as it is parked, not only when it leaves RAM: a session
+        then survives a replica that is killed (kill -9, OOM), not only one that stops."""
         try:
             self.cold.put(record)
-            self.counters["session_demotions_total"] += 1
         except OSError:
             log.exception("could not write session %s to the cold tier", record.session_id)
-            self.counters["session_drops_total"] += 1
+            self.counters["session_cold_write_errors_total"] += 1
+
+    def _demote(self, record: SessionRecord) -> None:
+        # With a cold tier the record is on disk already (written behind): it only leaves RAM.
+        key = "session_drops_total" if self.cold is None else "session_demotions_total"
+        self.counters[key] += 1
 
     def _discard(self, session_id: str) -> None:
         old = self._warm.pop(session_id, None)
@@ -319,10 +425,12 @@ class SessionStore:
         tier = "warm"
         try:
             if record is None and self.cold is not None:
-                record, tier = self.cold.take(session_id), "cold"
+                tier = "cold"
+                record = self.cold.take(session_id)
             if record is None and self.shared is not None:
+                tier = "shared"
                 data = self.shared.fetch(session_id)
-                record, tier = (decode_record(data) if data is not None else None), "shared"
+                record = decode_record(data) if data is not None else None
             if record is None:
                 return None
             if record.session_id != session_id:
@@ -331,6 +439,8 @@ class SessionStore:
         except (SessionRecordError, DeltaError, OSError) as exc:
             self.counters["session_rejects_total"] += 1
             log.warning("session %s not resumable, dropped, recomputing: %s", session_id, exc)
+            if tier == "cold" and not isinstance(exc, OSError):
+                self.cold.discard(session_id)  # bad bytes stay bad: never read them again
             return None
         except Exception:  # a bug, not bad bytes: still only a miss for the request
             self.counters["session_rejects_total"] += 1
@@ -348,6 +458,7 @@ class SessionStore:
                 **self.counters,
                 "sessions_warm": len(self._warm),
                 "sessions_cold": cold_sessions,
+                "session_cold_evictions_total": self.cold.evictions_total if self.cold else 0,
                 "warm_bytes": self.warm_bytes,
                 "cold_bytes": cold_bytes,
                 "delta_compression_ratio": ratio,
@@ -366,17 +477,10 @@ class SessionStore:
             self.shared.flush()
 
     def close(self) -> None:
-        """Store what is pending; with a cold tier, write the warm sessions to disk so that
-        they survive a restart of the server. Idempotent."""
+        """Store what is pending (with a cold tier every parked session is then on disk, and
+        survives a restart of the server). Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.flush()
         self._pool.shutdown(wait=True)
-        if self.cold is None:
-            return
-        with self._lock:
-            records, self._warm = list(self._warm.values()), OrderedDict()
-            self.warm_bytes = 0
-        for record in records:
-            self._demote(record)
