@@ -271,12 +271,15 @@ class Engine:
             log.exception("request %s could not be queued", request.request_id)
             emit(Rejected("internal", "the engine could not queue this request"))
             return
+        pending = Pending(request, emit, snapshot, session, blocks)
         try:
-            self.scheduler.enqueue(Pending(request, emit, snapshot, session, blocks))
+            self.scheduler.enqueue(pending)
         except RequestTooLargeError as exc:
+            self.sessions.put_back(pending)
             emit(Rejected("too_large", str(exc)))
             return
         except QueueFullError as exc:
+            self.sessions.put_back(pending)
             emit(
                 Rejected(
                     "queue_full", f"server busy: {exc}", retry_after_s=self.settings.retry_after_s
@@ -295,6 +298,7 @@ class Engine:
         """Stop a request (client gone); its slot is freed before the next step."""
         pending = self.scheduler.cancel_waiting(request_id)
         if pending is not None:
+            self.sessions.put_back(pending)
             usage = Usage(len(pending.request.prompt_tokens), 0)
             pending.emit(Finished("cancelled", usage, replica_id=self.replica_id))
             return
@@ -673,6 +677,8 @@ class Engine:
         usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, adm.cached_tokens)
         tail = live.text.finish() if reason != "cancelled" else ""  # may fail: still live here
         self._release(slot)
+        if reason == "cancelled":
+            self.sessions.put_back(live.pending)  # no newer turn kept: the stored one stays
         live.pending.emit(
             Finished(
                 reason,
@@ -688,6 +694,7 @@ class Engine:
     def _fail(self, slot: int, message: str) -> None:
         if slot not in self._live:
             return
+        # The stored session it took is not given back: it may be what failed.
         live = self._release(slot)
         live.pending.emit(Rejected("internal", message))
 

@@ -102,6 +102,21 @@ class Sessions:
             return None
         return self.store.take(key)
 
+    def put_back(self, pending: Pending) -> None:
+        """`pending` ends without keeping a newer turn (cancelled, rejected, failed): the
+        stored session it took goes back to the store, now or once its read is done, so that
+        the conversation is not lost with the request."""
+        future, pending.session = pending.session, None
+        if future is not None:
+            future.add_done_callback(self._store_again)
+
+    def _store_again(self, future: Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        resumable: Resumable | None = future.result()
+        if resumable is not None:
+            self.store.put_back(resumable.record)
+
     def recent_ids(self, limit: int) -> list[str]:
         return self.store.recent_ids(limit)
 
@@ -344,6 +359,9 @@ class NoSessions:
 
     def take_for(self, request, blocks, hot) -> None:
         return None
+
+    def put_back(self, pending: Pending) -> None:
+        pass
 
     def recent_ids(self, limit: int) -> list[str]:
         return []

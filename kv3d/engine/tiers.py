@@ -404,6 +404,18 @@ class SessionStore:
         if old is not None:
             self.warm_bytes -= old.nbytes
 
+    def put_back(self, record: SessionRecord) -> None:
+        """A taken session whose request ended without keeping a newer turn (cancelled,
+        rejected, failed): warm again, unless a newer turn was parked meanwhile."""
+        with self._lock:
+            if self._closed or record.session_id in self._warm:
+                return
+            self._warm[record.session_id] = record
+            self.warm_bytes += record.nbytes
+            demote = self._over_budget()
+        for old in demote:
+            self._demote(old)
+
     # --- resuming -----------------------------------------------------------------------------
     def holds(self, session_id: str) -> bool:
         """Whether a session is stored (a hint: it may be taken or evicted meanwhile)."""
