@@ -391,6 +391,7 @@ class Engine:
             kv_bytes_used=self._kv_bytes_used(reuse.get("hot_prefix_cells", 0)),
             sessions_hot=len(sched.running) + reuse.get("hot_idle_sessions", 0),
             safe_mode=int(self.safe_mode),
+            safe_mode_reason=self.safe.reason,
         )
 
     def _kv_bytes_used(self, hot_prefix_cells: int) -> int:
@@ -425,6 +426,7 @@ class Engine:
 
     # --- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        failed_steps = 0
         while True:
             with self._wake:
                 while not self._stopping and not self.scheduler.has_work() and not self._cancelled:
@@ -440,9 +442,15 @@ class Engine:
                         self._reuse_off()
                 try:
                     self.step()
+                    failed_steps = 0
                 except Exception:  # not one request's fault (those are caught in the step)
                     log.exception("engine step failed")
                     self._fail_all("engine step failed")
+                    # A fault that outlives the requests it failed must not spin the step
+                    # thread (and its log): back off, up to a second, until a step succeeds.
+                    failed_steps += 1
+                    with self._wake:
+                        self._wake.wait(min(1.0, 0.01 * 2**failed_steps))
                 self._refresh_hot_view()
                 if self.safe.check_state_failures(self.reuse.state_failures):
                     self._reuse_off()

@@ -133,7 +133,8 @@ class EngineStats:
     session_restore_failures_total: int = 0
     session_cold_write_errors_total: int = 0  # sessions that could not be written to disk
     session_cold_evictions_total: int = 0  # files removed to keep the cold folder's budget
-    state_failures_total: int = 0  # intact snapshots/sessions llama.cpp refused to restore
+    state_failures_total: int = 0  # intact snapshots/sessions refused with room in the cache
+    state_restores_without_room_total: int = 0  # refused in a busy cache: recomputed, no blame
     safe_mode: int = 0  # 1: plain inference only (self-check failed, forced, or tripped)
     safe_mode_reason: str = ""  # why, while safe_mode is 1
     sessions_warm: int = 0

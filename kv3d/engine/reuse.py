@@ -123,6 +123,7 @@ class PrefixReuse:
             snapshots_published_total=0,
             session_restore_failures_total=0,
             state_failures_total=0,
+            state_restores_without_room_total=0,
         )
         # Family prefixes being computed right now (key of their last block -> sequences).
         self._in_flight: dict[int, int] = {}
@@ -159,8 +160,17 @@ class PrefixReuse:
     def state_failures(self) -> int:
         return self.counters["state_failures_total"]
 
-    def count_state_failure(self) -> None:
-        """Intact bytes that llama.cpp or the parser refused: the state format is suspect."""
+    def count_state_failure(self, exc: Exception, cells: int) -> None:
+        """Intact bytes (`cells` of them) that the parser or llama.cpp refused. The parser's
+        refusal (ValueError), or llama.cpp's while at least half the cache was free, is evidence
+        of a state format KV3D does not read right (toward safe mode). llama.cpp's refusal in a
+        busy cache is most likely no room (it needs one contiguous run of cells): idle prefixes
+        are evicted and the request recomputes."""
+        busy = self.budget.used_cells + cells > self.budget.total_cells // 2
+        if not isinstance(exc, ValueError) and busy:
+            self.counters["state_restores_without_room_total"] += 1
+            self.cache.evict_unused(cells)
+            return
         self.counters["state_failures_total"] += 1
 
     def stats(self) -> dict[str, int]:
@@ -291,7 +301,7 @@ class PrefixReuse:
             prefix = self.cache.restore(snap.state, snap.tokens, snap.blocks, tenant)
         except (ValueError, RuntimeError) as exc:
             self.counters["snapshot_rejects_total"] += 1
-            self.count_state_failure()
+            self.count_state_failure(exc, n)
             log.warning("snapshot state not restorable, recomputing: %s", exc)
             return None, None
         self.counters["snapshot_restores_total"] += 1

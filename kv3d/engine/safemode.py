@@ -1,8 +1,11 @@
 """Safe mode: when the engine stops trusting stored KV state and serves plain inference.
 
 It trips when forced by config, when the start-up self-check fails, when the idle-time canary
-sees drift above the noise, or when llama.cpp refuses too many checksum-valid states (the state
-format is then not what KV3D expects). Once tripped it stays tripped until restart.
+sees drift above the noise, or when llama.cpp refuses too many checksum-valid states while the
+cache had room for them (the state format is then not what KV3D expects). A full KV cache is
+never evidence: a canary without room is skipped, a restore without room recomputes. The
+reason is logged once and reported in the engine's stats. Once tripped it stays tripped until
+restart.
 """
 
 from __future__ import annotations
@@ -63,5 +66,8 @@ class SafeMode:
         safe mode."""
         self._last_canary_s = time.monotonic()
         check = run_self_check(model, ctx, batch, seq_ids=(0, 0), exact=False)
+        if not check.conclusive:  # a full cache: try again next period, never trip for it
+            log.info("canary skipped: %s", check.reason)
+            return False
         self.canary_runs_total += 1
         return not check.ok and self.trip(f"canary: {check.reason}")

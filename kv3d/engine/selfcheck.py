@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kv3d.engine.codec import decode_delta, encode_delta
-from kv3d.engine.llama import LlamaBatch, LlamaContext, LlamaModel
+from kv3d.engine.llama import KVCacheFullError, LlamaBatch, LlamaContext, LlamaModel
 from kv3d.engine.statefmt import build_seq_state, parse_seq_state
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ CODEC_KL_LIMIT = 0.1
 class SelfCheck:
     ok: bool
     reason: str = ""
+    # False: the check could not run to the end for lack of KV cells (a full cache is no
+    # evidence about the state format): neither a pass nor a failure.
+    conclusive: bool = True
 
 
 def run_self_check(
@@ -49,6 +52,8 @@ def run_self_check(
     where llama.cpp's numerics depend on placement) holds the restore to the noise floor too."""
     try:
         return _check(model, ctx, batch, seq_ids, exact)
+    except KVCacheFullError:
+        return SelfCheck(False, "no free KV cells to run the check", conclusive=False)
     except Exception as exc:  # any failure of the machinery is a failure of the check
         return SelfCheck(False, f"{type(exc).__name__}: {exc}")
     finally:

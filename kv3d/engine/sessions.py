@@ -253,7 +253,7 @@ class Sessions:
             load_cells(self._memory, slot, resumable.blob, len(resumable.record.tokens))
         except (ValueError, RuntimeError) as exc:
             self.reuse.counters["session_restore_failures_total"] += 1
-            self.reuse.count_state_failure()
+            self.reuse.count_state_failure(exc, len(resumable.record.tokens))
             log.warning("%s: %s", what, exc)
             return False
         return True

@@ -128,6 +128,20 @@ def test_a_session_llama_cpp_refuses_is_recomputed_and_counted(store):
     h.check()
 
 
+def test_a_restore_refused_in_a_busy_cache_is_no_evidence_against_the_state_format(store):
+    # 100 cells: the family prefix and the running sequence fill more than half of them, so
+    # llama.cpp's refusal most likely meant no room, not a state it cannot read.
+    h = Harness(store=store, holders=1, kv_cells=100)
+    first_turn(h)
+    store.flush()
+    h.memory.refuse_restores = 1
+    progress, adm = h.admit(h.submit(second_turn_request()))
+    assert adm.resume_tier is None  # recomputed
+    assert h.reuse.state_failures == 0  # nothing toward safe mode
+    assert h.reuse.counters["state_restores_without_room_total"] == 1
+    h.check()
+
+
 def test_a_diverged_history_resumes_only_the_common_part(store):
     h = Harness(store=store, holders=1)
     first_turn(h)
