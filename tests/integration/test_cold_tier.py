@@ -12,7 +12,6 @@ import pytest
 
 from kv3d.engine.engine import Engine
 from tests.integration.test_sessions import config, request, run
-from tests.integration.test_sessions import tok as tok  # the module's tokenizer fixture
 
 pytestmark = pytest.mark.integration
 

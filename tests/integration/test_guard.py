@@ -3,7 +3,6 @@ isolation of the cache, request limits, safe mode, and a fuzz test that finds no
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -11,88 +10,22 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 
-from kv3d.config import LimitsConfig, load_config
+from kv3d.config import LimitsConfig
 from kv3d.engine.engine import Engine
 from kv3d.engine.reuse import NoReuse
 from kv3d.engine.sessions import NoSessions
 from kv3d.server.api import LocalBackend, ServedModel, build_api
-from kv3d.server.chat import Tokenizer
 from kv3d.server.guard import Guard, digests_from_setting
 from tests.integration.fuzzbodies import request_bytes
+from tests.integration.httpapp import KEYS, bearer, cached, call, chat, engine_config
 
 pytestmark = pytest.mark.integration
-
-KEYS = "key-alpha-123,key-beta-456"
-SYSTEM = "You are the support assistant of an inference server company; answer briefly. " * 6
-
-
-def engine_config(**server):
-    return load_config(
-        overrides={
-            "cache": {"gpu_hot_mb": 96},
-            "model": {"context_tokens": 1024},
-            "engine": {"max_sequences": 4},
-            "server": {"threads": 2, **server},
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2_path):
-    t = Tokenizer.load(smollm2_path)
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine.from_config(engine_config()) as e:
-        yield e
 
 
 def app_for(engine, tok, keys: str = "", **limits):
     served = ServedModel(engine.model_id, tok, context_tokens=1024)
     guard = Guard(digests_from_setting(keys), LimitsConfig(**limits))
     return build_api(served, LocalBackend(engine), guard=guard)
-
-
-def call(app, *requests):
-    """Send (method, path, kwargs) requests concurrently; returns the responses in order."""
-
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kv3d") as http:
-            return await asyncio.gather(
-                *(http.request(method, path, **kw) for method, path, kw in requests)
-            )
-
-    return asyncio.run(go())
-
-
-def bearer(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def chat(key: str | None = None, session: str | None = None, **body):
-    headers = bearer(key) if key else {}
-    if session:
-        headers["X-Session-ID"] = session
-    payload = {
-        "model": "m",
-        "temperature": 0,
-        "max_tokens": 4,
-        "messages": [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": "How do I change the port?"},
-        ],
-        **body,
-    }
-    return ("POST", "/v1/chat/completions", {"json": payload, "headers": headers})
-
-
-def cached(response: httpx.Response) -> int:
-    assert response.status_code == 200, response.text
-    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_every_endpoint_but_health_requires_a_valid_key(engine, tok, caplog):

@@ -5,26 +5,11 @@ import time
 
 import pytest
 
-from kv3d.engine.engine import Engine
 from kv3d.server.api import LocalBackend, ServedModel, build_api
-from kv3d.server.chat import Tokenizer
 from kv3d.server.guard import Guard, Tenant, digests_from_setting
-from tests.integration.test_guard import cached, call, chat, engine_config
+from tests.integration.httpapp import cached, call, chat
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2_path):
-    t = Tokenizer.load(smollm2_path)
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine.from_config(engine_config()) as e:
-        yield e
 
 
 class RecordingBackend(LocalBackend):

@@ -13,9 +13,8 @@ import pytest
 from kv3d.engine.catalog import CatalogEntry, SnapshotCatalog
 from kv3d.engine.engine import Engine
 from kv3d.server.api import LocalBackend, ServedModel, build_api
-from kv3d.server.chat import Tokenizer
 from kv3d.server.guard import Guard, digests_from_setting, key_digest
-from tests.integration.test_guard import SYSTEM, bearer, call, engine_config
+from tests.integration.httpapp import SYSTEM, bearer, call, engine_config
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +55,6 @@ class CatalogBackend(LocalBackend):
                 "bytes": self.catalog.total_bytes,
                 "families": families,
             }
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2_path):
-    t = Tokenizer.load(smollm2_path)
-    yield t
-    t.close()
 
 
 @pytest.fixture(scope="module")
