@@ -42,6 +42,8 @@ from kv3d.server.openai_schema import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_logprobs,
     completion_logprobs,
     now_s,
@@ -222,7 +224,38 @@ def build_api(
         view = _CompletionView(gen.request_id, served.model_id, req.include_usage_in_stream)
         return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await _parse(request, TokenizeRequest, guard.limits.max_body_bytes)
+        tokens = served.tokenizer.tokenize(req.content, add_special=req.add_special)
+        if not req.with_pieces:
+            return {"tokens": tokens}
+        return {"tokens": [{"id": t, "piece": _piece(served.tokenizer.piece(t))} for t in tokens]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await _parse(request, DetokenizeRequest, guard.limits.max_body_bytes)
+        n_vocab = served.tokenizer.n_vocab
+        bad = next((t for t in req.tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"token id {bad} is not in this model's vocabulary (0..{n_vocab - 1})",
+                param="tokens",
+            )
+        text = b"".join(served.tokenizer.piece(t) for t in req.tokens)
+        return {"content": text.decode("utf-8", "replace")}
+
     return app
+
+
+def _piece(data: bytes) -> str | list[int]:
+    """A token's text, or its bytes where they are not whole UTF-8 (part of a character), as
+    llama-server gives them."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
 
 
 def _asset_response(name: str) -> Response:

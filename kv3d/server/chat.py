@@ -145,5 +145,17 @@ class Tokenizer:
     def encode_text(self, text: str) -> list[int]:
         return self._model.tokenize(text, add_special=True, parse_special=False)
 
+    @property
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Text as the model reads it, special-token markers in it included."""
+        return self._model.tokenize(text, add_special=add_special, parse_special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for, special tokens written out."""
+        return self._model.token_to_piece(token, special=True)
+
     def decode(self, tokens: list[int]) -> str:
         return b"".join(self._model.token_to_piece(t) for t in tokens).decode("utf-8", "replace")

@@ -347,3 +347,24 @@ def completion_logprobs(items: list[TokenLogprob], text_offset: int = 0) -> dict
 
 def now_s() -> int:
     return int(time.time())
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize`, in llama-server's shape: special tokens written in `content` (such as
+    a chat template's markers) are parsed as such."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    content: str
+    add_special: bool = False  # prepend BOS where the model uses one
+    with_pieces: bool = False  # each token with the text it stands for
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize`, in llama-server's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
