@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from kv3d.engine.statefmt import LayerTensor, StateFormatError, parse_seq_state
+from kv3d.engine.statefmt import LayerTensor, StateFormatError, byte_view, parse_seq_state
 
 MAGIC = b"KV3DDLT1"
 VERSION = 1
@@ -181,10 +181,7 @@ def decode_delta(buf) -> bytearray:
     """Rebuild the sequence-state blob an encoded delta stands for. Every field is checked
     before use, and the blob it rebuilds must parse as the state the tensor table describes:
     anything off raises `DeltaError` (and only that)."""
-    try:
-        view = memoryview(buf).cast("B")
-    except (TypeError, ValueError) as exc:
-        raise DeltaError(f"a delta must be a contiguous byte buffer: {exc}") from None
+    view = byte_view(buf, DeltaError, "a delta")
     if len(view) < _HEADER.size:
         raise DeltaError("delta shorter than its header")
     magic, version, mode, _, group, _, n, crc, blob_bytes, payload_bytes = _HEADER.unpack_from(view)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kv3d.engine.prefix import Block
+from kv3d.engine.statefmt import byte_view
 
 MAGIC = b"KV3DSNAP"
 VERSION = 1
@@ -70,10 +71,7 @@ def decode_snapshot(buf, fingerprint: bytes) -> Snapshot:
     """Parse and verify a container; `buf` is any bytes-like object (an Arrow buffer too).
     Every field is checked: anything off raises `SnapshotError`, and only that. (The state's
     own layout is checked where it is restored.)"""
-    try:
-        view = memoryview(buf).cast("B")
-    except (TypeError, ValueError) as exc:
-        raise SnapshotError(f"a snapshot must be a contiguous byte buffer: {exc}") from None
+    view = byte_view(buf, SnapshotError, "a snapshot")
     if len(view) < _HEADER.size:
         raise SnapshotError(f"snapshot of {len(view)} bytes is shorter than its header")
     magic, version, reserved, fp, key, n_tokens, n_blocks, crc, state_bytes = _HEADER.unpack_from(

@@ -197,16 +197,20 @@ def _stream_from(stream: StreamState, pos_from: int, pos_to: int | None = None) 
 
 
 # --- parsing -----------------------------------------------------------------------------------
+def byte_view(data, error: type[Exception], what: str) -> memoryview:
+    """Stored or received bytes (any contiguous bytes-like object) as a flat byte view; anything
+    else raises `error`, the reading format's own error type, so that decoders raise only it."""
+    try:
+        return memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise error(f"{what} must be a contiguous byte buffer: {exc}") from None
+
+
 class _Reader:
     """A cursor over the blob that checks every length against what remains before reading."""
 
     def __init__(self, blob: bytes | bytearray | memoryview):
-        try:
-            self.buf = memoryview(blob).cast("B")
-        except (TypeError, ValueError) as err:
-            raise StateFormatError(
-                f"a state blob must be a contiguous byte buffer: {err}"
-            ) from None
+        self.buf = byte_view(blob, StateFormatError, "a state blob")
         self.offset = 0
 
     @property

@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from kv3d.engine.codec import DeltaError, decode_delta, encode_delta
+from kv3d.engine.statefmt import byte_view
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,7 @@ def decode_record(data) -> SessionRecord:
     """Parse a stored session record (any bytes-like object). Every field is checked: anything
     off raises `SessionRecordError`, and only that. The delta inside is checked by
     `decode_delta` when the session is resumed."""
-    try:
-        view = memoryview(data).cast("B")
-    except (TypeError, ValueError) as exc:
-        raise SessionRecordError(f"a session record must be a byte buffer: {exc}") from None
+    view = byte_view(data, SessionRecordError, "a session record")
     if len(view) < _HEADER.size:
         raise SessionRecordError("session file shorter than its header")
     magic, version, reserved, fp, n_tokens, prefix, id_bytes, delta_bytes, crc = (
