@@ -557,10 +557,11 @@ class Engine:
         try:
             seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(32)
             sampler = SamplerChain(
-                temperature=req.sampling.temperature,
-                top_p=req.sampling.top_p,
-                top_k=req.sampling.top_k,
+                model=self.model,
+                params=req.sampling,
                 seed=seed,
+                prompt=req.prompt_tokens,
+                max_tokens=req.max_tokens,
             )
             # Tokens whose KV reuse places into the slot need no prefill.
             admission = self.sessions.resume(pending, progress)

@@ -23,10 +23,25 @@ RejectReason = Literal[
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
+    """How one request picks its tokens. Every default is neutral: a field left at its default
+    adds no stage to the sampler chain. Values were checked at the API boundary."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
+    # OpenAI's penalties: they count every token generated so far (never the prompt's).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # llama.cpp's repeat penalty: divides the logit of each token among the last
+    # `penalty_last_n` tokens, prompt included, as llama-server does (its repeat_last_n is 64).
+    repetition_penalty: float = 1.0
+    penalty_last_n: int = 64
+    # (token id, bias added to its logit) pairs: a tuple, not a dict, to stay frozen and cheap.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # GBNF source whose start rule is named `root`; it already compiled against this vocab.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import llama_cpp
 import numpy as np
+
+from kv3d.engine.generation import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,6 +134,12 @@ class LlamaModel(_Owner):
 
     def _free(self, handle) -> None:
         llama_cpp.llama_model_free(handle)
+
+    @property
+    def vocab(self):
+        """The vocabulary's native handle (lives as long as the model is open)."""
+        _ = self.handle  # raises once closed: the vocab dies with the model
+        return self._vocab
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -389,29 +397,108 @@ class LlamaBatch(_Owner):
 
 
 class SamplerChain(_Owner):
-    """One sequence's sampler: greedy at temperature 0, else top-k → top-p → temperature → dist."""
+    """One sequence's sampler, llama.cpp's chain in its common order: logit bias → penalties →
+    grammar → greedy at temperature 0, else top-k → top-p → min-p → temperature → dist.
 
-    def __init__(self, *, temperature: float, top_p: float, top_k: int, seed: int):
+    Only non-neutral stages are added: a plain request pays for none of the others on the
+    decode step. The chain owns its stages; a stage llama.cpp refuses frees the chain and
+    raises `LlamaError`.
+
+    Penalties: llama.cpp's penalty stage counts the tokens it was `accept`ed, and sampling
+    accepts each sampled token. Presence and frequency penalties follow OpenAI: their stage
+    sees only generated tokens (its window holds all `max_tokens` of them). The repetition
+    penalty follows llama-server's repeat penalty: its own stage is first fed the prompt's
+    last `penalty_last_n` tokens, so it sees prompt and generated tokens in one window.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: LlamaModel,
+        params: SamplingParams,
+        seed: int,
+        prompt: Sequence[int] = (),
+        max_tokens: int = 0,
+    ):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if not chain:
             raise LlamaError("could not create a sampler chain")
         self._handle = chain
-        if temperature <= 0.0:
-            self._add(llama_cpp.llama_sampler_init_greedy())
-            return
-        if top_k > 0:
-            self._add(llama_cpp.llama_sampler_init_top_k(top_k))
-        if top_p < 1.0:
-            self._add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-        self._add(llama_cpp.llama_sampler_init_temp(temperature))
-        self._add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        try:
+            self._build(model, params, seed, prompt, max_tokens)
+        except BaseException:
+            self.close()
+            raise
 
-    def _add(self, sampler) -> None:
+    def _build(
+        self,
+        model: LlamaModel,
+        p: SamplingParams,
+        seed: int,
+        prompt: Sequence[int],
+        max_tokens: int,
+    ) -> None:
+        n_vocab = model.n_vocab
+        if p.logit_bias:
+            pairs = [llama_cpp.llama_logit_bias(token, bias) for token, bias in p.logit_bias]
+            array = (llama_cpp.llama_logit_bias * len(pairs))(*pairs)  # copied by llama.cpp
+            self._add(
+                "logit bias", llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(pairs), array)
+            )
+        if p.repetition_penalty != 1.0 and p.penalty_last_n > 0:
+            stage = self._add(
+                "repetition penalty",
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab, p.penalty_last_n, p.repetition_penalty, 0.0, 0.0
+                ),
+            )
+            for token in prompt[-p.penalty_last_n :]:
+                llama_cpp.llama_sampler_accept(stage, token)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            window = max(max_tokens, 1)
+            self._add(
+                "presence/frequency penalty",
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab, window, 1.0, p.frequency_penalty, p.presence_penalty
+                ),
+            )
+        if p.grammar is not None:
+            self._add("grammar", _init_grammar(model, p.grammar))
+        if p.temperature <= 0.0:
+            self._add("greedy", llama_cpp.llama_sampler_init_greedy())
+            return
+        if p.top_k > 0:
+            self._add("top-k", llama_cpp.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            self._add("top-p", llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            self._add("min-p", llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        self._add("temperature", llama_cpp.llama_sampler_init_temp(p.temperature))
+        self._add("dist", llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def _add(self, what: str, stage):
+        if not stage:
+            raise LlamaError(f"llama.cpp could not create the {what} sampler")
         # The chain takes ownership of the stage and frees it with itself.
-        llama_cpp.llama_sampler_chain_add(self._handle, sampler)
+        llama_cpp.llama_sampler_chain_add(self._handle, stage)
+        return stage
 
     def _free(self, handle) -> None:
         llama_cpp.llama_sampler_free(handle)
 
     def sample(self, ctx: LlamaContext, batch_index: int) -> int:
         return llama_cpp.llama_sampler_sample(self.handle, ctx.handle, batch_index)
+
+
+def _init_grammar(model: LlamaModel, gbnf: str):
+    # NULL when the text is not GBNF, has no `root` rule, or is left-recursive.
+    return llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+
+
+def grammar_compiles(model: LlamaModel, gbnf: str) -> bool:
+    """Whether llama.cpp accepts `gbnf` (start rule `root`) as a grammar over this vocabulary."""
+    stage = _init_grammar(model, gbnf)
+    if not stage:
+        return False
+    llama_cpp.llama_sampler_free(stage)
+    return True

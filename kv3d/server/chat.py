@@ -17,7 +17,7 @@ from typing import Protocol
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from kv3d.engine.llama import LlamaModel, apply_builtin_template
+from kv3d.engine.llama import LlamaModel, apply_builtin_template, grammar_compiles
 
 # llama.cpp built-in template per `general.architecture`, for GGUFs without a template.
 BUILTIN_TEMPLATE_BY_ARCH = {
@@ -159,3 +159,15 @@ class Tokenizer:
 
     def decode(self, tokens: list[int]) -> str:
         return b"".join(self._model.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def grammar_error(self, gbnf: str) -> str | None:
+        """Why llama.cpp would refuse `gbnf` (start rule `root`) for this vocabulary, or None.
+
+        The same compile the engine's sampler does, so a grammar that passes here cannot fail
+        there."""
+        if grammar_compiles(self._model, gbnf):
+            return None
+        return (
+            "the grammar does not compile: it must be GBNF with a rule named root, and no rule "
+            "may be undefined or left-recursive"
+        )

@@ -88,7 +88,8 @@ class FakeContext(FakeMemory):
 
 
 class FakeSampler:
-    def __init__(self, *, temperature: float, top_p: float, top_k: int, seed: int):
+    def __init__(self, *, model, params, seed: int, prompt=(), max_tokens: int = 0):
+        self.params = params
         self.seed = seed
         self.closed = False
 
