@@ -143,6 +143,14 @@ class EngineConfig(_Section):
     batch_tokens: int = Field(
         512, ge=32, description="Most tokens in one llama_decode step (decode + prefill chunks)."
     )
+    prefill_slowdown_max: float = Field(
+        2.0,
+        ge=0.0,
+        description="While sequences generate, a step that also prefills a prompt may last at "
+        "most this many times a decode-only step (measured as it runs), so streams keep a flat "
+        "inter-token latency while new prompts arrive; 0 = no limit (prompt chunks of up to "
+        "batch_tokens).",
+    )
     decode_threads: int = Field(
         0,
         ge=0,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from kv3d.config import KV3DConfig
 from kv3d.engine.budget import KVBudget
+from kv3d.engine.choices import ChoiceGroup, choice_requests
 from kv3d.engine.generation import (
     EngineStats,
     Finished,
@@ -53,6 +54,7 @@ from kv3d.engine.llama import (
 )
 from kv3d.engine.logprobs import log_softmax_top, token_logprob
 from kv3d.engine.modelfile import cache_fingerprint
+from kv3d.engine.pacing import StepPacer
 from kv3d.engine.reuse import Admission, NoReuse, PrefixReuse, Publish
 from kv3d.engine.safemode import SafeMode
 from kv3d.engine.scheduler import (
@@ -154,6 +156,7 @@ class Engine:
             batch_tokens=settings.batch_tokens,
             max_waiting=settings.max_queued_requests,
         )
+        self.pacer = StepPacer(settings.batch_tokens, settings.prefill_slowdown_max)
         self.fingerprint = cache_fingerprint(
             settings.model_path, kv_type=settings.kv_type, flash_attn=settings.flash_attn
         )
@@ -176,6 +179,7 @@ class Engine:
         self._hot_view = CacheView()
         self._hot_view_version = 0
         self._cancelled: set[str] = set()
+        self._choice_ids: dict[str, list[str]] = {}  # n > 1 request -> its choices' ids
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -261,8 +265,12 @@ class Engine:
         """Queue a request. `emit` is called from the engine thread and must not block.
 
         `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
-        object); it is verified before use and ignored when it does not apply.
+        object); it is verified before use and ignored when it does not apply. A request for
+        n > 1 completions runs as n sequences in one stream (see `choices.py`).
         """
+        if request.n > 1:
+            self._submit_choices(request, emit, snapshot)
+            return
         try:
             blocks = self.prefix_blocks(request)
             # A stored session is decoded off this thread while the request waits.
@@ -290,12 +298,36 @@ class Engine:
             session.add_done_callback(self._wake_up)
         self._wake_up()
 
+    def _submit_choices(self, request: GenerationRequest, emit: Emit, snapshot) -> None:
+        choices = choice_requests(request)
+
+        def ended(rejected: bool) -> None:
+            with self._wake:
+                self._choice_ids.pop(request.request_id, None)
+            if rejected:  # one choice cannot run: the request fails whole, the others stop
+                for choice in choices:
+                    self.cancel(choice.request_id)
+
+        group = ChoiceGroup(request.n, emit, on_end=ended)
+        with self._wake:
+            self._choice_ids[request.request_id] = [c.request_id for c in choices]
+        for index, choice in enumerate(choices):
+            if group.ended:  # an earlier choice was refused (queue full, too large)
+                break
+            self.submit(choice, group.emitter(index), snapshot)
+
     def _wake_up(self, _=None) -> None:
         with self._wake:
             self._wake.notify()
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (client gone); its slot is freed before the next step."""
+        with self._wake:
+            choice_ids = self._choice_ids.pop(request_id, None)
+        for choice_id in choice_ids or ():
+            self.cancel(choice_id)
+        if choice_ids is not None:
+            return
         pending = self.scheduler.cancel_waiting(request_id)
         if pending is not None:
             self.sessions.put_back(pending)
@@ -470,10 +502,12 @@ class Engine:
         """Run one scheduler step; returns the number of sequences it decoded."""
         self._apply_cancels()
         self._admit_waiting()
-        chunks = self.scheduler.plan()
+        decoding = self.scheduler.num_decoding()
+        chunks = self.scheduler.plan(self.pacer.prefill_budget(decoding))
         if not chunks:
             return 0
         rows = self._fill_batch(chunks)
+        t0 = time.perf_counter()
         try:
             self._decode_making_room()
         except LlamaError as exc:
@@ -481,6 +515,8 @@ class Engine:
             for chunk in chunks:
                 self._fail(chunk.slot, f"decode failed: {exc}")
             return 0
+        step_ms = (time.perf_counter() - t0) * 1000.0
+        self.pacer.observe(decoding, self.batch.n_tokens - decoding, step_ms)
         self._count_step(chunks)
         for chunk, row in zip(chunks, rows, strict=True):
             self._guarded(chunk.slot, self._advance, chunk, row)

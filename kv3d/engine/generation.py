@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# llama-server's default repeat_last_n: the window the repetition penalty looks back over.
+REPEAT_LAST_N = 64
+
 FinishReason = Literal["stop", "length", "cancelled"]
 # Why the engine would not run a request. Domain reasons only: the API layer alone chooses the
 # HTTP status and error code each one becomes.
@@ -37,7 +40,7 @@ class SamplingParams:
     # llama.cpp's repeat penalty: divides the logit of each token among the last
     # `penalty_last_n` tokens, prompt included, as llama-server does (its repeat_last_n is 64).
     repetition_penalty: float = 1.0
-    penalty_last_n: int = 64
+    penalty_last_n: int = REPEAT_LAST_N
     # (token id, bias added to its logit) pairs: a tuple, not a dict, to stay frozen and cheap.
     logit_bias: tuple[tuple[int, float], ...] = ()
     # GBNF source whose start rule is named `root`; it already compiled against this vocab.
@@ -64,6 +67,9 @@ class GenerationRequest:
     # Who owns the cache this request builds (an opaque id: the API's tenant namespace, "" for
     # one shared owner). The family prefixes it computes are recorded under it.
     tenant: str = ""
+    # Completions wanted for this prompt (OpenAI's `n`): the engine runs them as n sequences
+    # sharing the prompt's cells, in one event stream (`choices.py`).
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,7 @@ class TextDelta:
     text: str
     num_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # the choice it belongs to (requests with n > 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,8 @@ class Finished:
     snapshot_restore_s: float | None = None  # set when the prefix came from a snapshot
     session_resume_s: float | None = None  # set when a stored session was resumed
     session_tier: str | None = None  # where it was resumed from: warm | cold
+    index: int = 0  # the choice that finished (requests with n > 1)
+    final: bool = True  # False while other choices of the request are still running
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,23 +175,33 @@ StreamEvent = TextDelta | Finished | Rejected
 
 def ends_stream(event: StreamEvent) -> bool:
     """Whether `event` is a request's terminal event: nothing follows it."""
-    return isinstance(event, (Finished, Rejected))
+    if isinstance(event, Finished):
+        return event.final
+    return isinstance(event, Rejected)
 
 
 def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
-    """The same stream in fewer events: each run of adjacent `TextDelta`s becomes one (text
-    joined, tokens summed, logprobs in order). Every message downstream (a Ray streaming item,
-    an SSE frame) costs the same whatever it carries, so a consumer that fell behind catches up
-    in one message instead of many."""
+    """The same stream in fewer events: the `TextDelta`s of one choice between two terminal
+    events become one (text joined, tokens summed, logprobs in order), where the first of them
+    stood. Every message downstream (a Ray streaming item, an SSE frame) costs the same whatever
+    it carries, so a consumer that fell behind catches up in one message instead of many."""
     out: list[StreamEvent] = []
+    merged_at: dict[int, int] = {}  # choice index -> its TextDelta in `out`
     for event in events:
-        last = out[-1] if out else None
-        if isinstance(event, TextDelta) and isinstance(last, TextDelta):
-            out[-1] = TextDelta(
-                last.text + event.text,
-                last.num_tokens + event.num_tokens,
-                last.logprobs + event.logprobs,
-            )
-        else:
+        if not isinstance(event, TextDelta):
+            merged_at.clear()  # never move text across a Finished or Rejected
             out.append(event)
+            continue
+        at = merged_at.get(event.index)
+        if at is None:
+            merged_at[event.index] = len(out)
+            out.append(event)
+            continue
+        last = out[at]
+        out[at] = TextDelta(
+            last.text + event.text,
+            last.num_tokens + event.num_tokens,
+            last.logprobs + event.logprobs,
+            event.index,
+        )
     return out

@@ -3,7 +3,8 @@
 It never touches llama.cpp; the engine turns its plan into a batch. Policy, in order:
 1. every running sequence that is generating gets its one next token (keeps inter-token latency
    flat while others prefill);
-2. sequences still prefilling get prompt chunks, first admitted first, within `batch_tokens`;
+2. sequences still prefilling get prompt chunks, first admitted first, within `batch_tokens`
+   and the prompt-token budget the engine's pacer sets while others decode (`pacing.py`);
 3. waiting requests are admitted first-come first-served while a slot is free and the KV budget
    can reserve the cells they may need (prompt + max_tokens, less what a hot prefix provides).
    A request whose stored session is still being read or decoded is not ready: it keeps its
@@ -194,8 +195,13 @@ class Scheduler:
         self.running[slot] = progress
         return progress
 
-    def plan(self) -> list[Chunk]:
-        """The chunks of the next step; empty when nothing can run."""
+    def num_decoding(self) -> int:
+        """Running sequences that have a generated token to feed back in the next step."""
+        return sum(1 for seq in self.running.values() if seq.pending_token is not None)
+
+    def plan(self, prefill_tokens: int | None = None) -> list[Chunk]:
+        """The chunks of the next step; empty when nothing can run. At most `prefill_tokens`
+        prompt tokens ride along with the decode tokens (None: what the batch has room for)."""
         budget = self.batch_tokens
         chunks: list[Chunk] = []
         for seq in self.running.values():
@@ -204,6 +210,8 @@ class Scheduler:
                     Chunk(seq.slot, [seq.pending_token], seq.num_computed_tokens, True, False)
                 )
                 budget -= 1
+        if prefill_tokens is not None:
+            budget = min(budget, prefill_tokens)
         for seq in self.running.values():
             if not seq.prefilling or budget <= 0:
                 continue

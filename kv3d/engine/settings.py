@@ -43,6 +43,7 @@ class EngineSettings:
     safe_mode: bool = False
     canary_period_s: float = 0.0
     cold_budget_bytes: int = 0  # 0: unbounded
+    prefill_slowdown_max: float = 0.0  # 0: prompt chunks never held back for decoding streams
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -58,6 +59,7 @@ class EngineSettings:
             context_tokens=config.model.context_tokens,
             max_sequences=config.engine.max_sequences,
             batch_tokens=config.engine.batch_tokens,
+            prefill_slowdown_max=config.engine.prefill_slowdown_max,
             kv_type=config.engine.kv_type,
             flash_attn=config.engine.flash_attn,
             kv_budget_bytes=config.cache.gpu_hot_mb * MIB,
