@@ -16,30 +16,14 @@ import time
 import typing
 from typing import Any
 
+from kv3d.cli import flags
 from kv3d.config import ConfigError, KV3DConfig, RouteConfig, load_config
 
 log = logging.getLogger("kv3d")
 
 
-def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, dict[str, Any]] = {"server": {}, "model": {}, "deploy": {}}
-    if args.host is not None:
-        overrides["server"]["host"] = args.host
-    if args.port is not None:
-        overrides["server"]["port"] = args.port
-    if args.threads is not None:
-        overrides["server"]["threads"] = args.threads
-    if args.model is not None:
-        overrides["model"]["path"] = args.model
-    if args.replicas is not None:
-        overrides["deploy"]["replicas"] = args.replicas
-    if args.safe_mode:
-        overrides["server"]["safe_mode"] = True
-    return overrides
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides=_serve_overrides(args))
+    config = flags.config_from_args(args.config, args)
     from kv3d.engine.modelfile import resolve_model_path
 
     resolve_model_path(config.model.path)  # fail before Ray starts when the file is wrong
@@ -206,18 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the OpenAI-compatible server (Ctrl-C stops it)")
-    serve.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
-    serve.add_argument("--replicas", type=int, help="model replicas (default 1)")
-    serve.add_argument("--threads", type=int, help="llama.cpp threads per replica (0 = all)")
-    serve.add_argument("--config", help="JSON config file (default ~/.config/kv3d/config.json)")
-    serve.add_argument(
-        "--safe-mode",
-        action="store_true",
-        help="plain inference only: no prefix reuse, snapshots or session deltas",
+    serve = sub.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server (Ctrl-C stops it)",
+        description=flags.SCHEME,
+        usage=flags.USAGE,
+        formatter_class=flags.HelpFormatter,
+        # Generated flags share long prefixes; an abbreviation that works today would turn
+        # ambiguous when a field is added.
+        allow_abbrev=False,
     )
+    serve.add_argument(
+        "--config", metavar="FILE", help="JSON config file (default ~/.config/kv3d/config.json)"
+    )
+    flags.add_config_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     doctor = sub.add_parser("doctor", help="check the install and write the default config")
