@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -49,6 +49,16 @@ from kv3d.server.openai_schema import (
     now_s,
     parse_json_body,
     usage_dict,
+)
+from kv3d.server.tools import (
+    Call,
+    CallReader,
+    Piece,
+    ToolUse,
+    call_grammar,
+    prompt_input,
+    split_output,
+    tool_use,
 )
 
 log = logging.getLogger(__name__)
@@ -187,10 +197,11 @@ def build_api(
                 param="messages",
                 code="too_many_messages",
             )
-        messages = req.chat_messages()
+        use = tool_use(req)
+        messages, tools = prompt_input(served.tokenizer.chat_template, req.chat_messages(), use)
         try:
-            prompt = served.tokenizer.encode_chat(messages)
-            family = served.tokenizer.family_tokens(messages, prompt)
+            prompt = served.tokenizer.encode_chat(messages, tools)
+            family = served.tokenizer.family_tokens(messages, prompt, tools)
         except TemplateError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         tenant = _tenant(request)
@@ -211,7 +222,10 @@ def build_api(
             family,
             session_header,
         )
-        view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream)
+        grammar = call_grammar(use)
+        if grammar is not None:
+            gen = _forcing_calls(gen, grammar, served.tokenizer)
+        view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream, use)
         return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
     @app.post("/v1/completions")
@@ -388,6 +402,20 @@ def _generation_request(
         cache_salt=tenant.cache_salt(req.cache_salt),
         tenant=tenant.namespace,
     )
+
+
+def _forcing_calls(gen: GenerationRequest, grammar: str, tokenizer: Tokenizer) -> GenerationRequest:
+    """`gen` sampled under the grammar of tool_choice "required" or a named function."""
+    if gen.sampling.grammar is not None:
+        raise APIError(
+            400,
+            "tool_choice forces a tool call; response_format or grammar cannot also shape it",
+            param="tool_choice",
+        )
+    why = tokenizer.grammar_error(grammar)
+    if why is not None:  # a vocabulary that cannot spell the tags, say
+        raise APIError(400, f"no grammar for the forced tool call: {why}", param="tool_choice")
+    return replace(gen, sampling=replace(gen.sampling, grammar=grammar))
 
 
 async def _respond(
@@ -584,10 +612,21 @@ class _View(Protocol):
 
 @dataclass
 class _ChatView:
+    """Chat completion shapes. With tools offered, the text goes through a `CallReader`: calls
+    leave as `tool_calls` (streamed: one delta naming the call, then one with its arguments),
+    the rest as content."""
+
     request_id: str
     model_id: str
     include_usage: bool
+    tool_use: ToolUse | None = None
     created_s: int = field(default_factory=now_s)
+    _reader: CallReader | None = field(init=False, default=None)
+    _calls_sent: int = field(init=False, default=0)
+    _held_logprobs: list[TokenLogprob] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._reader = self.tool_use.reader() if self.tool_use is not None else None
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {
@@ -601,14 +640,21 @@ class _ChatView:
     def full(self, result: _Result) -> dict[str, Any]:
         finish = result.finish
         assert finish is not None
+        content: str | None = result.text
+        calls: list[Call] = []
+        if self._reader is not None:
+            content, calls = split_output(result.text, self._reader)
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = [_tool_call(c) for c in calls]
         return {
             **self._envelope("chat.completion"),
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "message": message,
                     "logprobs": chat_logprobs(result.logprobs) if result.logprobs else None,
-                    "finish_reason": _finish_reason(finish),
+                    "finish_reason": _chat_finish_reason(finish, bool(calls)),
                 }
             ],
             **_usage_fields(finish),
@@ -622,6 +668,8 @@ class _ChatView:
         return self._chunk({"role": "assistant", "content": ""}, None)
 
     def chunks(self, event: StreamEvent) -> list[dict[str, Any]]:
+        if self._reader is not None:
+            return self._tool_chunks(self._reader, event)
         if isinstance(event, TextDelta):
             lp = chat_logprobs(list(event.logprobs)) if event.logprobs else None
             return [self._chunk({"content": event.text}, None, lp)]
@@ -630,16 +678,46 @@ class _ChatView:
         out = []
         if event.text:
             out.append(self._chunk({"content": event.text}, None))
-        out.append(self._chunk({}, _finish_reason(event)))
+        return out + self._closing(event, _finish_reason(event))
+
+    def _closing(self, finish: Finished, reason: str) -> list[dict[str, Any]]:
+        out = [self._chunk({}, reason, self._take_logprobs())]
         if self.include_usage:
             out.append(
                 {
                     **self._envelope("chat.completion.chunk"),
                     "choices": [],
-                    **_usage_fields(event),
+                    **_usage_fields(finish),
                 }
             )
         return out
+
+    def _tool_chunks(self, reader: CallReader, event: StreamEvent) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            # Held with the text they belong to; they leave with the next chunk that goes out.
+            self._held_logprobs.extend(event.logprobs)
+            return self._piece_chunks(reader.feed(event.text))
+        if not isinstance(event, Finished):
+            return []
+        out = self._piece_chunks(reader.feed(event.text) + reader.close())
+        return out + self._closing(event, _chat_finish_reason(event, self._calls_sent > 0))
+
+    def _piece_chunks(self, pieces: list[Piece]) -> list[dict[str, Any]]:
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(self._chunk({"content": piece}, None, self._take_logprobs()))
+                continue
+            index, self._calls_sent = self._calls_sent, self._calls_sent + 1
+            head = {**_tool_call(piece, index), "function": {"name": piece.name, "arguments": ""}}
+            out.append(self._chunk({"tool_calls": [head]}, None, self._take_logprobs()))
+            arguments = {"index": index, "function": {"arguments": piece.arguments}}
+            out.append(self._chunk({"tool_calls": [arguments]}, None))
+        return out
+
+    def _take_logprobs(self) -> dict[str, Any] | None:
+        held, self._held_logprobs = self._held_logprobs, []
+        return chat_logprobs(held) if held else None
 
 
 @dataclass
@@ -710,6 +788,19 @@ def _usage_fields(finish: Finished) -> dict[str, Any]:
 
 def _finish_reason(finish: Finished) -> str:
     return "length" if finish.reason == "length" else "stop"
+
+
+def _chat_finish_reason(finish: Finished, called: bool) -> str:
+    return "tool_calls" if called and finish.reason != "length" else _finish_reason(finish)
+
+
+def _tool_call(call: Call, index: int | None = None) -> dict[str, Any]:
+    """A call as OpenAI returns it (streamed, with its `index` among the answer's calls)."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out.update(
+        id=call.id, type="function", function={"name": call.name, "arguments": call.arguments}
+    )
+    return out
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ architecture renders the conversation, and ChatML only when the architecture is 
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kv3d.engine.llama import LlamaModel, apply_builtin_template, grammar_compiles
@@ -36,13 +38,35 @@ class TemplateError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an assistant turn made; `arguments` is JSON text, as OpenAI carries it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns that called functions
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
+    name: str | None = None  # tool turns: the function that was called
 
 
 class ChatTemplate(Protocol):
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str: ...
+    # Whether it renders `tools`, assistant `tool_calls` and `tool` turns itself; when not,
+    # kv3d.server.tools writes them as plain text first.
+    knows_tools: bool
+
+    def render(
+        self,
+        messages: list[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str: ...
 
 
 class JinjaChatTemplate:
@@ -51,14 +75,24 @@ class JinjaChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        # Templates were written against transformers' tojson (no HTML escaping of <, >, &).
+        env.filters["tojson"] = _tojson
         self._template = env.from_string(source)
+        self.knows_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         self._bos_token = bos_token
         self._eos_token = eos_token
 
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
         try:
             return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[_message_dict(m) for m in messages],
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,
@@ -73,13 +107,56 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _message_dict(m: ChatMessage) -> dict:
+    """A message as chat templates read it (transformers' shape: call arguments as objects)."""
+    out: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": arguments_value(c.arguments)},
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def arguments_value(arguments: str):
+    """A call's JSON arguments text as an object when it is one, else the text unchanged."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
 class BuiltinChatTemplate:
-    """One of llama.cpp's named templates (`gemma`, `chatml`, …), rendered by llama.cpp."""
+    """One of llama.cpp's named templates (`gemma`, `chatml`, …), rendered by llama.cpp. It knows
+    roles and text only."""
+
+    knows_tools = False
 
     def __init__(self, name: str):
         self.name = name
 
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
         return apply_builtin_template(
             self.name, [(m.role, m.content) for m in messages], add_generation_prompt
         )
@@ -113,13 +190,19 @@ class Tokenizer:
         eos = m.token_to_piece(m.token_eos(), special=True).decode("utf-8", "replace")
         return JinjaChatTemplate(source, bos_token=bos, eos_token=eos)
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        return self._encode_rendered(self.chat_template.render(messages))
+    def encode_chat(
+        self, messages: list[ChatMessage], tools: list[dict] | None = None
+    ) -> list[int]:
+        return self._encode_rendered(self.chat_template.render(messages, tools=tools))
 
-    def family_tokens(self, messages: list[ChatMessage], prompt: list[int]) -> int | None:
+    def family_tokens(
+        self, messages: list[ChatMessage], prompt: list[int], tools: list[dict] | None = None
+    ) -> int | None:
         """Where the leading system messages end in `prompt`: the family prefix that sessions
         with the same system prompt share. None when there is none, or when the template does
-        not render them as a token prefix of the whole conversation."""
+        not render them as a token prefix of the whole conversation. Templates that know tools
+        mostly write them into the system turn, so `tools` (as given to `encode_chat`) is part of
+        the family: requests share it only when they offer the same tools."""
         leading = []
         for message in messages:
             if message.role != "system":
@@ -127,7 +210,7 @@ class Tokenizer:
             leading.append(message)
         if not leading or len(leading) == len(messages):
             return None
-        text = self.chat_template.render(leading, add_generation_prompt=False)
+        text = self.chat_template.render(leading, add_generation_prompt=False, tools=tools)
         if not text.strip():  # the template folds system text into the first user turn
             return None
         head = self._encode_rendered(text)

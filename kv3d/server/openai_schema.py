@@ -13,12 +13,19 @@ import sys
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kv3d.engine.generation import SamplingParams, TokenLogprob, Usage
-from kv3d.server.chat import ChatMessage
+from kv3d.server.chat import ChatMessage, ToolCall
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 # What the backend's C API takes: llama.cpp reads counts such as top_k as int32, and a seed as
 # uint32 where 0xFFFFFFFF means "draw one at random". Larger values would silently wrap.
@@ -27,6 +34,8 @@ SEED_MAX = 2**32 - 2
 # Deepest nesting of objects and arrays a request body may have (OpenAI bodies use a handful).
 MAX_JSON_DEPTH = 64
 LOGIT_BIAS_MAX = 100.0
+MAX_TOOLS = 128  # OpenAI's bound on tools per request
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
 class APIError(Exception):
@@ -228,10 +237,26 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Role
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls == []:
+            self.tool_calls = None  # some clients send an empty list for "no calls"
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content: null only in an assistant message with tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -242,6 +267,69 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Declared before tool_choice: its validator reads them.
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # The legacy names of tools and tool_choice: refused, not translated (see _no_functions).
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("messages")
+    @classmethod
+    def _results_answer_calls(cls, messages: list[Message]) -> list[Message]:
+        called: set[str] = set()
+        for i, m in enumerate(messages):
+            called.update(c.id for c in m.tool_calls or ())
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise ValueError(
+                    f"messages[{i}] answers tool call {m.tool_call_id!r}, which no earlier "
+                    "assistant message made"
+                )
+        return messages
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in tools or ()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tool names must be unique; {', '.join(twice)} given twice")
+        return tools or None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_of_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is None:
+            return None
+        if "tools" not in info.data:  # the tools failed validation: that error is reported
+            return choice
+        names = {t.function.name for t in info.data["tools"] or ()}
+        if isinstance(choice, str):
+            if choice not in TOOL_CHOICE_MODES:
+                raise ValueError(f"must be one of {', '.join(TOOL_CHOICE_MODES)} or a function")
+            if choice != "none" and not names:
+                raise ValueError(f"{choice!r} needs tools; the request declares none")
+            return choice
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if kind != "function" or not isinstance(name, str):
+            raise ValueError(
+                'must be "none", "auto", "required" or '
+                '{"type": "function", "function": {"name": ...}}'
+            )
+        if name not in names:
+            raise ValueError(f"names function {name!r}, which tools does not declare")
+        return NamedToolChoice.model_validate(choice)
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_functions(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            newer = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(f"the legacy {info.field_name} is not supported; use {newer}")
+        return value
 
     @model_validator(mode="after")
     def _merge_limits(self) -> ChatCompletionRequest:
@@ -252,11 +340,21 @@ class ChatCompletionRequest(_Request):
         return self
 
     def chat_messages(self) -> list[ChatMessage]:
-        # "developer" is the newer name of "system"; templates know only the latter.
-        return [
-            ChatMessage("system" if m.role == "developer" else m.role, m.text())
-            for m in self.messages
-        ]
+        out = []
+        called: dict[str, str] = {}  # call id -> function: a tool result names its function
+        for m in self.messages:
+            calls = tuple(
+                ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()
+            )
+            called.update((c.id, c.name) for c in calls)
+            # "developer" is the newer name of "system"; templates know only the latter.
+            role = "system" if m.role == "developer" else m.role
+            if role == "tool":
+                name = m.name or called.get(m.tool_call_id or "")
+                out.append(ChatMessage(role, m.text(), (), m.tool_call_id, name))
+            else:
+                out.append(ChatMessage(role, m.text(), calls))
+        return out
 
     def requested_top_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -295,7 +393,66 @@ class CompletionRequest(_Request):
         return suffix
 
 
+# --- tools (function calling) ---
+ToolChoiceMode = Literal["none", "auto", "required"]
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # None: the function takes no arguments
+    # Accepted, not enforced under tool_choice "auto": the grammar of "required" and a named
+    # choice holds arguments to the schema whatever `strict` says.
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None and schema.get("type", "object") != "object":
+            raise ValueError('must be a JSON schema of an object ("type": "object")')
+        return schema
+
+
+class Tool(BaseModel):
+    """A function the model may call, as OpenAI declares it."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` forcing one function: the answer is a call of it."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str  # JSON text, as the API returned it
+
+
+class ToolCallIn(BaseModel):
+    """A call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 _Request.model_rebuild()
+Message.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 
