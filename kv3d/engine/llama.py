@@ -398,11 +398,12 @@ class LlamaBatch(_Owner):
 
 class SamplerChain(_Owner):
     """One sequence's sampler, llama.cpp's chain in its common order: logit bias → penalties →
-    grammar → greedy at temperature 0, else top-k → top-p → min-p → temperature → dist.
+    greedy at temperature 0, else top-k → top-p → min-p → temperature → dist; a grammar, when
+    there is one, gates each pick (see `Grammar`).
 
     Only non-neutral stages are added: a plain request pays for none of the others on the
-    decode step. The chain owns its stages; a stage llama.cpp refuses frees the chain and
-    raises `LlamaError`.
+    decode step. The chain owns its stages and the grammar; a stage llama.cpp refuses frees
+    everything built so far and raises `LlamaError`.
 
     Penalties: llama.cpp's penalty stage counts the tokens it was `accept`ed, and sampling
     accepts each sampled token. Presence and frequency penalties follow OpenAI: their stage
@@ -424,8 +425,13 @@ class SamplerChain(_Owner):
         if not chain:
             raise LlamaError("could not create a sampler chain")
         self._handle = chain
+        self._grammar: Grammar | None = None
         try:
             self._build(model, params, seed, prompt, max_tokens)
+            if params.grammar is not None:
+                self._grammar = Grammar(model, params.grammar)
+                self._candidates = np.empty(model.n_vocab, dtype=_TOKEN_DATA)
+                self._ids = np.arange(model.n_vocab, dtype=np.int32)
         except BaseException:
             self.close()
             raise
@@ -462,8 +468,6 @@ class SamplerChain(_Owner):
                     n_vocab, window, 1.0, p.frequency_penalty, p.presence_penalty
                 ),
             )
-        if p.grammar is not None:
-            self._add("grammar", _init_grammar(model, p.grammar))
         if p.temperature <= 0.0:
             self._add("greedy", llama_cpp.llama_sampler_init_greedy())
             return
@@ -486,8 +490,78 @@ class SamplerChain(_Owner):
     def _free(self, handle) -> None:
         llama_cpp.llama_sampler_free(handle)
 
+    def close(self) -> None:
+        grammar, self._grammar = self._grammar, None
+        if grammar is not None:
+            grammar.close()
+        super().close()
+
     def sample(self, ctx: LlamaContext, batch_index: int) -> int:
-        return llama_cpp.llama_sampler_sample(self.handle, ctx.handle, batch_index)
+        if self._grammar is None:
+            return llama_cpp.llama_sampler_sample(self.handle, ctx.handle, batch_index)
+        grammar = self._grammar
+        logits = ctx.logits(batch_index)
+        token = self._pick(logits, None)
+        if not grammar.allows(token):
+            token = self._pick(logits, grammar)
+            if not grammar.allows(token):  # every token masked: nothing may follow
+                raise LlamaError("the grammar allows no token at this point")
+        grammar.accept(token)
+        llama_cpp.llama_sampler_accept(self.handle, token)
+        return token
+
+    def _pick(self, logits: np.ndarray, grammar: Grammar | None) -> int:
+        """The chain's choice among all tokens (first masked by `grammar`, if given)."""
+        cands = self._candidates
+        cands["id"] = self._ids  # stages reorder the array in place
+        cands["logit"] = logits
+        cands["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            cands.ctypes.data_as(llama_cpp.llama_token_data_p), len(cands), -1, False
+        )
+        if grammar is not None:
+            grammar.mask(array)
+        llama_cpp.llama_sampler_apply(self.handle, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+
+# llama_token_data as numpy lays it out: {int32 id; float logit; float p}.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
+class Grammar(_Owner):
+    """A GBNF grammar's llama.cpp sampler, kept out of the chain. Applying it to the whole
+    vocabulary costs as much as a decode step, so, as llama.cpp's common sampler does, the
+    chain picks first and the grammar only checks that one token; the whole vocabulary is
+    masked only when the pick breaks the grammar.
+
+    It is only ever told (`accept`) tokens it allows: llama.cpp aborts the process on others.
+    """
+
+    def __init__(self, model: LlamaModel, gbnf: str):
+        handle = _init_grammar(model, gbnf)
+        if not handle:
+            raise LlamaError("llama.cpp could not create the grammar sampler")
+        self._handle = handle
+        self._one = (llama_cpp.llama_token_data * 1)()
+
+    def _free(self, handle) -> None:
+        llama_cpp.llama_sampler_free(handle)
+
+    def allows(self, token: int) -> bool:
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
+        array = llama_cpp.llama_token_data_array(one, 1, -1, False)
+        llama_cpp.llama_sampler_apply(self.handle, ctypes.byref(array))
+        return one[0].logit != float("-inf")
+
+    def mask(self, array) -> None:
+        """Set the logit of every token the grammar forbids here to -inf."""
+        llama_cpp.llama_sampler_apply(self.handle, ctypes.byref(array))
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self.handle, token)
 
 
 def _init_grammar(model: LlamaModel, gbnf: str):

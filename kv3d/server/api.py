@@ -50,6 +50,7 @@ from kv3d.server.openai_schema import (
     parse_json_body,
     usage_dict,
 )
+from kv3d.server.structured import output_grammar
 from kv3d.server.tools import (
     Call,
     CallReader,
@@ -221,6 +222,7 @@ def build_api(
             tenant,
             family,
             session_header,
+            tokenizer=served.tokenizer,
         )
         grammar = call_grammar(use)
         if grammar is not None:
@@ -234,7 +236,15 @@ def build_api(
         req = await _parse(request, CompletionRequest, guard.limits.max_body_bytes)
         prompt = served.tokenizer.encode_text(req.prompt)  # type: ignore[arg-type]
         tenant = _tenant(request)
-        gen = _generation_request("cmpl", req, prompt, _limits(served, guard), req.logprobs, tenant)
+        gen = _generation_request(
+            "cmpl",
+            req,
+            prompt,
+            _limits(served, guard),
+            req.logprobs,
+            tenant,
+            tokenizer=served.tokenizer,
+        )
         view = _CompletionView(gen.request_id, served.model_id, req.include_usage_in_stream)
         return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
@@ -358,6 +368,8 @@ def _generation_request(
     tenant: Tenant,
     family_tokens: int | None = None,
     session_id: str | None = None,
+    *,
+    tokenizer: Tokenizer,
 ) -> GenerationRequest:
     if not prompt:
         raise APIError(400, "the prompt is empty after tokenization", param="messages")
@@ -393,7 +405,10 @@ def _generation_request(
         request_id=f"{kind}-{uuid.uuid4().hex}",
         prompt_tokens=tuple(prompt),
         max_tokens=req.max_tokens or min(room, limits.completion_tokens),
-        sampling=req.sampling(),
+        sampling=req.sampling(
+            n_vocab=tokenizer.n_vocab,
+            grammar=output_grammar(req.response_format, req.grammar, tokenizer),
+        ),
         stop=req.stop_strings(),
         top_logprobs=top_logprobs,
         family_tokens=family_tokens,

@@ -14,6 +14,7 @@ import time
 from typing import Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from kv3d.engine.generation import SamplingParams, TokenLogprob, Usage
+from kv3d.engine.generation import REPEAT_LAST_N, SamplingParams, TokenLogprob, Usage
 from kv3d.server.chat import ChatMessage, ToolCall
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -34,6 +35,8 @@ SEED_MAX = 2**32 - 2
 # Deepest nesting of objects and arrays a request body may have (OpenAI bodies use a handful).
 MAX_JSON_DEPTH = 64
 LOGIT_BIAS_MAX = 100.0
+# Past this a repetition penalty only bans every recent token (llama-server sets no bound).
+REPETITION_PENALTY_MAX = 10.0
 MAX_TOOLS = 128  # OpenAI's bound on tools per request
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -165,7 +168,36 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        le=REPETITION_PENALTY_MAX,
+        validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"),
+        description="Extension (llama-server's repeat_penalty): divides the logit of each of "
+        f"the last {REPEAT_LAST_N} tokens, prompt included; 1 = off.",
+    )
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Extension: drop tokens below min_p × the top one's p."
+    )
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(
+        None,
+        min_length=1,
+        description="Extension (as llama-server's): GBNF the output must match; start rule root.",
+    )
+    # OpenAI fields KV3D does not implement: accepted at their neutral value only, never ignored.
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    service_tier: Any = None
+    store: bool | None = None
+    best_of: int | None = None
+    # Accepted and ignored: OpenAI keeps it only with stored completions (store is refused).
+    metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=256)
     cache_salt: str | None = Field(
         None,
@@ -181,24 +213,48 @@ class _Request(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("penalties are not supported; send 0 or omit the field")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+    def _bias_bounds(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        # Ids past this model's vocabulary are refused in sampling(), which knows its size.
         for token, value in (bias or {}).items():
             if not _is_token_id(token):
                 raise ValueError(f"keys must be token ids from 0 to {INT32_MAX}; got {token!r}")
             if not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
                 raise ValueError(f"values must lie in [-100, 100]; got {value}")
-        if bias:
-            raise ValueError("logit_bias is not supported; send {} or omit the field")
         return bias
+
+    @field_validator("grammar")
+    @classmethod
+    def _one_constraint(cls, grammar: str | None, info: ValidationInfo) -> str | None:
+        fmt = info.data.get("response_format")
+        if grammar is not None and fmt is not None and fmt.type != "text":
+            raise ValueError("grammar and a JSON response_format exclude each other; send one")
+        return grammar
+
+    @field_validator("audio", "prediction", "web_search_options", "reasoning_effort")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is not supported; omit it")
+        return value
+
+    @field_validator("modalities", "verbosity", "service_tier", "store", "best_of")
+    @classmethod
+    def _neutral_only(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed = _NEUTRAL[info.field_name]
+        if value is not None and value not in allowed:
+            shown = " or ".join(json.dumps(v) for v in allowed)
+            raise ValueError(f"only {shown} is supported; got {json.dumps(value)}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_shape(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        for key, value in (metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("keys have at most 64 characters, values at most 512")
+        return metadata
 
     @field_validator("stop")
     @classmethod
@@ -212,8 +268,30 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+    def sampling(self, *, n_vocab: int, grammar: str | None = None) -> SamplingParams:
+        """The request's sampling; `grammar` is the compiled-checked constraint, if any.
+        A logit_bias id outside the model's vocabulary (`n_vocab` tokens) is a 400."""
+        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+        outside = next((t for t, _ in bias if t >= n_vocab), None)
+        if outside is not None:
+            raise APIError(
+                400,
+                f"logit_bias: token id {outside} is not in this model's vocabulary "
+                f"(0..{n_vocab - 1})",
+                param="logit_bias",
+            )
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=bias,
+            grammar=grammar,
+        )
 
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(self.stop or ())  # type: ignore[arg-type]
@@ -221,6 +299,43 @@ class _Request(BaseModel):
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# The value(s) each half-supported OpenAI field may take (anything else is a 400).
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "modalities": (["text"],),
+    "verbosity": ("medium",),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "best_of": (1,),
+}
+
+
+class JSONSchemaSpec(BaseModel):
+    """`response_format.json_schema`: the schema the answer (JSON text) must satisfy."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: plain text, any JSON object, or JSON satisfying a schema.
+    `json_schema` is set exactly when `type` is "json_schema"."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object')
+        if self.type != "json_schema":
+            self.json_schema = None  # what other types carry means nothing
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -451,6 +566,7 @@ class ToolCallIn(BaseModel):
     function: CalledFunction
 
 
+ResponseFormat.model_rebuild()
 _Request.model_rebuild()
 Message.model_rebuild()
 ChatCompletionRequest.model_rebuild()

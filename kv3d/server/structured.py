@@ -14,7 +14,8 @@ from typing import Any
 
 from llama_cpp.llama_grammar import SchemaConverter
 
-from kv3d.server.openai_schema import APIError
+from kv3d.server.chat import Tokenizer
+from kv3d.server.openai_schema import APIError, ResponseFormat
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
 
@@ -42,6 +43,29 @@ _UNENFORCED = (
     "minProperties",
     "maxProperties",
 )
+
+
+def output_grammar(
+    fmt: ResponseFormat | None, grammar: str | None, tokenizer: Tokenizer
+) -> str | None:
+    """The GBNF a request's output must match (None: free text), from its `grammar` or its
+    `response_format` (never both: the request model refuses that). It compiles against the
+    model's vocabulary, or this is a 400, so no grammar the engine cannot build reaches it."""
+    if grammar is not None:
+        gbnf, param, code = grammar, "grammar", "invalid_grammar"
+    elif fmt is None or fmt.type == "text":
+        return None
+    elif fmt.type == "json_object":
+        gbnf, param, code = JSON_OBJECT_GBNF, "response_format", "invalid_json_schema"
+    else:
+        assert fmt.json_schema is not None  # the request model ties it to the type
+        spec = fmt.json_schema
+        gbnf = schema_to_gbnf(spec.json_schema, strict=bool(spec.strict))
+        param, code = SCHEMA_PARAM, "invalid_json_schema"
+    why = tokenizer.grammar_error(gbnf)
+    if why is not None:
+        raise APIError(400, f"{param}: {why}", param=param, code=code)
+    return gbnf
 
 
 def schema_to_gbnf(

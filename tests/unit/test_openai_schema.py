@@ -14,6 +14,8 @@ from kv3d.server.openai_schema import (
     parse_json_body,
 )
 
+N_VOCAB = 1000
+
 
 def chat(**kw):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -33,7 +35,6 @@ def chat(**kw):
         {"n": 2},
         {"stop": ["a", "b", "c", "d", "e"]},
         {"top_logprobs": 2},
-        {"presence_penalty": 0.5},
     ],
 )
 def test_invalid_chat_requests_are_rejected(field):
@@ -95,7 +96,11 @@ def test_completion_prompt_forms():
         ("logit_bias", {"1" * 5000: 1.0}),
         ("logit_bias", {"7": 100.5}),
         ("logit_bias", {"7": math.nan}),
-        ("logit_bias", {"7": 1.0}),  # in range, but not supported
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", 10.5),
+        ("repetition_penalty", math.inf),
     ],
 )
 def test_numbers_past_what_the_backend_takes_are_rejected_naming_the_field(field, value):
@@ -107,8 +112,10 @@ def test_numbers_past_what_the_backend_takes_are_rejected_naming_the_field(field
 
 def test_numbers_at_the_backends_limits_are_accepted():
     req = chat(top_k=INT32_MAX, seed=SEED_MAX, max_tokens=INT32_MAX, logit_bias={})
-    assert req.sampling().top_k == INT32_MAX and req.sampling().seed == SEED_MAX
-    assert chat(seed=0, temperature=0.0, top_p=5e-324, presence_penalty=0.0).sampling().seed == 0
+    sampling = req.sampling(n_vocab=N_VOCAB)
+    assert sampling.top_k == INT32_MAX and sampling.seed == SEED_MAX
+    zero = chat(seed=0, temperature=0.0, top_p=5e-324, presence_penalty=0.0)
+    assert zero.sampling(n_vocab=N_VOCAB).seed == 0
     cmpl = CompletionRequest.model_validate({"prompt": "x", "max_tokens": INT32_MAX})
     assert cmpl.max_tokens == INT32_MAX
     with pytest.raises(ValidationError):
@@ -167,3 +174,119 @@ def test_integers_past_pythons_digit_limit_are_a_400():
 @pytest.mark.parametrize("raw", [b"", b"[]", b"null", b"1", b"{", b"\xff", b'{"a":NaN'])
 def test_other_bodies_that_are_no_json_object_are_a_400(raw):
     rejected(raw)
+
+
+# --- sampling and structured output (issue 13) -------------------------------------------------
+def test_sampling_fields_reach_the_sampling_params():
+    req = chat(
+        presence_penalty=-2.0,
+        frequency_penalty=1.5,
+        repetition_penalty=1.3,
+        min_p=0.05,
+        logit_bias={"7": -100, "999": 100.0},
+    )
+    s = req.sampling(n_vocab=N_VOCAB, grammar='root ::= "x"')
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (-2.0, 1.5, 1.3)
+    assert s.min_p == 0.05 and s.grammar == 'root ::= "x"'
+    assert s.logit_bias == ((7, -100.0), (999, 100.0))
+    neutral = chat().sampling(n_vocab=N_VOCAB)
+    assert (neutral.repetition_penalty, neutral.logit_bias, neutral.grammar) == (1.0, (), None)
+
+
+def test_repeat_penalty_is_an_alias_of_repetition_penalty():
+    assert chat(repeat_penalty=1.2).sampling(n_vocab=N_VOCAB).repetition_penalty == 1.2
+
+
+def test_a_logit_bias_id_past_the_vocabulary_is_a_400():
+    req = chat(logit_bias={str(N_VOCAB): 5})
+    with pytest.raises(APIError) as info:
+        req.sampling(n_vocab=N_VOCAB)
+    assert (info.value.status, info.value.param) == (400, "logit_bias")
+    assert str(N_VOCAB) in info.value.message
+
+
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "person", "schema": {"type": "object"}, "strict": True},
+}
+
+
+def test_response_formats_parse():
+    assert chat(response_format={"type": "text"}).response_format.type == "text"
+    assert chat(response_format={"type": "json_object"}).response_format.json_schema is None
+    spec = chat(response_format=SCHEMA_FORMAT).response_format.json_schema
+    assert (spec.name, spec.json_schema, spec.strict) == ("person", {"type": "object"}, True)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": SCHEMA_FORMAT, "grammar": 'root ::= "x"'}, "grammar"),
+        ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "x"'}, "grammar"),
+        ({"grammar": ""}, "grammar"),
+    ],
+)
+def test_bad_output_constraints_name_their_field(body, param):
+    with pytest.raises(ValidationError) as info:
+        chat(**body)
+    assert ".".join(str(p) for p in info.value.errors()[0]["loc"]) == param
+
+
+def test_grammar_with_a_text_response_format_is_fine():
+    req = chat(response_format={"type": "text"}, grammar='root ::= "x"')
+    assert req.grammar == 'root ::= "x"'
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("web_search_options", {}),
+        ("reasoning_effort", "low"),
+        ("verbosity", "high"),
+        ("service_tier", "flex"),
+        ("store", True),
+        ("best_of", 2),
+        ("metadata", {"k": "v" * 513}),
+        ("metadata", {str(i): "v" for i in range(17)}),
+    ],
+)
+def test_unsupported_openai_fields_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        chat(**{field: value})
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("modalities", ["text"]),
+        ("verbosity", "medium"),
+        ("service_tier", "auto"),
+        ("service_tier", "default"),
+        ("store", False),
+        ("best_of", 1),
+        ("metadata", {"team": "search"}),
+        ("audio", None),
+        ("reasoning_effort", None),
+        ("not_an_openai_field", {"anything": 1}),  # unknown fields stay ignored
+    ],
+)
+def test_neutral_values_of_unsupported_fields_are_accepted(field, value):
+    chat(**{field: value})
