@@ -31,6 +31,7 @@ from kv3d.engine.generation import (
     StreamEvent,
     TextDelta,
     TokenLogprob,
+    Usage,
     ends_stream,
 )
 from kv3d.server import dashboard
@@ -227,7 +228,15 @@ def build_api(
         grammar = call_grammar(use)
         if grammar is not None:
             gen = _forcing_calls(gen, grammar, served.tokenizer)
-        view = _ChatView(gen.request_id, served.model_id, req.include_usage_in_stream, use)
+        created_s = now_s()
+        view = _Choices(
+            [
+                _ChatView(
+                    gen.request_id, served.model_id, req.include_usage_in_stream, use, created_s
+                )
+                for _ in range(gen.n)
+            ]
+        )
         return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
     @app.post("/v1/completions")
@@ -245,7 +254,15 @@ def build_api(
             tenant,
             tokenizer=served.tokenizer,
         )
-        view = _CompletionView(gen.request_id, served.model_id, req.include_usage_in_stream)
+        created_s = now_s()
+        view = _Choices(
+            [
+                _CompletionView(
+                    gen.request_id, served.model_id, req.include_usage_in_stream, created_s
+                )
+                for _ in range(gen.n)
+            ]
+        )
         return await _respond(backend, metrics, guard, tenant, gen, view, req.stream, started_s)
 
     @app.post("/tokenize")
@@ -410,6 +427,7 @@ def _generation_request(
             grammar=output_grammar(req.response_format, req.grammar, tokenizer),
         ),
         stop=req.stop_strings(),
+        n=req.n,
         top_logprobs=top_logprobs,
         family_tokens=family_tokens,
         session_id=tenant.session_id(session_id, req.cache_salt, req.user),
@@ -439,7 +457,7 @@ async def _respond(
     guard: Guard,
     tenant: Tenant,
     gen: GenerationRequest,
-    view: _View,
+    view: _Choices,
     stream: bool,
     started_s: float,
 ) -> Response:
@@ -450,10 +468,10 @@ async def _respond(
     )
     if not stream:
         try:
-            result = await events.collect()
+            results = await events.collect()
         finally:
             await events.aclose()
-        return JSONResponse(view.full(result))
+        return JSONResponse(view.full(results))
     try:
         first = await events.first()
     except BaseException:
@@ -507,18 +525,22 @@ class _Observed:
             if ends_stream(event):
                 return
 
-    async def collect(self) -> _Result:
-        result = _Result()
+    async def collect(self) -> list[_Result]:
+        """Each choice's whole answer, in choice order."""
+        results: dict[int, _Result] = {}
         async for event in self.rest():
             if isinstance(event, TextDelta):
+                result = results.setdefault(event.index, _Result())
                 result.text += event.text
                 result.logprobs.extend(event.logprobs)
             elif isinstance(event, Finished):
+                result = results.setdefault(event.index, _Result())
                 result.text += event.text
                 result.finish = event
-        if result.finish is None:
+        ordered = [results[i] for i in sorted(results)]
+        if not ordered or any(r.finish is None for r in ordered):
             raise APIError(503, "the model replica ended the stream early", type="server_error")
-        return result
+        return ordered
 
     async def _next(self) -> StreamEvent:
         try:
@@ -592,7 +614,7 @@ def _rejected_error(event: Rejected) -> APIError:
     return APIError(status, event.message, type=kind, code=code, headers=headers)
 
 
-async def _sse(view: _View, first: StreamEvent, events: _Observed) -> AsyncIterator[bytes]:
+async def _sse(view: _Choices, first: StreamEvent, events: _Observed) -> AsyncIterator[bytes]:
     def frame(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -620,9 +642,79 @@ async def _chain(head: list[StreamEvent], tail: AsyncIterator[StreamEvent]):
 
 # --- response shapes -------------------------------------------------------------------------
 class _View(Protocol):
+    """One choice's response shapes: the whole answer, and the stream's chunks."""
+
     def full(self, result: _Result) -> dict[str, Any]: ...
     def opening(self) -> dict[str, Any]: ...
     def chunks(self, event: StreamEvent) -> list[dict[str, Any]]: ...
+
+
+class _Choices:
+    """A request's n choices (n >= 1) as one response. Each choice's text goes through its own
+    view (tool-call reading and logprob offsets are per choice); the response's usage counts
+    the prompt once and sums the completions, and says where the prompt's KV came from as
+    choice 0 found it (the other choices share what it computed)."""
+
+    def __init__(self, views: list[_View]):
+        self.views = views
+        self._finishes: dict[int, Finished] = {}
+
+    def full(self, results: list[_Result]) -> dict[str, Any]:
+        for index, result in enumerate(results):
+            assert result.finish is not None
+            self._finishes[index] = result.finish
+        bodies = [
+            view.full(replace(result, finish=self._overall(result.finish)))
+            for view, result in zip(self.views, results, strict=True)
+        ]
+        body = bodies[0]
+        body["choices"] = [_indexed(b["choices"][0], i) for i, b in enumerate(bodies)]
+        return body
+
+    def opening(self) -> dict[str, Any]:
+        chunk = self.views[0].opening()
+        chunk["choices"] = [
+            _indexed(v.opening()["choices"][0], i) for i, v in enumerate(self.views)
+        ]
+        return chunk
+
+    def chunks(self, event: StreamEvent) -> list[dict[str, Any]]:
+        index = event.index if isinstance(event, (TextDelta, Finished)) else 0
+        view = self.views[index]
+        if not isinstance(event, Finished):
+            out = view.chunks(event)
+        elif event.final:
+            self._finishes[index] = event
+            out = view.chunks(self._overall(event))
+        else:  # another choice still runs: no usage chunk yet
+            self._finishes[index] = event
+            out = [chunk for chunk in view.chunks(event) if chunk["choices"]]
+        for chunk in out:
+            for choice in chunk["choices"]:
+                choice["index"] = index
+        return out
+
+    def _overall(self, finish: Finished | None) -> Finished:
+        """`finish` carrying the whole request's usage and prompt source."""
+        assert finish is not None
+        first = self._finishes.get(0, finish)
+        usage = Usage(
+            first.usage.prompt_tokens,
+            sum(f.usage.completion_tokens for f in self._finishes.values()),
+            first.usage.cached_tokens,
+        )
+        return replace(
+            finish,
+            usage=usage,
+            snapshot_restore_s=first.snapshot_restore_s,
+            session_resume_s=first.session_resume_s,
+            session_tier=first.session_tier,
+        )
+
+
+def _indexed(choice: dict[str, Any], index: int) -> dict[str, Any]:
+    choice["index"] = index
+    return choice
 
 
 @dataclass

@@ -35,6 +35,8 @@ SEED_MAX = 2**32 - 2
 # Deepest nesting of objects and arrays a request body may have (OpenAI bodies use a handful).
 MAX_JSON_DEPTH = 64
 LOGIT_BIAS_MAX = 100.0
+# Most completions (`n`) per request: each one takes a sequence slot and its own KV cells.
+MAX_CHOICES = 16
 # Past this a repetition penalty only bans every recent token (llama-server sets no bound).
 REPETITION_PENALTY_MAX = 10.0
 MAX_TOOLS = 128  # OpenAI's bound on tools per request
@@ -163,7 +165,12 @@ class _Request(BaseModel):
     ignore_eos: bool = Field(False, description="Extension: generate until max_tokens.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Completions of the prompt; they share its computed KV cells.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -205,13 +212,6 @@ class _Request(BaseModel):
         max_length=256,
         description="Requests share cached prefixes only with requests of the same salt.",
     )
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("logit_bias")
     @classmethod

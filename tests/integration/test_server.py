@@ -231,7 +231,7 @@ BAD_BODIES = [
         b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}',
         400,
     ),
-    ("n > 1", b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400),
+    ("n > 16", b'{"messages": [{"role": "user", "content": "hi"}], "n": 17}', 400),
     (
         "beyond the context",
         b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
