@@ -41,6 +41,7 @@ class ModelReplica:
             )
         self._engine = Engine.from_config(cfg, replica_id=_replica_id())
         self._stream_interval_s = cfg.server.stream_interval_ms / 1000
+        self._snapshot_min_tokens = cfg.prefix.snapshot_min_tokens
         self._snapshots: SnapshotClient | None = None
         fingerprint = self._engine.fingerprint
         if cfg.prefix.enabled and cfg.prefix.snapshots:
@@ -69,9 +70,12 @@ class ModelReplica:
         if self._snapshots is None:
             return None
         blocks = self._engine.prefix_blocks(request)
-        if not blocks or self._engine.hot_prefix_tokens(blocks) > 0:
+        # Only prefixes of snapshot_min_tokens or more are ever published: a prompt without
+        # such a block (a short chat turn, a 1-token probe) skips the registry's round trip.
+        keys = [b.key for b in blocks if b.end_tokens >= self._snapshot_min_tokens]
+        if not keys or self._engine.hot_prefix_tokens(blocks) > 0:
             return None
-        return await self._snapshots.fetch([b.key for b in blocks])
+        return await self._snapshots.fetch(keys)
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
