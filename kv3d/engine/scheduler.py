@@ -3,8 +3,9 @@
 It never touches llama.cpp; the engine turns its plan into a batch. Policy, in order:
 1. every running sequence that is generating gets its one next token (keeps inter-token latency
    flat while others prefill);
-2. sequences still prefilling get prompt chunks, first admitted first, within `batch_tokens`
-   and the prompt-token budget the engine's pacer sets while others decode (`pacing.py`);
+2. sequences still prefilling get prompt chunks, fewest tokens left first (one passed over
+   for several steps goes first), within `batch_tokens` and the prompt-token budget the
+   engine's pacer sets while others decode (`pacing.py`);
 3. waiting requests are admitted first-come first-served while a slot is free and the KV budget
    can reserve the cells they may need (prompt + max_tokens, less what a hot prefix provides).
    A request whose stored session is still being read or decoded is not ready: it keeps its
@@ -78,6 +79,7 @@ class SeqProgress:
     generated_tokens: int = 0
     chunk_stop: int | None = None  # prefill chunks must end here (a prefix to register)
     shared_cells_expected: int = 0  # left out of the reservation: a hot prefix provides them
+    prefill_skips: int = 0  # steps in a row this prompt got no chunk (others came first)
 
     @property
     def prefilling(self) -> bool:
@@ -212,9 +214,11 @@ class Scheduler:
                 budget -= 1
         if prefill_tokens is not None:
             budget = min(budget, prefill_tokens)
-        for seq in self.running.values():
-            if not seq.prefilling or budget <= 0:
+        for seq in _prefill_order(self.running.values()):
+            if budget <= 0:
+                seq.prefill_skips += 1
                 continue
+            seq.prefill_skips = 0
             start = seq.num_computed_tokens
             take = min(len(seq.prompt_tokens) - start, budget)
             if seq.chunk_stop is not None and start < seq.chunk_stop:
@@ -239,3 +243,22 @@ class Scheduler:
         assert len(self._free_slots) == len(free), "a slot is free twice"
         assert self.budget.reserving_slots == held, "reservations and running sequences differ"
         self.budget.check_invariants()
+
+
+# A prompt passed over this many steps in a row goes first, whatever its length.
+STARVED_AFTER_STEPS = 8
+
+
+def _prefill_order(running) -> list[SeqProgress]:
+    """Prompts still prefilling, the one with the fewest tokens left first: a short prompt (a
+    session's next turn, a hit on a hot prefix) starts streaming in one step instead of waiting
+    behind a long one that the step budget feeds a chunk at a time. A prompt passed over for
+    `STARVED_AFTER_STEPS` steps goes first, so a stream of short ones never starves it."""
+    prefilling = [seq for seq in running if seq.prefilling]
+    return sorted(
+        prefilling,
+        key=lambda seq: (
+            seq.prefill_skips < STARVED_AFTER_STEPS,
+            len(seq.prompt_tokens) - seq.num_computed_tokens,
+        ),
+    )

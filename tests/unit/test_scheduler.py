@@ -147,3 +147,29 @@ def test_next_to_admit_needs_a_free_slot():
     assert s.next_to_admit().request.request_id == "a"
     admit_all(s)
     assert s.next_to_admit() is None  # "b" waits, but no slot is free
+
+
+def test_the_prompt_with_fewest_tokens_left_is_prefilled_first():
+    s = scheduler(batch_tokens=8)
+    s.enqueue(request("long", 40))
+    s.enqueue(request("short", 5))
+    (_, long), (_, short) = admit_all(s)
+    chunks = s.plan()
+    assert [(c.slot, len(c.tokens)) for c in chunks] == [(short.slot, 5), (long.slot, 3)]
+
+
+def test_a_prompt_passed_over_for_several_steps_goes_first():
+    from kv3d.engine.scheduler import STARVED_AFTER_STEPS
+
+    s = scheduler(kv_cells_total=200, batch_tokens=4, num_slots=2)
+    s.enqueue(request("long", 60))
+    s.enqueue(request("short", 50))
+    (_, long), (_, short) = admit_all(s)
+    for _ in range(STARVED_AFTER_STEPS):
+        (chunk,) = s.plan()
+        assert chunk.slot == short.slot  # fewer tokens left: it takes the whole budget
+        short.num_computed_tokens += len(chunk.tokens)
+    (chunk,) = s.plan()
+    assert chunk.slot == long.slot
+    (chunk,) = s.plan()
+    assert chunk.slot == short.slot  # served once, the long one waits its turn again
