@@ -31,21 +31,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_blocking(config: KV3DConfig) -> int:
+    started_s = time.perf_counter()
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    _ray_environment(joining)  # before Ray is imported: it reads these once
     import ray
     from ray import serve
+    from ray.exceptions import AuthenticationError
 
     from deployments.app import build_from_config
 
-    started_s = time.perf_counter()
-    joining = bool(os.environ.get("RAY_ADDRESS"))
-    if not joining:
-        # Ray runs its worker processes at nice 15 unless told otherwise; the model replica's
-        # decode threads then lose the cores to every other process (measured: 35 instead of
-        # 52 tokens/s single-stream on 2 cores). On a cluster, `ray start` takes the same
-        # variable (cluster/README.md).
-        os.environ.setdefault("RAY_worker_niceness", "0")
     log.info("%s Ray…", "joining" if joining else "starting a local")
-    ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    try:
+        ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    except AuthenticationError as exc:
+        print(f"kv3d: {exc}\n{RAY_TOKEN_ADVICE}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        # A cluster that wants a token from a driver that sends none looks like this too.
+        if not joining or os.environ.get("RAY_AUTH_MODE") == "token":
+            raise
+        hint = f"If the cluster uses token authentication: {RAY_TOKEN_ADVICE}"
+        print(f"kv3d: {exc}\n{hint}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -64,6 +71,29 @@ def serve_blocking(config: KV3DConfig) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+RAY_TOKEN_ADVICE = (
+    "The Ray cluster requires its token: export RAY_AUTH_MODE=token and give the cluster's token "
+    "in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN (cluster/README.md, "
+    '"Token authentication").'
+)
+
+
+def _ray_environment(joining: bool) -> None:
+    if not joining:
+        # Ray runs its worker processes at nice 15 unless told otherwise; the model replica's
+        # decode threads then lose the cores to every other process (measured: 35 instead of
+        # 52 tokens/s single-stream on 2 cores). On a cluster, `ray start` takes the same
+        # variable (cluster/README.md).
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        return
+    # Ray sends its token to an address named in RAY_ADDRESS only in RAY_AUTH_MODE=token, so
+    # that ~/.ray/auth_token does not go to any cluster one points at. A token handed over in
+    # RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is meant for this cluster: use it.
+    handed = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if handed and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
