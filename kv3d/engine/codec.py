@@ -1,4 +1,4 @@
-"""The session delta codec: a llama.cpp sequence state with its f16 K/V stored as int8.
+"""The session delta codec: a llama.cpp sequence state with its f16 K/V stored in fewer bits.
 
 Scheme: symmetric int8, one f16 scale per token (cell) and per group of `group` channels:
     scale = f16(max|x| / 127);  q = clip(rint(x / scale), -127, 127);  x' = f16(q * scale)
@@ -13,6 +13,23 @@ Container, format version 1 (little-endian):
     payload: tensor table (u64 offset, u32 cells, u32 channels, u8 transposed, 7 pad)[n]
              | the blob's other bytes in order | per tensor: f16 scales[cells, channels/group]
              then int8 q[cells, channels]
+
+Low-bit modes (`int4`, `k4v2`, `int2`: key and value bits) write format version 2, KIVI-style
+(arithmetic in `kv3d.engine.lowbit`): K per channel in groups of `key_group_tokens` cells, V per
+cell in groups of `value_group_channels` channels, and the last `window_tokens` cells of every
+tensor (the newest, in the order llama.cpp exports a sequence's cells) kept exact in f16.
+V tensors whose channels do not split into whole groups are kept verbatim. NumPy only.
+
+Container, format version 2 (little-endian):
+    magic "KV3DDLT1" | u16 version | u8 mode | u8 flags | u8 key_bits | u8 value_bits
+    | u16 key_group_tokens | u16 value_group_channels | u16 window_tokens | u16 reserved
+    | u32 n_tensors | u32 crc32 of the stored payload | u64 blob_bytes | u64 stored_bytes
+    | u64 payload_bytes | stored payload (flags bit 0: zlib-deflated payload, else the payload)
+    payload: tensor table (u64 offset, u32 cells, u32 channels, u8 transposed, u8 role
+             (0 K, 1 V), 6 pad)[n] | the blob's other bytes in order | per tensor, with
+             exact = min(window_tokens, cells) and coded = cells - exact:
+             f16 exact rows[exact, channels] | f16 mins[g] | f16 steps[g] | packed codes
+             (g: K key_groups(coded) x channels, V coded x channels / value_group_channels)
 """
 
 from __future__ import annotations
@@ -21,11 +38,12 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
+from kv3d.engine import lowbit
 from kv3d.engine.statefmt import LayerTensor, StateFormatError, byte_view, parse_seq_state
 
 MAGIC = b"KV3DDLT1"
@@ -37,7 +55,48 @@ _ENTRY = np.dtype(
 )
 MODES = {"int8": 1, "f16": 2}
 _MAX_SCALE = np.float16(np.finfo(np.float16).max / 127.0)  # the largest scale f16 input gives
-Mode = Literal["int8", "f16"]
+LOWBIT_VERSION = 2
+LOWBIT_MODE = 3
+_HEADER_V2 = struct.Struct("<8sHBBBBHHHHIIQQQ")
+_ENTRY_V2 = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("cells", "<u4"),
+        ("channels", "<u4"),
+        ("transposed", "u1"),
+        ("role", "u1"),
+        ("pad", "V6"),
+    ]
+)
+_FLAG_DEFLATED = 1
+KEY, VALUE = 0, 1
+Mode = Literal["int8", "f16", "int4", "k4v2", "int2"]
+
+
+@dataclass(frozen=True, slots=True)
+class LowBitSpec:
+    """How a low-bit mode codes a delta; every field is recorded in the container."""
+
+    key_bits: int
+    value_bits: int
+    key_group_tokens: int = 32
+    value_group_channels: int = 32
+    window_tokens: int = 32
+    deflate: bool = False  # zlib over the payload, kept only when it saves bytes
+
+    def __post_init__(self) -> None:
+        if self.key_bits not in lowbit.BITS or self.value_bits not in lowbit.BITS:
+            raise ValueError(f"bits must be among {lowbit.BITS}")
+        groups = (self.key_group_tokens, self.value_group_channels)
+        if not all(0 < g < 1 << 16 for g in groups) or not 0 <= self.window_tokens < 1 << 16:
+            raise ValueError("groups must be 1..65535 and the window 0..65535")
+
+
+LOWBIT_MODES = {
+    "int4": LowBitSpec(4, 4),
+    "k4v2": LowBitSpec(4, 2),
+    "int2": LowBitSpec(2, 2),
+}
 
 _pool = ThreadPoolExecutor(
     max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="kv3d-codec"
@@ -54,20 +113,32 @@ class _Tensor:
     cells: int
     channels: int
     transposed: bool
+    role: int = KEY  # format version 1 does not tell K from V: all of its tensors say KEY
 
 
-def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
-    """Where the f16 K/V tensors of `blob` sit whose channels split into whole groups."""
+def _layer_tensors(blob: memoryview) -> list[_Tensor]:
+    """Every f16 K/V tensor of `blob` (statefmt tells K layers from V layers), in blob order."""
     state = parse_seq_state(blob)
     base = np.frombuffer(blob, dtype=np.uint8).__array_interface__["data"][0]
     found = []
     for section in state.sections:
         for stream in section.streams:
-            for layer in stream.k_layers + stream.v_layers:
-                t = _describe(layer, stream.n_cells, base)
-                if t is not None and t.channels % group == 0:
-                    found.append(t)
+            for role, layers in ((KEY, stream.k_layers), (VALUE, stream.v_layers)):
+                for layer in layers:
+                    t = _describe(layer, stream.n_cells, base)
+                    if t is not None:
+                        found.append(replace(t, role=role))
     return sorted(found, key=lambda t: t.offset)
+
+
+def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
+    """Where the f16 K/V tensors of `blob` sit whose channels split into whole groups (v1)."""
+    return [replace(t, role=KEY) for t in _layer_tensors(blob) if t.channels % group == 0]
+
+
+def _lowbit_tensors(blob: memoryview, value_group: int) -> list[_Tensor]:
+    """The tensors a low-bit delta codes: every f16 K, and f16 V of whole channel groups."""
+    return [t for t in _layer_tensors(blob) if t.role == KEY or t.channels % value_group == 0]
 
 
 def _describe(layer: LayerTensor, n_cells: int, base: int) -> _Tensor | None:
@@ -142,20 +213,21 @@ def _dequantize_into(out16: np.ndarray, scales: np.ndarray, q: np.ndarray, group
     out16[...] = x.reshape(cells, channels)
 
 
-def encode_delta(blob, mode: Mode = "int8", group: int = 32) -> bytes:
-    """Encode a sequence-state blob (any bytes-like object)."""
+def encode_delta(
+    blob, mode: Mode = "int8", group: int = 32, *, spec: LowBitSpec | None = None
+) -> bytes:
+    """Encode a sequence-state blob (any bytes-like object). `group`: channels per int8 scale;
+    `spec`: a low-bit mode's settings other than its preset (`LOWBIT_MODES`)."""
     view = memoryview(blob).cast("B")
+    if mode in LOWBIT_MODES:
+        return _encode_lowbit(view, spec or LOWBIT_MODES[mode])
     if mode == "f16":
         return _pack(MODES["f16"], group, 0, len(view), [bytes(view)])
     tensors = _f16_tensors(view, group)
     raw = np.frombuffer(view, dtype=np.uint8)
     table = np.zeros(len(tensors), dtype=_ENTRY)
-    gaps, at = [], 0
     for i, t in enumerate(tensors):
         table[i] = (t.offset, t.cells, t.channels, t.transposed, b"")
-        gaps.append(raw[at : t.offset])
-        at = t.offset + 2 * t.cells * t.channels
-    gaps.append(raw[at:])
 
     def one(t: _Tensor) -> tuple[bytes, bytes]:
         nbytes = 2 * t.cells * t.channels
@@ -163,7 +235,7 @@ def encode_delta(blob, mode: Mode = "int8", group: int = 32) -> bytes:
         return scales.tobytes(), q.tobytes()
 
     coded = list(_pool.map(one, tensors))
-    parts = [table.tobytes(), *(g.tobytes() for g in gaps)]
+    parts = [table.tobytes(), *_gaps(raw, tensors)]
     for scales, q in coded:
         parts += [scales, q]
     return _pack(MODES["int8"], group, len(tensors), len(view), parts)
@@ -187,8 +259,12 @@ def decode_delta(buf) -> bytearray:
     magic, version, mode, _, group, _, n, crc, blob_bytes, payload_bytes = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise DeltaError("not a KV3D delta (bad magic)")
+    if version == LOWBIT_VERSION:
+        return _decode_lowbit(view)
     if version != VERSION:
-        raise DeltaError(f"delta format version {version}; this build reads {VERSION}")
+        raise DeltaError(
+            f"delta format version {version}; this build reads {VERSION} and {LOWBIT_VERSION}"
+        )
     payload = view[_HEADER.size :]
     if len(payload) != payload_bytes:
         raise DeltaError(f"delta payload is {len(payload)} bytes, header says {payload_bytes}")
@@ -198,7 +274,7 @@ def decode_delta(buf) -> bytearray:
         if n != 0 or blob_bytes != len(payload):
             raise DeltaError("an f16 delta holds its blob verbatim and no tensor table")
         out = bytearray(payload)
-        _check_rebuilt(out, [], group=0)
+        _check_rebuilt(out, [])
         return out
     if mode != MODES["int8"]:
         raise DeltaError(f"unknown delta mode {mode}")
@@ -237,19 +313,41 @@ def _read_table(payload: memoryview, n: int, group: int, blob_bytes: int) -> lis
     return tensors
 
 
-def _check_rebuilt(blob: bytearray, tensors: list[_Tensor], group: int) -> None:
-    """The rebuilt bytes must be a sequence state whose f16 tensors (those an encoder with
-    `group` codes; none in f16 mode) are exactly `tensors`."""
+def _check_rebuilt(blob: bytearray, tensors: list[_Tensor], find=None) -> None:
+    """The rebuilt bytes must be a sequence state whose coded tensors, as `find` (the
+    encoder's own choice) sees them, are exactly `tensors`; `find` None: no tensors."""
     try:
-        if group:
-            found = _f16_tensors(memoryview(blob), group)
-        else:
+        found = find(memoryview(blob)) if find is not None else []
+        if find is None:
             parse_seq_state(blob)
-            found = []
     except StateFormatError as exc:
         raise DeltaError(f"delta does not rebuild a sequence state: {exc}") from None
     if found != tensors:
         raise DeltaError("delta tensor table disagrees with the state it rebuilds")
+
+
+def _fill_verbatim(out_raw: np.ndarray, src: np.ndarray, at: int, tensors: list[_Tensor]) -> int:
+    """Copy the blob's bytes between tensors (read from `src` at `at`, in order) into
+    `out_raw`; returns where the coded tensors start in `src`."""
+    pos = 0
+    for t in tensors:
+        gap = t.offset - pos
+        out_raw[pos : t.offset] = src[at : at + gap]
+        at += gap
+        pos = t.offset + 2 * t.cells * t.channels
+    tail = len(out_raw) - pos
+    out_raw[pos:] = src[at : at + tail]
+    return at + tail
+
+
+def _gaps(raw: np.ndarray, tensors: list[_Tensor]) -> list[bytes]:
+    """The blob's bytes between (and around) `tensors`, in order: what `_fill_verbatim` reads."""
+    gaps, at = [], 0
+    for t in tensors:
+        gaps.append(raw[at : t.offset].tobytes())
+        at = t.offset + 2 * t.cells * t.channels
+    gaps.append(raw[at:].tobytes())
+    return gaps
 
 
 def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> bytearray:
@@ -258,16 +356,8 @@ def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> by
     out = bytearray(blob_bytes)
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
-    pos = 0
-    for t in tensors:  # the bytes between tensors, in order
-        gap = t.offset - pos
-        out_raw[pos : t.offset] = src[at : at + gap]
-        at += gap
-        pos = t.offset + 2 * t.cells * t.channels
-    tail = blob_bytes - pos
-    out_raw[pos:] = src[at : at + tail]
-    at += tail
-    _check_rebuilt(out, tensors, group)
+    at = _fill_verbatim(out_raw, src, at, tensors)
+    _check_rebuilt(out, tensors, lambda b: _f16_tensors(b, group))
     jobs = []
     for t in tensors:
         n_scales = t.cells * (t.channels // group)
@@ -286,3 +376,195 @@ def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> by
         for dest, scales, q in jobs:
             dest[...] = codec.dequantize(scales, q, group)
     return out
+
+
+# --- format version 2: low-bit modes ---------------------------------------------------------
+def _coded_cells(t: _Tensor, spec: LowBitSpec) -> tuple[int, int]:
+    """(cells coded in low bits, newest cells kept exact) of a tensor."""
+    exact = min(spec.window_tokens, t.cells)
+    return t.cells - exact, exact
+
+
+def _bits(t: _Tensor, spec: LowBitSpec) -> int:
+    return spec.key_bits if t.role == KEY else spec.value_bits
+
+
+def _n_params(t: _Tensor, spec: LowBitSpec, coded: int) -> int:
+    """How many (min, step) pairs a tensor's coded cells carry."""
+    if t.role == KEY:
+        return lowbit.key_groups(coded, spec.key_group_tokens) * t.channels
+    return coded * (t.channels // spec.value_group_channels)
+
+
+def _lowbit_tensor_bytes(t: _Tensor, spec: LowBitSpec) -> int:
+    coded, exact = _coded_cells(t, spec)
+    params = 4 * _n_params(t, spec, coded)
+    return 2 * exact * t.channels + params + lowbit.packed_bytes(coded * t.channels, _bits(t, spec))
+
+
+def _encode_lowbit(view: memoryview, spec: LowBitSpec) -> bytes:
+    tensors = _lowbit_tensors(view, spec.value_group_channels)
+    raw = np.frombuffer(view, dtype=np.uint8)
+    table = np.zeros(len(tensors), dtype=_ENTRY_V2)
+    for i, t in enumerate(tensors):
+        table[i] = (t.offset, t.cells, t.channels, t.transposed, t.role, b"")
+    coded = list(_pool.map(lambda t: _encode_lowbit_tensor(raw, t, spec), tensors))
+    payload = b"".join([table.tobytes(), *_gaps(raw, tensors), *coded])
+    flags, stored = 0, payload
+    if spec.deflate:
+        # Level 1: codes are near-random; only the exact window and the verbatim bytes shrink,
+        # and a higher level costs encode time for little more.
+        deflated = zlib.compress(payload, 1)
+        if len(deflated) < len(payload):
+            flags, stored = _FLAG_DEFLATED, deflated
+    header = _HEADER_V2.pack(
+        MAGIC,
+        LOWBIT_VERSION,
+        LOWBIT_MODE,
+        flags,
+        spec.key_bits,
+        spec.value_bits,
+        spec.key_group_tokens,
+        spec.value_group_channels,
+        spec.window_tokens,
+        0,
+        len(tensors),
+        zlib.crc32(stored),
+        len(view),
+        len(stored),
+        len(payload),
+    )
+    return header + stored
+
+
+def _encode_lowbit_tensor(raw: np.ndarray, t: _Tensor, spec: LowBitSpec) -> bytes:
+    x = _as_cells(raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
+    coded, _ = _coded_cells(t, spec)
+    parts = [np.ascontiguousarray(x[coded:]).tobytes()]
+    if coded:
+        if t.role == KEY:
+            mins, steps, codes = lowbit.quantize_keys(
+                x[:coded], spec.key_bits, spec.key_group_tokens
+            )
+        else:
+            mins, steps, codes = lowbit.quantize_values(
+                x[:coded], spec.value_bits, spec.value_group_channels
+            )
+        parts += [mins.tobytes(), steps.tobytes(), lowbit.pack(codes, _bits(t, spec)).tobytes()]
+    return b"".join(parts)
+
+
+def _decode_lowbit(view: memoryview) -> bytearray:
+    if len(view) < _HEADER_V2.size:
+        raise DeltaError("delta shorter than its header")
+    (_, _, mode, flags, kb, vb, kg, vg, window, reserved, n, crc, blob_bytes, stored_bytes,
+     payload_bytes) = _HEADER_V2.unpack_from(view)  # fmt: skip
+    if mode != LOWBIT_MODE:
+        raise DeltaError(f"unknown delta mode {mode}")
+    if flags & ~_FLAG_DEFLATED or reserved:
+        raise DeltaError("low-bit delta has flags or reserved bits this build does not know")
+    try:
+        spec = LowBitSpec(kb, vb, kg, vg, window)
+    except ValueError as exc:
+        raise DeltaError(f"low-bit delta with impossible settings: {exc}") from None
+    stored = view[_HEADER_V2.size :]
+    if len(stored) != stored_bytes:
+        raise DeltaError(f"delta payload is {len(stored)} bytes, header says {stored_bytes}")
+    if zlib.crc32(stored) != crc:
+        raise DeltaError("delta fails its checksum")
+    if flags & _FLAG_DEFLATED:
+        payload = _inflate(stored, payload_bytes)
+    elif payload_bytes != stored_bytes:
+        raise DeltaError("an undeflated delta payload must be stored as it is")
+    else:
+        payload = stored
+    tensors = _read_table_v2(payload, n, spec, blob_bytes)  # bounds blob_bytes by the payload
+    out = bytearray(blob_bytes)
+    out_raw = np.frombuffer(out, dtype=np.uint8)
+    src = np.frombuffer(payload, dtype=np.uint8)
+    at = _fill_verbatim(out_raw, src, n * _ENTRY_V2.itemsize, tensors)
+    _check_rebuilt(out, tensors, lambda b: _lowbit_tensors(b, spec.value_group_channels))
+    jobs = []
+    for t in tensors:
+        size = _lowbit_tensor_bytes(t, spec)
+        jobs.append((t, src[at : at + size], out_raw))
+        at += size
+    list(_pool.map(lambda job: _decode_lowbit_tensor(*job, spec), jobs))
+    return out
+
+
+def _inflate(stored: memoryview, payload_bytes: int) -> memoryview:
+    # Deflate expands at most ~1032:1: a larger claim is refused before anything is inflated.
+    if payload_bytes > 1032 * len(stored) + 64:
+        raise DeltaError(f"a {len(stored)}-byte deflated payload cannot hold {payload_bytes}")
+    inflater = zlib.decompressobj()
+    try:
+        payload = inflater.decompress(stored, payload_bytes)
+    except zlib.error as exc:
+        raise DeltaError(f"delta payload does not inflate: {exc}") from None
+    if len(payload) != payload_bytes or not inflater.eof or inflater.unconsumed_tail:
+        raise DeltaError(f"delta payload does not inflate to the {payload_bytes} bytes it states")
+    return memoryview(payload)
+
+
+def _read_table_v2(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int) -> list:
+    """The tensor table, checked as in version 1, plus roles and the low-bit sizes."""
+    if n * _ENTRY_V2.itemsize > len(payload):
+        raise DeltaError(f"delta tensor table of {n} entries exceeds its payload")
+    tensors, pos, coded = [], 0, 0
+    for offset, cells, channels, transposed, role, pad in np.frombuffer(
+        payload, dtype=_ENTRY_V2, count=n
+    ).tolist():
+        if transposed > 1 or role > 1 or any(pad):
+            raise DeltaError(f"delta tensor {len(tensors)} has a malformed table entry")
+        if cells == 0 or channels == 0 or (role == VALUE and channels % spec.value_group_channels):
+            raise DeltaError(
+                f"delta tensor {len(tensors)} is {cells} cells x {channels} channels, "
+                f"not whole groups of {spec.value_group_channels}"
+            )
+        if offset < pos:
+            raise DeltaError("delta tensor table overlaps or is out of order")
+        pos = offset + 2 * cells * channels
+        if pos > blob_bytes:
+            raise DeltaError(f"delta tensor {len(tensors)} lies outside its {blob_bytes}-byte blob")
+        t = _Tensor(offset, cells, channels, bool(transposed), role)
+        coded += _lowbit_tensor_bytes(t, spec)
+        tensors.append(t)
+    verbatim = blob_bytes - sum(2 * t.cells * t.channels for t in tensors)
+    expected = n * _ENTRY_V2.itemsize + verbatim + coded
+    if expected != len(payload):
+        raise DeltaError(f"delta payload is {len(payload)} bytes; its tensor table says {expected}")
+    return tensors
+
+
+def _decode_lowbit_tensor(t: _Tensor, src: np.ndarray, out_raw: np.ndarray, spec) -> None:
+    coded, exact = _coded_cells(t, spec)
+    dest = _as_cells(out_raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
+    at = 2 * exact * t.channels
+    dest[coded:] = src[:at].view(np.float16).reshape(exact, t.channels)
+    if not coded:
+        return
+    n_params = _n_params(t, spec, coded)
+    mins = src[at : at + 2 * n_params].view(np.float16)
+    steps = src[at + 2 * n_params : at + 4 * n_params].view(np.float16)
+    packed = src[at + 4 * n_params :]
+    bits = _bits(t, spec)
+    if not lowbit.params_ok(mins, steps, bits):
+        raise DeltaError("delta has a min or step no encoder writes (NaN, negative, too large)")
+    if not lowbit.padding_is_zero(packed, coded * t.channels, bits):
+        raise DeltaError("delta has bits after its last code")
+    codes = lowbit.unpack(packed, coded * t.channels, bits).reshape(coded, t.channels)
+    if t.role == KEY:
+        shape = (-1, t.channels)
+        lowbit.dequantize_keys_into(
+            dest[:coded], mins.reshape(shape), steps.reshape(shape), codes, spec.key_group_tokens
+        )
+    else:
+        shape = (coded, -1)
+        lowbit.dequantize_values_into(
+            dest[:coded],
+            mins.reshape(shape),
+            steps.reshape(shape),
+            codes,
+            spec.value_group_channels,
+        )
