@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("~/.config/kv3d/config.json").expanduser()
+# The session delta codecs (kv3d.engine.codec modes) a tier may be configured with.
+SessionCodec = Literal["int8", "int4", "k4v2", "int2"]
+SESSION_CODECS: tuple[str, ...] = typing.get_args(SessionCodec)
 
 
 class ConfigError(ValueError):
@@ -113,9 +117,15 @@ class CacheConfig(_Section):
         description="Disk budget of the cold folder, MiB: least recently written sessions are "
         "removed beyond it.",
     )
+    session_codec: SessionCodec = Field(
+        "int8",
+        description="How idle sessions' private KV is stored in the warm, cold and shared tiers "
+        "(hot stays exact): int8 (about 0.53x of f16, within the engine's noise), int4 / k4v2 / "
+        "int2 (4- or 2-bit keys/values, KIVI-style; see README for their measured drift).",
+    )
     share_sessions: bool = Field(
         True,
-        description="On a Ray cluster, publish each kept session's int8 delta to the object "
+        description="On a Ray cluster, publish each kept session's delta to the object "
         "store after every turn, so that any replica can resume it (one state export per turn).",
     )
     auto_sessions: bool = Field(

@@ -173,6 +173,7 @@ class Engine:
                 settings.warm_budget_bytes,
                 settings.cold_path,
                 cold_budget_bytes=settings.cold_budget_bytes,
+                codec=settings.session_codec,
             )
             self.sessions = Sessions(self.reuse, store, auto=settings.auto_sessions)
         self._live: dict[int, _Live] = {}

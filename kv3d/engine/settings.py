@@ -43,6 +43,7 @@ class EngineSettings:
     safe_mode: bool = False
     canary_period_s: float = 0.0
     cold_budget_bytes: int = 0  # 0: unbounded
+    session_codec: str = "int8"  # warm, cold and shared tiers; hot stays exact
     prefill_slowdown_max: float = 0.0  # 0: prompt chunks never held back for decoding streams
 
     @classmethod
@@ -73,6 +74,7 @@ class EngineSettings:
             warm_budget_bytes=config.cache.ram_warm_mb * MIB,
             cold_path=config.cache.ssd_cold_path,
             cold_budget_bytes=config.cache.ssd_cold_mb * MIB,
+            session_codec=config.cache.session_codec,
             auto_sessions=config.cache.auto_sessions,
             safe_mode=config.server.safe_mode,
             canary_period_s=config.server.canary_period_s,

@@ -1,7 +1,8 @@
-"""Idle sessions, tiered: warm (int8 deltas in RAM) and cold (files on disk).
+"""Idle sessions, tiered: warm (coded deltas in RAM) and cold (files on disk).
 
 A session that finishes a request leaves the KV cache (hot) at once: its private cells are
-exported, encoded as an int8 delta in a worker thread and kept warm. With a cold folder, every
+exported, encoded as a delta (int8 by default, `cache.session_codec`) in a worker thread and
+kept warm. With a cold folder, every
 parked turn is also written behind to disk at once (so a killed replica loses no session), and
 the folder is held to its budget by evicting the least recently written files. When the warm
 budget is exceeded, the least recently used deltas leave RAM (still on disk with a cold tier,
@@ -32,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kv3d.engine.codec import DeltaError, decode_delta, encode_delta
+from kv3d.engine.codec import DeltaError, Mode, decode_delta, encode_delta
 from kv3d.engine.statefmt import byte_view
 
 log = logging.getLogger(__name__)
@@ -300,10 +301,14 @@ class SessionStore:
         group: int = 32,
         shared: SharedSessions | None = None,
         cold_budget_bytes: int = 0,
+        codec: Mode = "int8",
     ):
+        """`codec`: the delta mode parked sessions are encoded with; any stored mode and
+        format version decodes whatever this is, so it may change between restarts."""
         self.warm_budget_bytes = warm_budget_bytes
         self.cold = ColdTier(Path(cold_dir).expanduser(), cold_budget_bytes) if cold_dir else None
         self.group = group
+        self.codec = codec
         self.shared = shared
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
         self.warm_bytes = 0
@@ -352,7 +357,7 @@ class SessionStore:
     ) -> None:
         try:
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
-            delta = encode_delta(blob, "int8", self.group)
+            delta = encode_delta(blob, self.codec, self.group)
         except Exception:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return

@@ -185,3 +185,21 @@ def test_a_damaged_cold_file_is_dropped_after_its_failed_read(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     assert store.take("s").result() is None and not path.exists()
     assert store.stats()["session_rejects_total"] == 1
+
+
+def test_the_configured_codec_codes_every_tier_and_any_stored_mode_still_resumes(tmp_path):
+    blob = make_state(cells=200, channels=64)
+    int8 = SessionStore(10**9, cold_dir=str(tmp_path))
+    int8.park("old", FP, tuple(range(200)), 0, blob)  # written before the codec changed
+    int8.flush()
+    share = DictShare()
+    store = SessionStore(10**9, cold_dir=str(tmp_path), shared=share, codec="int4")
+    store.park("new", FP, tuple(range(200)), 0, blob)
+    store.flush()
+    for delta in (store._warm["new"].delta, decode_record(share.records["new"]).delta):
+        assert delta[8:10] == b"\x02\x00"  # format version 2: low-bit
+    assert store.stats()["delta_compression_ratio"] > 2.1  # int8: ~1.9
+    assert store.take("new").result().tier == "warm"
+    old = store.take("old").result()
+    assert old.tier == "cold" and old.record.delta[8:10] == b"\x01\x00"
+    assert len(old.blob) == len(blob)
