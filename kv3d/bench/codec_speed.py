@@ -1,7 +1,8 @@
-"""Encode/decode speed of the int8 delta codec per backend, on a synthetic session state shaped
+"""Encode/decode speed of the session delta codec per backend, on a synthetic session state shaped
 like SmolLM2-135M's (30 layers, 192 K and 192 V channels, f16): `python -m
-kv3d.bench.codec_speed [--tokens N] [--repeats R]` prints one JSON object. Needs only NumPy (and
-CuPy for the GPU backend), so it runs where neither llama.cpp nor Ray is installed."""
+kv3d.bench.codec_speed [--tokens N] [--repeats R] [--codecs int8,int4]` prints one JSON object.
+Needs only NumPy (and CuPy for the GPU backend), so it runs where neither llama.cpp nor Ray is
+installed. Low-bit modes have only the NumPy backend: they are timed once, under "lowbit"."""
 
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ def synthetic_state(tokens: int, layers: int = 30, channels: int = 192, seed: in
     return build_seq_state(SeqState(0, (CacheSection((stream,)),)))
 
 
-def time_backend(name: str, blob: bytes, repeats: int) -> dict:
+def time_backend(name: str, blob: bytes, repeats: int, mode: str = "int8") -> dict:
     codec._backend = codec.select_backend(name)
-    delta = codec.encode_delta(blob)  # warm-up (kernel compilation, pools)
+    delta = codec.encode_delta(blob, mode)  # warm-up (kernel compilation, pools)
     codec.decode_delta(delta)
     enc, dec = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        delta = codec.encode_delta(blob)
+        delta = codec.encode_delta(blob, mode)
         t1 = time.perf_counter()
         codec.decode_delta(delta)
         t2 = time.perf_counter()
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--backends", default="numpy,cupy")
+    parser.add_argument("--codecs", default="int8", help="int8 and/or low-bit modes (int4, ...)")
     args = parser.parse_args(argv)
     blob = synthetic_state(args.tokens)
     report: dict = {"tokens": args.tokens, "f16_bytes": len(blob), "backends": {}}
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         report["backends"][name] = result
     if len(deltas) > 1:
         report["identical_deltas"] = len(set(deltas.values())) == 1
+    for mode in (m for m in args.codecs.split(",") if m in codec.LOWBIT_MODES):
+        result = time_backend("numpy", blob, args.repeats, mode)
+        result.pop("delta")
+        result["backend"] = "numpy"
+        report.setdefault("lowbit", {})[mode] = result
     print(json.dumps(report))
     return 0
 

@@ -1,13 +1,14 @@
-"""Fidelity harness: how far an int8 session delta moves the model from the uncompressed one.
+"""Fidelity harness: how far a session delta codec moves the model from the uncompressed state.
 
 For each window of a held-out text: prefill `context_tokens`, export the sequence state, then
 score the next `eval_tokens` (teacher-forced, logits for every position) three ways, each alone
 in an emptied cache so that cell placement is the same:
 - reference: the state as computed;
-- int8: the state encoded by the delta codec, decoded and restored;
+- coded: the state encoded by the delta codec (`codec`: int8 or a low-bit mode), decoded and
+  restored;
 - noise floor: the same context prefilled again in different chunks (llama.cpp's
   numerics depend on batch composition; this is the engine's own noise).
-Reported: KL(reference ‖ int8) per token (mean, max), top-1 agreement, perplexity of the text
+Reported: KL(reference ‖ coded) per token (mean, max), top-1 agreement, perplexity of the text
 under each, the noise floor's mean KL, and the codec's compression against f16.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kv3d.engine.codec import decode_delta, encode_delta
+from kv3d.engine.codec import LowBitSpec, Mode, decode_delta, encode_delta
 from kv3d.engine.llama import ContextParams, LlamaBatch, LlamaContext, LlamaModel
 from kv3d.engine.statefmt import build_seq_state, cells_from, parse_seq_state
 
@@ -29,16 +30,17 @@ NOISE_CHUNK = 37  # a chunking unlike the reference's
 
 @dataclass(frozen=True, slots=True)
 class FidelityReport:
+    codec: str
     windows: int
     eval_tokens: int
     kl_mean: float
     kl_max: float
     top1: float
     ppl_base: float
-    ppl_int8: float
+    ppl_int8: float  # the coded state's perplexity, whatever the codec (the key predates them)
     noise_floor_kl_mean: float
     noise_floor_top1: float
-    compression_ratio: float  # f16 bytes / int8 delta bytes
+    compression_ratio: float  # f16 bytes / delta bytes
     bytes_vs_f16: float
 
     def as_dict(self) -> dict:
@@ -122,12 +124,15 @@ def measure_fidelity(
     group: int = 32,
     threads: int = 2,
     shared_prefix_tokens: int = 0,
+    codec: Mode = "int8",
+    spec: LowBitSpec | None = None,
 ) -> FidelityReport:
     """Windows stay under 512 cells: past that, llama.cpp's CPU flash attention depends on
     where cells sit, which would be measured as codec error.
 
     `shared_prefix_tokens` > 0 models a session as KV3D keeps it: the first tokens of each
-    window are a shared family prefix kept exact, the rest the session's int8 delta."""
+    window are a shared family prefix kept exact, the rest the session's delta. `codec`: the
+    delta mode; `spec`: a low-bit mode's settings other than its preset."""
     if not 0 <= shared_prefix_tokens < context_tokens:
         raise ValueError("shared_prefix_tokens must be below context_tokens")
     with LlamaModel(model_path) as model:
@@ -152,7 +157,7 @@ def measure_fidelity(
                 scorer.ctx.clear()
 
                 private, shared = _split(state, shared_prefix_tokens)
-                coded = encode_delta(private, "int8", group)
+                coded = encode_delta(private, codec, group, spec=spec)
                 raw_bytes += len(private)
                 coded_bytes += len(coded)
                 # As KV3D resumes a session: the delta into the sequence, the exact shared
@@ -179,6 +184,7 @@ def measure_fidelity(
             scorer.close()
     kl = np.concatenate(kls)
     return FidelityReport(
+        codec=codec,
         windows=len(starts),
         eval_tokens=int(kl.size),
         kl_mean=float(kl.mean()),

@@ -17,7 +17,7 @@ import typing
 from typing import Any
 
 from kv3d.cli import flags
-from kv3d.config import ConfigError, KV3DConfig, RouteConfig, load_config
+from kv3d.config import SESSION_CODECS, ConfigError, KV3DConfig, RouteConfig, load_config
 
 log = logging.getLogger("kv3d")
 
@@ -206,6 +206,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         max_windows=args.windows,
         group=args.group,
         shared_prefix_tokens=args.shared_prefix,
+        codec=args.codec,
     )
     if args.json:
         print(json.dumps(report.as_dict()))
@@ -376,10 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=cmd_bench)
 
-    fidelity = sub.add_parser("fidelity", help="int8 session delta vs uncompressed, held-out text")
+    fidelity = sub.add_parser(
+        "fidelity", help="a session delta codec vs the uncompressed state, on held-out text"
+    )
     fidelity.add_argument("--model", help="GGUF file (default: the bundled model)")
     fidelity.add_argument("--text", help="held-out text file (default: one shipped with KV3D)")
     fidelity.add_argument("--windows", type=int, default=8, help="text windows to score")
+    fidelity.add_argument(
+        "--codec",
+        default="int8",
+        choices=SESSION_CODECS,
+        help="the session delta codec to measure (cache.session_codec; default int8)",
+    )
     fidelity.add_argument("--group", type=int, default=32, help="channels per int8 scale")
     fidelity.add_argument(
         "--shared-prefix",
