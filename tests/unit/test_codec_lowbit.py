@@ -274,3 +274,27 @@ def test_every_configurable_session_codec_is_a_codec_mode():
     assert set(SESSION_CODECS) == {"int8", *codec.LOWBIT_MODES}
     assert load_config(overrides={"cache": {"session_codec": "int4"}}).cache.session_codec == "int4"
     assert load_config().cache.session_codec == "int8"
+
+
+DEFLATED = encode_delta(STATE, "int4", spec=LowBitSpec(4, 4, 16, 32, 8, deflate=True))
+
+
+@pytest.mark.parametrize("delta", [DELTA, DEFLATED], ids=["plain", "deflated"])
+def test_fuzzed_low_bit_deltas_raise_only_delta_errors(delta):
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.unit.test_stored_bytes import mutate, mutations
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(edits=mutations(delta, start=8))
+    def fuzz(edits):
+        data = mutate(delta, edits)
+        if len(data) >= codec._HEADER_V2.size and data[8:10] == b"\x02\x00":
+            data = reseal(data)  # so that mutations reach the parsers behind the checksum
+        try:
+            out = decode_delta(data)
+        except DeltaError:
+            return
+        parse_seq_state(bytes(out))  # what decodes is a state the parser reads
+
+    fuzz()
