@@ -115,10 +115,11 @@ def test_a_session_parked_in_4_bits_resumes_and_its_next_token_holds(tok):
         assert plain_answer == answer  # turn 1 never went through the codec
         _, ref_lps, _ = run(plain, request(tok, turn2, "conv-4bit", 1, top_logprobs=5))
     # int4 moves the next-token distribution ~1.75x as much as a different batch split does
-    # (KL ~6e-3 per token on held-out text): the top token holds and its log-probability moves
-    # by a few hundredths; 0.5 nats is the bound the int8 test above uses too.
+    # (KL ~6e-3 per token on held-out text). Measured here: the same top token (p ~0.26) and
+    # its log-probability 0.034 from recomputation's (int8: 0.048); 0.2 leaves room for the
+    # engine's own noise, while a broken codec moves it by nats or changes the token.
     assert lps[0].token_id == ref_lps[0].token_id
-    assert abs(lps[0].logprob - ref_lps[0].logprob) < 0.5
+    assert abs(lps[0].logprob - ref_lps[0].logprob) < 0.2
 
 
 def test_cold_tier_survives_a_restart_and_a_corrupt_file_means_recompute(tok, tmp_path):
