@@ -75,7 +75,9 @@ Mode = Literal["int8", "f16", "int4", "k4v2", "int2"]
 
 @dataclass(frozen=True, slots=True)
 class LowBitSpec:
-    """How a low-bit mode codes a delta; every field is recorded in the container."""
+    """How a low-bit mode codes a delta. Invariant: bits among `lowbit.BITS`, groups and window
+    fit their u16 header fields; the container records every field (deflate as a flag, set only
+    where it paid), so that a decoder needs no settings of its own."""
 
     key_bits: int
     value_bits: int
@@ -537,7 +539,10 @@ def _read_table_v2(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: in
     return tensors
 
 
-def _decode_lowbit_tensor(t: _Tensor, src: np.ndarray, out_raw: np.ndarray, spec) -> None:
+def _decode_lowbit_tensor(
+    t: _Tensor, src: np.ndarray, out_raw: np.ndarray, spec: LowBitSpec
+) -> None:
+    """Dequantise one tensor's coded bytes (`src`, exactly its size) into the rebuilt blob."""
     coded, exact = _coded_cells(t, spec)
     dest = _as_cells(out_raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
     at = 2 * exact * t.channels
