@@ -75,12 +75,15 @@ class RayNode:
                 {"port": self.gcs_port, "dashboard-port": self.dashboard_port,
                  "ray-client-server-port": free_port()}
             )  # fmt: skip
-            role = ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={root / 'ray'}"]
+            role = ["--head", "--dashboard-host=127.0.0.1"]
         else:
             self.address = head_address
             role = [f"--address={head_address}"]
+        # Our temp dir on every node, so that `ray start` records this cluster's address there
+        # and not in /tmp/ray, where another `ray.init()` on the machine would find it.
         cmd = ray(
-            "start", "--block", *role, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            "start", "--block", *role, f"--temp-dir={root / 'ray'}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
             f"--resources={json.dumps(resources or {})}", "--object-store-memory=200000000",
             *(f"--{k}={v}" for k, v in ports.items()),
         )  # fmt: skip
@@ -128,6 +131,16 @@ def wait_for(check, timeout_s: float, what: str, log: Path | None = None) -> Any
         time.sleep(1)
     tail = "\n" + log.read_text()[-4000:] if log is not None and log.exists() else ""
     raise AssertionError(f"{what}: not within {timeout_s:.0f} s{tail}")
+
+
+def wait_started(node: RayNode, timeout_s: float = 90) -> None:
+    """Until `ray start` says the node runs (two nodes of one IP must not register at once)."""
+
+    def started() -> bool:
+        assert node.alive(), f"ray start exited:\n{node.log.read_text()}"
+        return "Ray runtime started" in node.log.read_text()
+
+    wait_for(started, timeout_s, f"node {node.name}", node.log)
 
 
 def wait_head(head: RayNode, timeout_s: float = 90) -> None:
