@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -32,7 +31,10 @@ from kv3d.server.routing import RouteKeyer
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 2.0
-REPLICA_RETRIES = 2  # other replicas tried when one dies before a request's first event
+REPLICA_RETRIES = 3  # other replicas tried when one dies before a request's first event
+# Pause before retry n (x n): gives Serve's controller time to see a lost node and stop
+# routing to its replicas.
+RETRY_BACKOFF_S = 0.5
 
 
 class HandleBackend:
@@ -116,12 +118,20 @@ class HandleBackend:
                     retry_after_s=self._retry_after_s,
                 )
                 return
-            except (RayActorError, ActorUnavailableError) as exc:
+            except Exception as exc:
+                # Nothing reached the client yet, so another replica can take the request
+                # whatever broke: a dead replica surfaces as RayActorError or
+                # ActorUnavailableError, or as other errors while Serve has not yet noticed
+                # that its node is gone and still routes there.
                 if started or attempt == REPLICA_RETRIES:
                     raise
                 log.warning(
-                    "replica lost before request %s began, retrying: %s", request.request_id, exc
+                    "replica failed before request %s began (%s: %s), retrying",
+                    request.request_id,
+                    type(exc).__name__,
+                    exc,
                 )
+                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
             finally:
                 if not ended:
                     response.cancel()

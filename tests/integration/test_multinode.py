@@ -38,7 +38,7 @@ from tests.integration.raycluster import (
     wait_started,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 SYSTEM = "You are the support assistant of an inference server company; answer in one line. " * 6
 # Each worker node takes one model replica: the head has no CPU to give, the replica wants one.
