@@ -296,23 +296,39 @@ def _read_table(payload: memoryview, n: int, group: int, blob_bytes: int) -> lis
     ).tolist():
         if transposed > 1 or any(pad):
             raise DeltaError(f"delta tensor {len(tensors)} has a malformed table entry")
-        if cells == 0 or channels == 0 or channels % group:
-            raise DeltaError(
-                f"delta tensor {len(tensors)} is {cells} cells x {channels} channels, "
-                f"not whole groups of {group}"
-            )
-        if offset < pos:
-            raise DeltaError("delta tensor table overlaps or is out of order")
-        pos = offset + 2 * cells * channels
-        if pos > blob_bytes:
-            raise DeltaError(f"delta tensor {len(tensors)} lies outside its {blob_bytes}-byte blob")
+        pos = _check_span(len(tensors), offset, cells, channels, group, pos, blob_bytes)
         coded += 2 * cells * (channels // group) + cells * channels
         tensors.append(_Tensor(offset, cells, channels, bool(transposed)))
+    _check_payload_size(payload, n * _ENTRY.itemsize, tensors, coded, blob_bytes)
+    return tensors
+
+
+def _check_span(
+    index: int, offset: int, cells: int, channels: int, group: int, pos: int, blob_bytes: int
+) -> int:
+    """One table entry's tensor: non-empty, whole `group`s of channels (1: any), after the
+    previous one (which ended at `pos`) and inside the blob; returns where it ends."""
+    if cells == 0 or channels == 0 or channels % group:
+        raise DeltaError(
+            f"delta tensor {index} is {cells} cells x {channels} channels, "
+            f"not whole groups of {group}"
+        )
+    if offset < pos:
+        raise DeltaError("delta tensor table overlaps or is out of order")
+    end = offset + 2 * cells * channels
+    if end > blob_bytes:
+        raise DeltaError(f"delta tensor {index} lies outside its {blob_bytes}-byte blob")
+    return end
+
+
+def _check_payload_size(
+    payload: memoryview, table_bytes: int, tensors: list, coded: int, blob_bytes: int
+) -> None:
+    """The payload holds exactly the table, the blob's verbatim bytes and the coded tensors."""
     verbatim = blob_bytes - sum(2 * t.cells * t.channels for t in tensors)
-    expected = n * _ENTRY.itemsize + verbatim + coded
+    expected = table_bytes + verbatim + coded
     if expected != len(payload):
         raise DeltaError(f"delta payload is {len(payload)} bytes; its tensor table says {expected}")
-    return tensors
 
 
 def _check_rebuilt(blob: bytearray, tensors: list[_Tensor], find=None) -> None:
@@ -519,23 +535,12 @@ def _read_table_v2(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: in
     ).tolist():
         if transposed > 1 or role > 1 or any(pad):
             raise DeltaError(f"delta tensor {len(tensors)} has a malformed table entry")
-        if cells == 0 or channels == 0 or (role == VALUE and channels % spec.value_group_channels):
-            raise DeltaError(
-                f"delta tensor {len(tensors)} is {cells} cells x {channels} channels, "
-                f"not whole groups of {spec.value_group_channels}"
-            )
-        if offset < pos:
-            raise DeltaError("delta tensor table overlaps or is out of order")
-        pos = offset + 2 * cells * channels
-        if pos > blob_bytes:
-            raise DeltaError(f"delta tensor {len(tensors)} lies outside its {blob_bytes}-byte blob")
+        group = spec.value_group_channels if role == VALUE else 1
+        pos = _check_span(len(tensors), offset, cells, channels, group, pos, blob_bytes)
         t = _Tensor(offset, cells, channels, bool(transposed), role)
         coded += _lowbit_tensor_bytes(t, spec)
         tensors.append(t)
-    verbatim = blob_bytes - sum(2 * t.cells * t.channels for t in tensors)
-    expected = n * _ENTRY_V2.itemsize + verbatim + coded
-    if expected != len(payload):
-        raise DeltaError(f"delta payload is {len(payload)} bytes; its tensor table says {expected}")
+    _check_payload_size(payload, n * _ENTRY_V2.itemsize, tensors, coded, blob_bytes)
     return tensors
 
 
