@@ -21,9 +21,8 @@ from kv3d.engine.generation import (
     StreamEvent,
     ends_stream,
 )
-from kv3d.engine.modelfile import cache_fingerprint, model_id_for, resolve_model_path
+from kv3d.engine.modelfile import cache_fingerprint, resolve_model_path
 from kv3d.server.api import ServedModel, build_api
-from kv3d.server.chat import Tokenizer
 from kv3d.server.guard import Guard
 from kv3d.server.metrics import ServerMetrics
 from kv3d.server.routing import RouteKeyer
@@ -151,13 +150,8 @@ class Ingress:
         raw keys are not application args)."""
         cfg = KV3DConfig(**config)
         self._guard = Guard(key_digests, cfg.limits, admin_digests or ())
+        self._served = ServedModel.load(cfg)
         path = resolve_model_path(cfg.model.path)
-        self._tokenizer = Tokenizer.load(path)
-        self._served = ServedModel(
-            model_id=model_id_for(path, cfg.model.id),
-            tokenizer=self._tokenizer,
-            context_tokens=min(cfg.model.context_tokens, self._tokenizer.n_ctx_train),
-        )
         keyer = RouteKeyer(
             cache_fingerprint(path, kv_type=cfg.engine.kv_type, flash_attn=cfg.engine.flash_attn),
             cfg.prefix.block_tokens,

@@ -41,7 +41,6 @@ class ModelReplica:
             )
         self._engine = Engine.from_config(cfg, replica_id=_replica_id())
         self._stream_interval_s = cfg.server.stream_interval_ms / 1000
-        self._snapshot_min_tokens = cfg.prefix.snapshot_min_tokens
         self._snapshots: SnapshotClient | None = None
         fingerprint = self._engine.fingerprint
         if cfg.prefix.enabled and cfg.prefix.snapshots:
@@ -69,13 +68,8 @@ class ModelReplica:
         """A snapshot from the object store when this replica holds none of the prefix hot."""
         if self._snapshots is None:
             return None
-        blocks = self._engine.prefix_blocks(request)
-        # Only prefixes of snapshot_min_tokens or more are ever published: a prompt without
-        # such a block (a short chat turn, a 1-token probe) skips the registry's round trip.
-        keys = [b.key for b in blocks if b.end_tokens >= self._snapshot_min_tokens]
-        if not keys or self._engine.hot_prefix_tokens(blocks) > 0:
-            return None
-        return await self._snapshots.fetch(keys)
+        keys = self._engine.snapshot_keys(request)
+        return await self._snapshots.fetch(keys) if keys else None
 
     def stats(self) -> EngineStats:
         return self._engine.stats()

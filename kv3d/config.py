@@ -42,6 +42,14 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(8080, ge=1, le=65535, description="HTTP port.")
+    runtime: Literal["auto", "process", "ray"] = Field(
+        "auto",
+        description="How `kv3d serve` runs. process: the HTTP API and one engine in this "
+        "process (no Ray: the least latency per token on one machine). ray: Ray Serve (proxy, "
+        "ingress, model replicas, snapshots in the object store), needed for several replicas "
+        "or a cluster. auto: process for one fixed replica with no Ray cluster named in "
+        "RAY_ADDRESS, else ray. `serve run deployments/app.yaml` is always Ray.",
+    )
     threads: int = Field(
         0, ge=0, description="llama.cpp compute threads per replica; 0 = all cores of the node."
     )

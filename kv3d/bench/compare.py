@@ -246,7 +246,10 @@ async def _workload(url: str, spec: WorkloadSpec, progress: ProgressBar | None) 
 # --- the side-by-side comparison ---------------------------------------------------------------
 
 
-CONTENDER_NAMES = ("kv3d", "kv3d-no-reuse", "llama-cpp-python", "llama-server")
+CONTENDER_NAMES = ("kv3d", "kv3d-ray", "kv3d-no-reuse", "llama-cpp-python", "llama-server")
+# Run when --compare names none: kv3d-ray (the cluster's serving path on one machine) only
+# when asked for, as it adds minutes to every run.
+DEFAULT_CONTENDERS = ("kv3d", "kv3d-no-reuse", "llama-cpp-python", "llama-server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +331,13 @@ def build_contenders(
             kv3d_env,
             ready_line=KV3D_READY_LINE,
         ),
+        "kv3d-ray": Contender(
+            "kv3d-ray",
+            "the same, through Ray Serve (proxy, ingress, one model replica)",
+            serve,
+            (*kv3d_env, ("KV3D_SERVER__RUNTIME", "ray")),
+            ready_line=KV3D_READY_LINE,
+        ),
         "kv3d-no-reuse": Contender(
             "kv3d-no-reuse",
             "the same engine and budget, prefix reuse and session deltas off",
@@ -365,7 +375,7 @@ def build_contenders(
         )
     else:
         skipped["llama-server"] = "not on PATH: pip install -e '.[bench]' builds it"
-    wanted = settings.contenders or CONTENDER_NAMES
+    wanted = settings.contenders or DEFAULT_CONTENDERS
     return {n: out[n] for n in wanted if n in out}, {n: skipped[n] for n in wanted if n in skipped}
 
 

@@ -1,7 +1,7 @@
 """`kv3d` command line: `serve`, `doctor`, `bench` and `fidelity`.
 
-The CLI is the top of the stack: `kv3d serve` and `kv3d bench --routers` are the places in
-`kv3d` that reach into `deployments` (lazily), because they start Ray Serve.
+The CLI is the top of the stack: `kv3d serve` (in its Ray runtime) and `kv3d bench --routers`
+are the places in `kv3d` that reach into `deployments` (lazily), because they start Ray Serve.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kv3d.engine.modelfile import resolve_model_path
 
     resolve_model_path(config.model.path)  # fail before Ray starts when the file is wrong
+    from kv3d.server.local import resolve_runtime, serve_in_process
+
+    if resolve_runtime(config, os.environ.get("RAY_ADDRESS")) == "process":
+        log.info("serving in one process (server.runtime=ray for Ray Serve)")
+        return serve_in_process(config)
     return serve_blocking(config)
 
 
@@ -61,8 +66,8 @@ def serve_blocking(config: KV3DConfig) -> int:
         serve.run(build_from_config(config), name="kv3d", route_prefix="/", blocking=False)
         url = f"http://{config.server.host}:{config.server.port}"
         print(
-            f"KV3D is serving at {url}/v1 (ready in {time.perf_counter() - started_s:.1f}s; "
-            "Ctrl-C to stop)",
+            f"KV3D is serving at {url}/v1 (Ray Serve; ready in "
+            f"{time.perf_counter() - started_s:.1f}s; Ctrl-C to stop)",
             flush=True,
         )
         stop.wait()

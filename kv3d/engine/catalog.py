@@ -1,14 +1,21 @@
 """The warm-tier catalog: which prefix snapshots and shared session records exist, within one
 RAM budget, least recently used out first. Plain Python; the Ray registry actor
-(deployments/registry.py) owns one."""
+(deployments/registry.py) owns one, and so does `LocalSnapshots`, the snapshot store of a
+server that runs in one process."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from kv3d.engine.snapshot import SnapshotMeta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -108,6 +115,17 @@ class SnapshotCatalog:
             if isinstance(e.key, int)
         ]
 
+    def stats(self) -> dict[str, Any]:
+        """Figures of every tenant (the API shows each caller only its own `families`)."""
+        families = self.families()
+        return {
+            "sessions": len(self) - len(families),
+            "snapshots": len(families),
+            "bytes": self.total_bytes,
+            "budget_bytes": self.budget_bytes,
+            "families": families,
+        }
+
     def _drop(self, entry: CatalogEntry) -> CatalogEntry:
         del self._entries[entry.key]
         self.total_bytes -= entry.nbytes
@@ -121,3 +139,39 @@ class SnapshotCatalog:
         assert self.total_bytes <= self.budget_bytes
         for block_key, key in self._by_block.items():
             assert block_key in self._entries[key].block_keys
+
+
+class LocalSnapshots:
+    """The prefix snapshots of one engine in its own process (no object store): a family prefix
+    evicted from the KV cache comes back from RAM instead of being recomputed. `publish` is
+    called from the engine's step thread and `fetch` from the server's, hence the lock; the
+    bytes kept are the snapshot's own, never copied again."""
+
+    def __init__(self, budget_bytes: int, fingerprint: bytes):
+        self._catalog = SnapshotCatalog(budget_bytes)
+        self._fingerprint = fingerprint
+        self._lock = threading.Lock()
+
+    def publish(self, meta: SnapshotMeta, blob: bytes) -> None:
+        entry = CatalogEntry(
+            meta.key, meta.fingerprint, meta.n_tokens, len(blob), tuple(meta.block_keys), blob
+        )
+        entry.tenant = meta.tenant
+        with self._lock:
+            if meta.key in self._catalog:
+                self._catalog.touch(meta.key)
+                return
+            if self._catalog.add(entry) is None:
+                log.warning(
+                    "snapshot %016x (%d bytes) exceeds the whole budget", meta.key, len(blob)
+                )
+
+    def fetch(self, block_keys: list[int]) -> bytes | None:
+        """The snapshot of the deepest of `block_keys` kept here, or None."""
+        with self._lock:
+            entry = self._catalog.lookup(self._fingerprint, block_keys)
+            return None if entry is None else entry.handle
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self._catalog.stats()

@@ -367,6 +367,20 @@ class Engine:
         """How many of the blocks' tokens this replica holds hot (a hint)."""
         return self.reuse.hot_tokens(blocks)
 
+    def snapshot_keys(self, request: GenerationRequest) -> list[int]:
+        """Block keys under which a stored prefix snapshot could serve `request` (any thread):
+        none when this engine holds part of its prefix hot, or when it has no block of
+        `snapshot_min_tokens` or more (only such prefixes are ever published), so that a short
+        chat turn or a 1-token probe skips the store's round trip."""
+        if not self.settings.reuse.snapshots:
+            return []
+        blocks = self.prefix_blocks(request)
+        min_tokens = self.settings.reuse.snapshot_min_tokens
+        keys = [b.key for b in blocks if b.end_tokens >= min_tokens]
+        if not keys or self.hot_prefix_tokens(blocks) > 0:
+            return []
+        return keys
+
     async def stream(
         self, request: GenerationRequest, snapshot=None, *, min_interval_s: float = 0.0
     ) -> AsyncIterator[StreamEvent]:

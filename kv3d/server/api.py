@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kv3d.config import KV3DConfig
+from kv3d.engine.catalog import LocalSnapshots
 from kv3d.engine.engine import Engine
 from kv3d.engine.generation import (
     EngineStats,
@@ -34,6 +36,7 @@ from kv3d.engine.generation import (
     Usage,
     ends_stream,
 )
+from kv3d.engine.modelfile import model_id_for, resolve_model_path
 from kv3d.server import dashboard
 from kv3d.server.chat import TemplateError, Tokenizer
 from kv3d.server.dashboard import build_stats
@@ -89,19 +92,31 @@ class GenerateBackend(Protocol):
 
 
 class LocalBackend:
-    """Runs requests on an engine in this process (no Ray)."""
+    """Runs requests on an engine in this process (no Ray). With `snapshots`, a prompt whose
+    family prefix is no longer hot restores it from there instead of recomputing it."""
 
-    def __init__(self, engine: Engine):
+    def __init__(
+        self,
+        engine: Engine,
+        snapshots: LocalSnapshots | None = None,
+        stream_interval_s: float = 0.0,
+    ):
         self.engine = engine
+        self.snapshots = snapshots
+        self.stream_interval_s = stream_interval_s
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        return self.engine.stream(request)
+        snapshot = None
+        if self.snapshots is not None:
+            keys = self.engine.snapshot_keys(request)
+            snapshot = self.snapshots.fetch(keys) if keys else None
+        return self.engine.stream(request, snapshot, min_interval_s=self.stream_interval_s)
 
     async def engine_stats(self) -> list[EngineStats]:
         return [self.engine.stats()]
 
     async def snapshot_stats(self) -> dict[str, Any] | None:
-        return None
+        return None if self.snapshots is None else self.snapshots.stats()
 
     async def safe_mode(self) -> bool:
         return self.engine.safe_mode
@@ -113,6 +128,17 @@ class ServedModel:
     tokenizer: Tokenizer
     context_tokens: int  # most prompt + completion tokens of one sequence
     created_s: int = field(default_factory=now_s)
+
+    @classmethod
+    def load(cls, config: KV3DConfig) -> ServedModel:
+        """The model `config` names, with its tokenizer (vocabulary only, no weights)."""
+        path = resolve_model_path(config.model.path)
+        tokenizer = Tokenizer.load(path)
+        return cls(
+            model_id=model_id_for(path, config.model.id),
+            tokenizer=tokenizer,
+            context_tokens=min(config.model.context_tokens, tokenizer.n_ctx_train),
+        )
 
 
 def build_api(

@@ -51,8 +51,10 @@ def test_serve_rejects_a_missing_model_before_starting_ray(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
-def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
-    """In safe mode, which `/health` reports from its first answer on."""
+@pytest.mark.parametrize("runtime", ["process", "ray"])
+def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path, runtime):
+    """In safe mode, which `/health` reports from its first answer on; in one process (the
+    default on one machine) and through Ray Serve."""
     port = free_port()
     env = {
         **os.environ,
@@ -63,7 +65,7 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
     }
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [*KV3D, "serve", "--port", str(port), "--safe-mode"],
+        [*KV3D, "serve", "--port", str(port), "--safe-mode", "--server.runtime", runtime],
         env=env,
         text=True,
         stdout=subprocess.PIPE,
@@ -77,6 +79,7 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
             assert line or proc.poll() is None, "kv3d serve exited early"
             ready = line if "serving at" in line else ready
         assert f"http://127.0.0.1:{port}/v1" in ready
+        assert ("one process" in ready) == (runtime == "process")
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
         assert health["status"] == "ok" and health["mode"] == "safe"
         chat = httpx.post(
