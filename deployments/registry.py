@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kv3d.engine.catalog import CatalogEntry, SnapshotCatalog
 from kv3d.engine.snapshot import SnapshotMeta
@@ -88,10 +89,30 @@ def _session_key(fingerprint: bytes, session_id: str) -> tuple[str, bytes, str]:
     return ("session", fingerprint, session_id)
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def head_node_for(nodes: list[dict[str, Any]], budget_bytes: int) -> str | None:
+    """The id of the live head node when its object store can hold the whole warm budget
+    (`nodes` as `ray.nodes()` lists them), else None: then the registry goes wherever Ray
+    puts it. On the head it outlives the loss of any worker node and its replicas."""
+    for node in nodes:
+        resources = node.get("Resources") or {}
+        if node.get("Alive") and HEAD_NODE_RESOURCE in resources:
+            fits = resources.get("object_store_memory", 0) >= budget_bytes
+            return node["NodeID"] if fits else None
+    return None
+
+
 def get_registry(budget_bytes: int):
-    """The cluster's registry actor, created on first use. A registry of an older KV3D left
-    running by an upgrade only holds a cache that no new replica reads: it is stopped."""
+    """The cluster's registry actor, created on first use (on the head node where it fits). A
+    registry of an older KV3D left running by an upgrade only holds a cache that no new replica
+    reads: it is stopped."""
     actor = ray.remote(SnapshotRegistry)
+    placement: dict[str, Any] = {}
+    head = head_node_for(ray.nodes(), budget_bytes)
+    if head is not None:
+        placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
     registry = actor.options(
         name=REGISTRY_NAME,
         namespace=REGISTRY_NAMESPACE,
@@ -99,6 +120,7 @@ def get_registry(budget_bytes: int):
         get_if_exists=True,
         num_cpus=0,
         max_restarts=-1,
+        **placement,
     ).remote(budget_bytes)
     for name in LEGACY_REGISTRY_NAMES:
         try:

@@ -63,3 +63,21 @@ def test_fixed_replicas_unless_a_ceiling_asks_for_autoscaling():
 def test_a_ceiling_below_the_floor_is_a_config_error():
     with pytest.raises(ConfigError, match="max_replicas"):
         load_config(overrides={"deploy": {"replicas": 4, "max_replicas": 2}})
+
+
+def _node(node_id, *, head=False, alive=True, store_bytes=10 * 2**30):
+    resources = {"CPU": 2.0, "object_store_memory": float(store_bytes)}
+    if head:
+        resources["node:__internal_head__"] = 1.0
+    return {"NodeID": node_id, "Alive": alive, "Resources": resources}
+
+
+def test_the_registry_goes_to_the_head_node_where_its_budget_fits():
+    from deployments.registry import head_node_for
+
+    nodes = [_node("w1"), _node("h", head=True), _node("w2")]
+    assert head_node_for(nodes, 8 * 2**30) == "h"
+    # The head's object store cannot hold the warm budget: let Ray place it.
+    assert head_node_for(nodes, 16 * 2**30) is None
+    # No live head (a cluster being rebuilt): no preference.
+    assert head_node_for([_node("w1"), _node("h", head=True, alive=False)], 2**30) is None
