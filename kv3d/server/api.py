@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kv3d.config import KV3DConfig
@@ -153,24 +154,7 @@ def build_api(
     app.state.metrics = metrics
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def check_key_and_size(request: Request, call_next):
-        # Before routing: an unauthenticated caller learns nothing, not even which routes exist.
-        if not _is_open(request.scope):
-            try:
-                request.state.tenant = guard.authenticate(request.headers.get("authorization"))
-                _check_declared_length(request, guard.limits.max_body_bytes)
-            except APIError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Gate, guard=guard, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -349,6 +333,50 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 OPEN_PATHS = ("/health", "/dashboard", "/dashboard/kv3dchart.js")
 
 
+class _Gate:
+    """Before routing, checks the caller's key and the declared body size (an unauthenticated
+    caller learns nothing, not even which routes exist); after, counts the response by route
+    and status. Plain ASGI rather than `@app.middleware("http")`, whose wrapper pipes every
+    streamed chunk through an extra task and memory stream."""
+
+    def __init__(self, app: Any, guard: Guard, metrics: ServerMetrics):
+        self.app = app
+        self.guard = guard
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not _is_open(scope):
+            headers = Headers(scope=scope)
+            try:
+                tenant = self.guard.authenticate(headers.get("authorization"))
+                _check_declared_length(headers, self.guard.limits.max_body_bytes)
+            except APIError as exc:
+                refusal = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+                await refusal(scope, receive, send)
+                self._count(scope, exc.status)
+                return
+            scope.setdefault("state", {})["tenant"] = tenant  # read back as request.state
+        status = 500  # unless a response starts: an unhandled error is answered outside
+
+        async def send_noting_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            self._count(scope, status)
+
+    def _count(self, scope: dict[str, Any], status: int) -> None:
+        endpoint = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
 def _is_open(scope: dict[str, Any]) -> bool:
     path = scope.get("path", "")
     root = scope.get("root_path", "")
@@ -363,8 +391,8 @@ def _too_large(limit_bytes: int) -> APIError:
     return APIError(413, f"request body exceeds {limit_bytes} bytes", code="request_too_large")
 
 
-def _check_declared_length(request: Request, limit_bytes: int) -> None:
-    declared = request.headers.get("content-length")
+def _check_declared_length(headers: Headers, limit_bytes: int) -> None:
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
         raise _too_large(limit_bytes)
 

@@ -50,6 +50,32 @@ def test_every_endpoint_but_health_requires_a_valid_key(engine, tok, caplog):
     assert "key-alpha" not in caplog.text and "key-beta" not in caplog.text
 
 
+def test_every_answer_is_counted_by_route_and_status(engine, tok):
+    app = app_for(engine, tok, KEYS)
+    key = "key-alpha-123"
+    refused, whole, streamed, missing = call(
+        app,
+        chat("key-wrong"),
+        chat(key),
+        chat(key, stream=True),
+        ("GET", "/v1/nowhere", {"headers": bearer(key)}),
+    )
+    assert (refused.status_code, whole.status_code, streamed.status_code) == (401, 200, 200)
+    assert missing.status_code == 404
+    assert "data: [DONE]" in streamed.text
+    (metrics,) = call(app, ("GET", "/metrics", {"headers": bearer(key)}))
+    counted = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.text.splitlines()
+        if line.startswith("kv3d_requests_total{")
+    }
+    chat_ok = 'kv3d_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    assert counted[chat_ok] == 2  # whole and streamed
+    # Refused before routing, and routed nowhere: neither names a route.
+    assert counted['kv3d_requests_total{endpoint="unmatched",status="401"}'] == 1
+    assert counted['kv3d_requests_total{endpoint="unmatched",status="404"}'] == 1
+
+
 def test_tenants_never_share_cached_prefixes_or_sessions(engine, tok):
     app = app_for(engine, tok, KEYS)
     alpha, beta = "key-alpha-123", "key-beta-456"
