@@ -40,7 +40,7 @@ class ModelReplica:
                 os.nice(0),
             )
         self._engine = Engine.from_config(cfg, replica_id=_replica_id())
-        self._stream_interval_s = cfg.server.stream_interval_ms / 1000
+        self._stream_interval_s = cfg.server.stream_interval_s("ray")
         self._snapshots: SnapshotClient | None = None
         fingerprint = self._engine.fingerprint
         if cfg.prefix.enabled and cfg.prefix.snapshots:

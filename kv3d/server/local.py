@@ -65,7 +65,7 @@ def build_local_app(config: KV3DConfig, engine: Engine):
         snapshots = LocalSnapshots(config.cache.ram_warm_mb * MIB, engine.fingerprint)
         engine.set_snapshot_sink(snapshots.publish)
     backend = LocalBackend(
-        engine, snapshots, stream_interval_s=config.server.stream_interval_ms / 1000
+        engine, snapshots, stream_interval_s=config.server.stream_interval_s("process")
     )
     guard = Guard(
         digests_from_setting(config.server.api_key),
