@@ -89,7 +89,7 @@ info=$OUT/info.log
   command -v nvcc && nvcc --version | tail -2
   cmake --version | head -1
   ninja --version 2>/dev/null | sed 's/^/ninja /'
-  nvidia-smi 2>&1 | head -20
+  timeout 20 nvidia-smi 2>&1 | head -20
   "$PY" -m pip --version
   "$PY" - <<'EOF'
 import importlib.metadata as md
@@ -104,6 +104,8 @@ EOF
   (cd "$CARRY" && sha256sum -c --quiet MANIFEST.sha256 && echo "carry: checksums ok")
 } >"$info" 2>&1
 record info ok 0 "$(elapsed)"
+timeout 20 nvidia-smi -L 2>/dev/null
+command -v nvcc >/dev/null && nvcc --version | grep -i release
 
 # --- wheels (needed by the build backend and the engine) ----------------------------------------
 run_stage wheels "$(cap 90 0)" "$info" \
