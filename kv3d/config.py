@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("~/.config/kv3d/config.json").expanduser()
 # The session delta codecs (kv3d.engine.codec modes) a tier may be configured with.
-SessionCodec = Literal["int8", "int4", "k4v2", "int2"]
+SessionCodec = Literal["int8", "int4", "k4v2", "int2", "int4r"]
 SESSION_CODECS: tuple[str, ...] = typing.get_args(SessionCodec)
 
 

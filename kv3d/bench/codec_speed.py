@@ -54,6 +54,8 @@ def time_backend(name: str, blob: bytes, repeats: int, mode: str = "int8") -> di
         "backend": type(codec.backend()).__name__,
         "encode_ms_p50": round(1000 * float(np.median(enc)), 3),
         "decode_ms_p50": round(1000 * float(np.median(dec)), 3),
+        "encode_ms_p95": round(1000 * float(np.percentile(enc, 95)), 3),
+        "decode_ms_p95": round(1000 * float(np.percentile(dec, 95)), 3),
         "delta_bytes": len(delta),
         "delta": delta,
     }

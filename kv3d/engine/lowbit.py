@@ -12,10 +12,24 @@ cell, in groups of `group_channels` channels. Each group stores an f16 minimum a
 all in f32, round half to even. A step that would carry `L * step + min` past the largest f16
 is lowered by one ulp, so that every decoded value is finite (decoders check it). Codes are
 packed little end first: a byte holds 8 / bits codes, the first in its lowest bits.
+
+Format mode 4 (`int4r`) changes two things. Key groups carry their bounds in one byte each,
+against the channel's range over the tensor's coded cells (f16 `cmin`, `cmax`, exact: keys are
+f16): with u = (cmax - cmin) / 255, a group spans [cmin + lo u, cmin + hi u], lo = floor and
+hi = ceil of its own bounds on that grid, so that step = (hi - lo) u / L; 2 bytes per group
+instead of 4. Values may be rotated first, per cell, over blocks of `block` channels by the
+orthonormal M = diag(s) H / sqrt(block) (H the Sylvester Hadamard matrix, s the signs that
+the bits of SHAKE-256("kv3d lowbit rotation") give: bit i set -> s_i = -1): y = x M, then
+coded as above, and decoded x' = y' M^T. A rotation spreads a cell's few large channels over
+the whole block, so that groups of 64 channels cost little more error than groups of 32. Every
+decoded rotated value must stay within F16_MAX / sqrt(block), so that x' = y' M^T is finite.
 This module is arrays in, arrays out; the container is `kv3d.engine.codec`.
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
 
 import numpy as np
 
@@ -90,12 +104,12 @@ def _codes(x: np.ndarray, mins: np.ndarray, steps: np.ndarray, bits: int) -> np.
     return x.astype(np.uint8)
 
 
-def params_ok(mins: np.ndarray, steps: np.ndarray, bits: int) -> bool:
+def params_ok(mins: np.ndarray, steps: np.ndarray, bits: int, limit: float = F16_MAX) -> bool:
     """Whether (min, step) pairs are ones `_affine` writes: finite, step >= 0, and every code
-    decodes to a finite f16. NaN fails every comparison."""
+    decodes within [-limit, limit] (F16_MAX: a finite f16). NaN fails every comparison."""
     m = mins.astype(np.float32)
     s = steps.astype(np.float32)
-    return bool(((s >= 0) & (m >= -F16_MAX) & (m + s * levels(bits) <= F16_MAX)).all())
+    return bool(((s >= 0) & (m >= -limit) & (m + s * levels(bits) <= limit)).all())
 
 
 # --- keys: per channel, groups along cells ------------------------------------------------------
@@ -151,11 +165,150 @@ def quantize_values(
     return mins, steps, codes.reshape(cells, channels)
 
 
-def dequantize_values_into(
-    out16: np.ndarray, mins: np.ndarray, steps: np.ndarray, codes: np.ndarray, group_channels: int
-) -> None:
+def dequantize_values(
+    mins: np.ndarray, steps: np.ndarray, codes: np.ndarray, group_channels: int
+) -> np.ndarray:
+    """The (cells, channels) f32 values that codes stand for."""
     cells, channels = codes.shape
     grouped = codes.reshape(cells, channels // group_channels, group_channels)
     x = np.multiply(grouped, steps.astype(np.float32)[..., None], dtype=np.float32)
     x += mins.astype(np.float32)[..., None]
-    out16[...] = x.reshape(cells, channels)
+    return x.reshape(cells, channels)
+
+
+def dequantize_values_into(
+    out16: np.ndarray, mins: np.ndarray, steps: np.ndarray, codes: np.ndarray, group_channels: int
+) -> None:
+    out16[...] = dequantize_values(mins, steps, codes, group_channels)
+
+
+# --- mode 4: rotation -----------------------------------------------------------------------------
+_SIGN_SEED = b"kv3d lowbit rotation"
+MAX_BLOCK = 4096
+
+
+def is_block(block: int) -> bool:
+    """Whether `block` is a rotation size: a power of two from 2 to MAX_BLOCK."""
+    return 2 <= block <= MAX_BLOCK and block & (block - 1) == 0
+
+
+@functools.lru_cache(maxsize=8)
+def rotation_matrix(block: int) -> np.ndarray:
+    """M = diag(s) H / sqrt(block), f32, read-only: orthonormal, so M^T undoes it."""
+    if not is_block(block):
+        raise ValueError(f"a rotation block is a power of two from 2 to {MAX_BLOCK}")
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < block:
+        h = np.block([[h, h], [h, -h]])
+    digest = np.frombuffer(hashlib.shake_256(_SIGN_SEED).digest(max(1, block // 8)), np.uint8)
+    signs = 1.0 - 2.0 * np.unpackbits(digest, bitorder="little")[:block].astype(np.float32)
+    m = (signs[:, None] * h / np.sqrt(np.float32(block))).astype(np.float32)
+    m.setflags(write=False)
+    return m
+
+
+def rotation_limit(block: int) -> float:
+    """The largest |y| a rotated value may decode to: then every |x' = y' M^T| <= F16_MAX."""
+    return F16_MAX / float(np.sqrt(block))
+
+
+def rotate(x: np.ndarray, block: int) -> np.ndarray:
+    """(cells, channels) -> f32 x M per block of channels (channels a multiple of block)."""
+    return _times(x.astype(np.float32).reshape(-1, block), rotation_matrix(block)).reshape(x.shape)
+
+
+def unrotate(y: np.ndarray, block: int) -> np.ndarray:
+    """(cells, channels) f32 -> y M^T per block of channels."""
+    rows = np.ascontiguousarray(y, dtype=np.float32).reshape(-1, block)
+    return _times(rows, rotation_matrix(block).T).reshape(y.shape)
+
+
+def _times(rows: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """rows @ m, as a stack of products of a few rows each: one large product lets a threaded
+    BLAS start its threads, which on a few busy cores made it 20x slower than these."""
+    block = m.shape[0]
+    chunk = max(4, (1 << 18) // (block * block))
+    out = np.empty_like(rows)
+    whole = len(rows) // chunk * chunk
+    if whole:
+        np.matmul(
+            rows[:whole].reshape(-1, chunk, block), m, out=out[:whole].reshape(-1, chunk, block)
+        )
+    if whole < len(rows):
+        np.matmul(rows[whole:], m, out=out[whole:])
+    return out
+
+
+# --- mode 4: keys with one-byte group bounds ------------------------------------------------------
+BOUND_STEPS = 255
+
+
+def _bound_grid(cmin: np.ndarray, cmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cmin, u) in f32, the grid a channel's group bounds are coded on."""
+    lo = cmin.astype(np.float32)
+    return lo, (cmax.astype(np.float32) - lo) / np.float32(BOUND_STEPS)
+
+
+def _group_affine(
+    cmin: np.ndarray, cmax: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(min, step) f32 of groups whose bound codes are lo, hi (groups, channels)."""
+    base, u = _bound_grid(cmin, cmax)
+    first = lo.astype(np.float32)
+    mins = base + first * u
+    steps = (hi.astype(np.float32) - first) * u / np.float32(levels(bits))
+    return mins, steps
+
+
+def quantize_keys_u8(
+    x16: np.ndarray, bits: int, group_tokens: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(cells, channels) f16 -> cmin, cmax (channels,) f16, lo, hi (groups, channels) u8 and
+    codes (cells, channels) u8: per channel, groups of `group_tokens` cells."""
+    cells, channels = x16.shape
+    x = x16.astype(np.float32)
+    cmin = x.min(axis=0).astype(np.float16)  # f16 values: exact
+    cmax = x.max(axis=0).astype(np.float16)
+    base, u = _bound_grid(cmin, cmax)
+    inv_u = np.divide(1.0, u, out=np.zeros_like(u), where=u > 0)
+    spans = _group_spans(cells, group_tokens)
+    blocks = [x[first:end].reshape(-1, size, channels) for first, end, size in spans]
+    lo = np.concatenate([b.min(axis=1) for b in blocks])
+    hi = np.concatenate([b.max(axis=1) for b in blocks])
+    lo = np.floor((lo - base) * inv_u)
+    hi = np.ceil((hi - base) * inv_u)
+    lo = np.clip(lo, 0, BOUND_STEPS).astype(np.uint8)
+    hi = np.clip(hi, 0, BOUND_STEPS).astype(np.uint8)
+    mins, steps = _group_affine(cmin, cmax, lo, hi, bits)
+    codes = np.empty((cells, channels), dtype=np.uint8)
+    g = 0
+    for (first, end, _), block in zip(spans, blocks, strict=True):
+        n = len(block)
+        codes[first:end] = _codes(
+            block, mins[g : g + n, None, :], steps[g : g + n, None, :], bits
+        ).reshape(end - first, channels)
+        g += n
+    return cmin, cmax, lo, hi, codes
+
+
+def bounds_ok(cmin: np.ndarray, cmax: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Whether channel ranges and group bound codes are ones `quantize_keys_u8` writes: finite
+    f16 ranges with cmin <= cmax, and lo <= hi. Then every code decodes within [cmin, cmax]
+    (to f32 rounding), a finite f16. NaN fails every comparison."""
+    a, b = cmin.astype(np.float32), cmax.astype(np.float32)
+    finite = bool(((a >= -F16_MAX) & (b <= F16_MAX) & (a <= b)).all())
+    return finite and bool((lo <= hi).all())
+
+
+def dequantize_keys_u8_into(
+    out16: np.ndarray,
+    cmin: np.ndarray,
+    cmax: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    codes: np.ndarray,
+    bits: int,
+    group_tokens: int,
+) -> None:
+    mins, steps = _group_affine(cmin, cmax, lo, hi, bits)
+    dequantize_keys_into(out16, mins, steps, codes, group_tokens)

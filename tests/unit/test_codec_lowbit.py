@@ -203,7 +203,7 @@ def edit(i, **fields):
     "change, message",
     [
         (edit(0, role=2), "malformed"),
-        (edit(0, pad=b"\x01" * 6), "malformed"),
+        (edit(0, pad=b"\x01" * 5), "malformed"),
         (edit(0, role=1), "disagrees|table says"),  # a K layer claimed as V
         (edit(2, channels=48), "whole groups"),
         (edit(1, offset=0), "overlaps"),
