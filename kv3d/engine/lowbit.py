@@ -19,10 +19,13 @@ f16): with u = (cmax - cmin) / 255, a group spans [cmin + lo u, cmin + hi u], lo
 hi = ceil of its own bounds on that grid, so that step = (hi - lo) u / L; 2 bytes per group
 instead of 4. Values may be rotated first, per cell, over blocks of `block` channels by the
 orthonormal M = diag(s) H / sqrt(block) (H the Sylvester Hadamard matrix, s the signs that
-the bits of SHAKE-256("kv3d lowbit rotation") give: bit i set -> s_i = -1): y = x M, then
-coded as above, and decoded x' = y' M^T. A rotation spreads a cell's few large channels over
-the whole block, so that groups of 64 channels cost little more error than groups of 32. Every
-decoded rotated value must stay within F16_MAX / sqrt(block), so that x' = y' M^T is finite.
+the bits of SHAKE-256("kv3d lowbit rotation") give, least significant bit of each byte first:
+bit i set -> s_i = -1): y = x M, then coded as above, and decoded x' = y' M^T. A rotation
+spreads a cell's few large channels over the whole block, so that groups of 64 channels cost
+little more error than groups of 32. Every decoded rotated value must stay within
+F16_MAX / sqrt(block), so that x' = y' M^T is finite. The products run through the BLAS NumPy
+links, so rotated codes may differ in a last bit between machines (a decoder never needs the
+encoder's exact arithmetic; mode 3 bytes stay reproducible).
 This module is arrays in, arrays out; the container is `kv3d.engine.codec`.
 """
 
