@@ -138,8 +138,9 @@ class CacheConfig(_Section):
     session_codec: SessionCodec = Field(
         "int8",
         description="How idle sessions' private KV is stored in the warm, cold and shared tiers "
-        "(hot stays exact): int8 (about 0.53x of f16, within the engine's noise), int4 / k4v2 / "
-        "int2 (4- or 2-bit keys/values, KIVI-style; see README for their measured drift).",
+        "(hot stays exact): int8 (about 0.53x of f16, within the engine's noise), int4r (about "
+        "0.28x: 4-bit keys per channel, 4-bit rotated values), int4 / k4v2 / int2 (4- or 2-bit "
+        "keys/values, KIVI-style); see README for the low-bit codecs' measured drift.",
     )
     share_sessions: bool = Field(
         True,
