@@ -53,11 +53,13 @@ def test_every_endpoint_but_health_requires_a_valid_key(engine, tok, caplog):
 def test_every_answer_is_counted_by_route_and_status(engine, tok):
     app = app_for(engine, tok, KEYS)
     key = "key-alpha-123"
+    # Its own prompt: the engine is shared, and other tests count on alpha's being cold.
+    own = {"messages": [{"role": "user", "content": "Count the requests."}]}
     refused, whole, streamed, missing = call(
         app,
         chat("key-wrong"),
-        chat(key),
-        chat(key, stream=True),
+        chat(key, **own),
+        chat(key, stream=True, **own),
         ("GET", "/v1/nowhere", {"headers": bearer(key)}),
     )
     assert (refused.status_code, whole.status_code, streamed.status_code) == (401, 200, 200)
