@@ -13,7 +13,7 @@ from kv3d.engine import codec, lowbit
 from kv3d.engine.codec import DeltaError, LowBitSpec, decode_delta, encode_delta
 from kv3d.engine.statefmt import parse_seq_state
 from tests.unit.test_codec import make_state, tensors
-from tests.unit.test_codec_lowbit import coded_start, header, reseal, table, with_table
+from tests.unit.test_codec_lowbit import coded_start, edit, header, reseal, table, with_table
 
 SPEC = LowBitSpec(4, 4, 16, 64, window_tokens=8, rotation=64)
 STATE = make_state(cells=40, channels=128, v_trans=True)
@@ -192,22 +192,13 @@ def test_a_rotation_block_wider_than_the_rotated_tensors_is_refused():
         decode_delta(reseal(delta, reserved=128))
 
 
-def set_entry(i, **fields):
-    def apply(entries):
-        for name, value in fields.items():
-            entries[i][name] = value
-        return entries
-
-    return apply
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
-        (set_entry(0, rotated=1), "cannot be rotated"),  # a K tensor
-        (set_entry(2, rotated=2), "malformed"),
-        (set_entry(2, pad=b"\x01" * 5), "malformed"),
-        (set_entry(2, rotated=0), "min or step|disagrees"),  # a rotated V read as unrotated
+        (edit(0, rotated=1), "cannot be rotated"),  # a K tensor
+        (edit(2, rotated=2), "malformed"),
+        (edit(2, pad=b"\x01" * 5), "malformed"),
+        (edit(2, rotated=0), "min or step|disagrees"),  # a rotated V read as unrotated
     ],
 )
 def test_crafted_mode_4_tables_are_refused_or_decode_finite(change, message):
