@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import sys
 import time
 from collections.abc import Iterator
 
@@ -75,9 +77,35 @@ def build_local_app(config: KV3DConfig, engine: Engine):
     return build_api(ServedModel.load(config), backend, ServerMetrics(), guard)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads so that a taken port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve_in_process(config: KV3DConfig, started_s: float | None = None) -> int:
     """Serve until SIGINT/SIGTERM, then close the engine (hot sessions to the warm tier)."""
     started_s = time.perf_counter() if started_s is None else started_s
+    host, port = config.server.host, config.server.port
+    try:
+        sock = listen_socket(host, port)
+    except OSError as exc:
+        print(f"kv3d: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(config, sock, started_s)
+    finally:
+        sock.close()
+
+
+def _serve(config: KV3DConfig, sock: socket.socket, started_s: float) -> int:
     engine = Engine.from_config(config)
     try:
         app = build_local_app(config, engine)
@@ -96,7 +124,7 @@ def serve_in_process(config: KV3DConfig, started_s: float | None = None) -> int:
         url = f"http://{config.server.host}:{config.server.port}"
 
         async def run() -> None:
-            serving = asyncio.create_task(server.serve())
+            serving = asyncio.create_task(server.serve(sockets=[sock]))
             while not server.started and not serving.done():
                 await asyncio.sleep(0.02)
             if server.started:
@@ -109,7 +137,7 @@ def serve_in_process(config: KV3DConfig, started_s: float | None = None) -> int:
 
         asyncio.run(run())
         if not server.started:
-            log.error("the HTTP server did not start on %s (is the port in use?)", url)
+            log.error("the HTTP server did not start on %s", url)
             return 1
         print("KV3D: shutting down…", flush=True)
     finally:

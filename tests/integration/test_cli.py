@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,23 @@ def test_serve_rejects_a_missing_model_before_starting_ray(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_serve_on_a_taken_port_fails_at_once_saying_so(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [*KV3D, "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            | {"HOME": str(tmp_path)},
+        )
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("runtime", ["process", "ray"])
