@@ -61,3 +61,19 @@ def chat(key: str | None = None, session: str | None = None, **body):
 def cached(response: httpx.Response) -> int:
     assert response.status_code == 200, response.text
     return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def family_body(system: str) -> dict:
+    """A 1-token greedy chat under `system` that asks for the first token's top log-probs: how
+    the prefix tests compare a recomputed prefix with a shared or restored one."""
+    return {
+        "model": "m",
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": True,
+        "top_logprobs": 10,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "How do I change the port?"},
+        ],
+    }

@@ -12,22 +12,9 @@ import pytest
 from kv3d.config import load_config
 from kv3d.engine.engine import Engine
 from kv3d.server.local import build_local_app
+from tests.integration.httpapp import family_body
 
 pytestmark = pytest.mark.integration
-
-
-def _family_body(system: str) -> dict:
-    return {
-        "model": "m",
-        "temperature": 0,
-        "max_tokens": 1,
-        "logprobs": True,
-        "top_logprobs": 10,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": "How do I change the port?"},
-        ],
-    }
 
 
 def _system(tag: str) -> str:
@@ -52,7 +39,7 @@ def test_an_evicted_family_prefix_is_restored_from_the_local_store(smollm2_path)
             "prefix": {"max_hot": 1, "snapshot_min_tokens": 32},
         }
     )
-    a, b = _family_body(_system("A")), _family_body(_system("B"))
+    a, b = family_body(_system("A")), family_body(_system("B"))
     with Engine.from_config(cfg) as engine:
         app = build_local_app(cfg, engine)
 

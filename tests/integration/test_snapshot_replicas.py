@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import app_args_from_yaml
+from tests.integration.httpapp import family_body
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +43,7 @@ def test_a_prefix_computed_on_one_replica_is_restored_on_the_other(pair_url):
     system = f"Session family {uuid.uuid4().hex}. " + (
         "You are the support assistant of an inference server company; answer in one line. " * 6
     )
-    body = {
-        "model": "m",
-        "temperature": 0,
-        "max_tokens": 1,
-        "logprobs": True,
-        "top_logprobs": 10,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": "How do I change the port?"},
-        ],
-    }
+    body = family_body(system)
     answers = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
