@@ -810,6 +810,13 @@ def _two(a: Any, b: Any) -> str:
     return f"{fmt(a)} / {fmt(b)}"
 
 
+def _computed_row(prefix: dict) -> str:
+    computed = prefix.get("computed_prompt_tokens")
+    if not computed:
+        return "n/a"
+    return _two(computed["first_turns"], computed["later_turns"])
+
+
 def workload_rows(w: dict) -> list[tuple[str, str]]:
     """(figure, value) rows of one workload report."""
     req, prefix, sessions, memory = w["requests"], w["prefix"], w["sessions"], w["memory"]
@@ -826,6 +833,7 @@ def workload_rows(w: dict) -> list[tuple[str, str]]:
         ),
         ("inter-token p50 / p95 (ms)", _two(_ms(itl["p50"]), _ms(itl["p95"]))),
         ("prefix hit rate / first turns", _two(prefix["hit_rate"], prefix["first_turn_hit_rate"])),
+        ("prompt tokens computed, first / later turns", _computed_row(prefix)),
         ("sessions resumed / p95 ms", _two(sessions["resumed"], sessions["resume_ms"]["p95"])),
         ("hot KV per session (KiB)", fmt_kib(memory["hot_bytes_per_session"])),
         ("idle session, warm tier (KiB)", fmt_kib(memory["bytes_per_warm_session"])),

@@ -259,6 +259,10 @@ def _fraction(hits: int, total: int) -> float | None:
     return round(hits / total, 4) if total else None
 
 
+def _computed(records: list[TurnRecord]) -> int:
+    return sum((r.prompt_tokens or 0) - r.cached_tokens for r in records)
+
+
 def _prefix_figures(ok: list[TurnRecord]) -> dict:
     """Hit rates from `cached_tokens`; all None where the server does not report it."""
     known = [r for r in ok if r.cached_tokens is not None]
@@ -267,6 +271,7 @@ def _prefix_figures(ok: list[TurnRecord]) -> dict:
             "hit_rate": None,
             "first_turn_hit_rate": None,
             "cached_token_fraction": None,
+            "computed_prompt_tokens": None,
             "by_source": None,
         }
     first = [r for r in known if r.turn == 0]
@@ -280,6 +285,11 @@ def _prefix_figures(ok: list[TurnRecord]) -> dict:
         # First turns can only hit a family prompt: later ones also resume their session.
         "first_turn_hit_rate": _fraction(sum(r.cached_tokens > 0 for r in first), len(first)),
         "cached_token_fraction": _fraction(sum(r.cached_tokens for r in known), prompt),
+        # What the server prefilled: the work that reuse saves, comparable across servers.
+        "computed_prompt_tokens": {
+            "first_turns": _computed(first),
+            "later_turns": _computed([r for r in known if r.turn > 0]),
+        },
         "by_source": dict(sorted(sources.items())) or None,
     }
 

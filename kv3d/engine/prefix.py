@@ -66,6 +66,13 @@ def chain_blocks(
     return blocks
 
 
+def common_prefix_tokens(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
 def block_seed(fingerprint: bytes, cache_salt: str = "") -> bytes:
     """The chain's seed: the model fingerprint, mixed with a cache salt when there is one, so
     that requests under different salts (tenants) never share a block key."""
@@ -116,7 +123,7 @@ class HotPrefix:
 @dataclass(frozen=True, slots=True)
 class PrefixMatch:
     prefix: HotPrefix
-    n_tokens: int  # how much of the prefix the prompt shares (a block end)
+    n_tokens: int  # how much of the prefix the prompt shares (token-checked)
 
 
 class PrefixCache:
@@ -138,13 +145,21 @@ class PrefixCache:
         self._num_holders = len(holder_seq_ids)
         self._by_block: dict[int, list[HotPrefix]] = {}
         self._prefixes: dict[int, HotPrefix] = {}  # by holder seq id
+        self._sessions: dict[str, HotPrefix] = {}  # the current hot turn of each session
         self.on_evict: Callable[[HotPrefix], None] | None = None
         self.version = 0  # bumped whenever the set of hot prefixes changes
 
     # --- lookups --------------------------------------------------------------------------------
-    def match(self, blocks: Sequence[Block], prompt: Sequence[int]) -> PrefixMatch | None:
-        """The deepest block of `blocks` held hot whose tokens equal the prompt's."""
-        best = None
+    def match(
+        self, blocks: Sequence[Block], prompt: Sequence[int], session_key: str | None = None
+    ) -> PrefixMatch | None:
+        """The hot prefix that shares the most of the prompt, and how much: found by its
+        deepest block (or, for an idle session, by `session_key`), then taken token by token
+        as far as its cells and the prompt agree, never to the prompt's last token (whose
+        logits pick the first generated token). Past the last whole block counts too: an
+        idle session keeps its whole history, so the next turn recomputes only what is new."""
+        limit = len(prompt) - 1
+        candidates: list[HotPrefix] = []
         for block in blocks:
             end = block.end_tokens
             want = tuple(prompt[:end])
@@ -159,7 +174,17 @@ class PrefixCache:
             ]
             if not found:
                 break
-            best = PrefixMatch(max(found, key=lambda p: p.n_tokens), end)
+            candidates = found
+        session = self._sessions.get(session_key) if session_key else None
+        if session is not None and session not in candidates:
+            candidates = [*candidates, session]
+        best = None
+        for prefix in candidates:
+            n = common_prefix_tokens(prefix.tokens, prompt, limit)
+            if prefix.parent is not None and n <= prefix.parent_tokens:
+                continue  # shares no cell the session owns: that is a family prefix hit
+            if n > 0 and (best is None or n > best.n_tokens):
+                best = PrefixMatch(prefix, n)
         return best
 
     def peek(self, blocks: Sequence[Block]) -> int:
@@ -207,6 +232,7 @@ class PrefixCache:
         """Keep a finished sequence's history hot as an idle session (a child of `parent`)."""
         prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
         prefix.session_key = key
+        self._sessions[key] = prefix  # a newer turn of the conversation replaces the older
         self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         if parent is not None:
             self._ref(parent)  # pinned: the child's first cells are the parent's
@@ -307,6 +333,8 @@ class PrefixCache:
     def _drop(self, prefix: HotPrefix) -> None:
         self.ctx.seq_remove(prefix.seq_id)
         del self._prefixes[prefix.seq_id]
+        if prefix.session_key is not None and self._sessions.get(prefix.session_key) is prefix:
+            del self._sessions[prefix.session_key]
         self.version += 1
         for block in prefix.blocks:
             holders = self._by_block.get(block.key, [])
@@ -328,6 +356,9 @@ class PrefixCache:
             for prefix in holders:
                 assert prefix.seq_id in self._prefixes, "index points at an evicted prefix"
                 assert any(b.key == key for b in prefix.blocks)
+        for key, session in self._sessions.items():
+            assert self._prefixes.get(session.seq_id) is session, "a session index entry is stale"
+            assert session.session_key == key
         for prefix in self._prefixes.values():
             if prefix.parent is not None:
                 assert prefix.parent.seq_id in self._prefixes, "a child outlived its parent"

@@ -193,7 +193,7 @@ class PrefixReuse:
     def cells_already_hot(self, pending: Pending) -> int:
         """Prompt cells a hot prefix holds for this request (token-checked), which `admit`
         shares into it: the budget need not reserve them."""
-        match = self.cache.match(self.blocks_of(pending), pending.request.prompt_tokens)
+        match = self.match(pending)
         return match.n_tokens if match is not None else 0
 
     def make_room(self, cells: int) -> None:
@@ -216,7 +216,8 @@ class PrefixReuse:
         return any(b.key in self._in_flight and b.end_tokens > hot for b in blocks)
 
     def match(self, pending: Pending) -> PrefixMatch | None:
-        return self.cache.match(self.blocks_of(pending), pending.request.prompt_tokens)
+        req = pending.request
+        return self.cache.match(self.blocks_of(pending), req.prompt_tokens, req.session_id)
 
     def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         """Share a hot prefix, else restore the request's snapshot, else plan to register the

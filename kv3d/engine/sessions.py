@@ -27,11 +27,9 @@ import logging
 import time
 from concurrent.futures import Future
 
-import numpy as np
-
 from kv3d.engine.generation import GenerationRequest
 from kv3d.engine.memory import load_cells
-from kv3d.engine.prefix import Block, HotPrefix, PrefixMatch
+from kv3d.engine.prefix import Block, HotPrefix, PrefixMatch, common_prefix_tokens
 from kv3d.engine.reuse import Admission, PrefixReuse
 from kv3d.engine.scheduler import Pending, SeqProgress
 from kv3d.engine.statefmt import build_seq_state, cells_from, parse_seq_state
@@ -52,12 +50,6 @@ def same_conversation(kept_key: str, new_key: str) -> bool:
     if kept_key == new_key:
         return True
     return kept_key.startswith(AUTO_SESSION_PREFIX) and new_key.startswith(AUTO_SESSION_PREFIX)
-
-
-def common_prefix_tokens(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if len(diff) else n
 
 
 class PrivateCells:
@@ -306,8 +298,10 @@ class Sessions:
         request: GenerationRequest,
         key: str,
     ) -> bool:
-        """Keep the history's whole blocks hot as an idle session, so the next turn shares its
-        cells. False when there is nothing private to keep or no free holder."""
+        """Keep the whole history hot as an idle session, so the next turn shares its cells
+        and computes only what is new (its blocks index it for auto sessions and routing; a
+        tail shorter than a block is found by the session's key). False when there is nothing
+        private to keep or no free holder."""
         blocks = self.reuse.blocks_for(history + (0,), request.family_tokens, request.cache_salt)
         parent, shared = admission.prefix, admission.prefix_tokens
         if parent is not None and parent.session_key is not None:
@@ -318,10 +312,9 @@ class Sessions:
             # Either way the new session hangs off the family prefix, not off another session.
             parent, shared = parent.parent, parent.parent_tokens
         cache = self.reuse.cache
-        if not blocks or blocks[-1].end_tokens <= shared or not cache.free_a_holder():
+        if not blocks or len(history) <= shared or not cache.free_a_holder():
             return False
-        end = blocks[-1].end_tokens
-        session = cache.keep_session(progress.slot, history[:end], blocks, key, parent, shared)
+        session = cache.keep_session(progress.slot, history, blocks, key, parent, shared)
         # The kept cells leave the sequence's reservation: the session holds them now.
         self.reuse.budget.unreserve(progress.slot, session.owned_cells)
         return True

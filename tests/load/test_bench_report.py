@@ -245,6 +245,8 @@ def test_summary_counts_hit_rates_and_memory():
     assert report["prefix"]["hit_rate"] == round(2 / 3, 4)
     assert report["prefix"]["first_turn_hit_rate"] == 0.5
     assert report["prefix"]["by_source"] == {"hot": 2, "miss": 1}
+    # 400 + 100 prefilled in the first turns, 20 in the later one (the timeout is not counted)
+    assert report["prefix"]["computed_prompt_tokens"] == {"first_turns": 500, "later_turns": 20}
     assert report["sessions"]["resumed_from"] == {"warm": 1}
     assert report["sessions"]["resume_ms"]["p95"] == 4.0
     assert report["ttft_s"]["p50"] <= report["ttft_s"]["p95"]

@@ -66,6 +66,47 @@ def test_a_finished_conversation_stays_hot_and_its_next_turn_shares_its_cells(st
     h.check()
 
 
+def test_a_hot_session_keeps_its_tail_past_the_last_whole_block(store):
+    # 40 family + 25 private + 4 reply = 69 tokens: whole blocks of 8 end at 64, and the next
+    # turn shares all 69 (llama.cpp's server reuses any common token prefix too).
+    h = Harness(store=store)
+    private = tuple(range(1, 26))
+    progress, _ = h.admit(h.submit(request("t1", private, "chat-1")))
+    h.prefill(progress)
+    h.generate(progress, REPLY1)
+    cells = h.memory.values(progress.slot)
+    h.finish(progress, REPLY1)
+    history = len(FAMILY + private + REPLY1)
+    (kept,) = [p for p in h.reuse.cache.hot() if p.session_key == "chat-1"]
+    assert kept.n_tokens == history and kept.owned_cells == history - len(FAMILY)
+    h.check()
+    progress, adm = h.admit(h.submit(request("t2", private + REPLY1 + TURN2, "chat-1")))
+    assert adm.prefix is kept and adm.cached_tokens == history
+    assert progress.num_computed_tokens == history
+    assert h.memory.values(progress.slot) == cells
+    h.check()
+
+
+def test_a_short_session_is_kept_hot_and_found_by_its_id(store):
+    # Nothing private fills a whole block: the session is still kept hot, and only a request
+    # with its id (not another conversation of the family) shares its cells.
+    h = Harness(store=store)
+    private = (1, 2)
+    progress, _ = h.admit(h.submit(request("t1", private, "chat-1")))
+    h.prefill(progress)
+    h.generate(progress, REPLY1)
+    h.finish(progress, REPLY1)
+    store.flush()
+    assert store.stats()["sessions_warm"] == 0 and h.reuse.stats()["hot_idle_sessions"] == 1
+    turn2 = private + REPLY1 + TURN2
+    other, adm_other = h.admit(h.submit(request("o", turn2, "chat-2")))
+    assert adm_other.cached_tokens == len(FAMILY) and adm_other.prefix.session_key is None
+    progress, adm = h.admit(h.submit(request("t2", turn2, "chat-1")))
+    assert adm.prefix.session_key == "chat-1"
+    assert adm.cached_tokens == len(FAMILY + private + REPLY1)
+    h.check()
+
+
 def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
     h = Harness(store=store, holders=1)  # the family prefix takes the only holder
     cells = first_turn(h)
