@@ -78,9 +78,13 @@ def build_local_app(config: KV3DConfig, engine: Engine):
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads so that a taken port fails at once."""
+    """The server's socket, bound before the model loads so that a taken port fails at once.
+
+    Made with the protocol named: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    connections whose socket says it is TCP, and with Nagle on, a short response's last write
+    waits for the client's delayed ACK (~40 ms on Linux) on every request."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
