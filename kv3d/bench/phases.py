@@ -22,6 +22,7 @@ policy (deployments/compare.py deploys the app for each).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -65,6 +66,18 @@ class RawStream:
     ext: dict | None
 
 
+async def send_once_more_if_stale(
+    http: httpx.AsyncClient, request: httpx.Request, *, stream: bool = True
+) -> httpx.Response:
+    """Send `request`, and once more on a new connection when the server closed the kept-alive
+    one before answering: llama-server drops idle connections, and a request that raced that
+    close was never read, so it is not the server's failure to count."""
+    try:
+        return await http.send(request, stream=stream)
+    except httpx.RemoteProtocolError:
+        return await http.send(request, stream=stream)
+
+
 async def read_chat_stream(
     http: httpx.AsyncClient,
     url: str,
@@ -80,10 +93,9 @@ async def read_chat_stream(
     usage = ext = None
     text: list[str] = []
     finished = False
+    request = http.build_request("POST", f"{url}/v1/chat/completions", json=body, headers=headers)
     try:
-        async with http.stream(
-            "POST", f"{url}/v1/chat/completions", json=body, headers=headers
-        ) as r:
+        async with contextlib.aclosing(await send_once_more_if_stale(http, request)) as r:
             if r.status_code != 200:
                 raise StreamError(f"http_{r.status_code}", repr((await r.aread())[:200]))
             async for line in r.aiter_lines():
@@ -526,7 +538,8 @@ async def one_token_latency(
         if vary is not None:
             body["messages"] = [*messages[:-1], {**messages[-1], "content": vary(i)}]
         started = time.perf_counter()
-        r = await http.post(f"{url}/v1/chat/completions", json=body)
+        request = http.build_request("POST", f"{url}/v1/chat/completions", json=body)
+        r = await send_once_more_if_stale(http, request, stream=False)
         if r.status_code != 200:
             raise StreamError(f"http_{r.status_code}", r.text[:200])
         latencies.append(time.perf_counter() - started)

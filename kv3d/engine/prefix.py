@@ -37,8 +37,9 @@ class Block:
 def cut_points(n_tokens: int, block_tokens: int, boundary: int | None = None) -> list[int]:
     """Block ends for `n_tokens` tokens: every `block_tokens`, restarting at `boundary`.
 
-    Only whole blocks are listed (a tail shorter than a block is recomputed, never guessed),
-    except that the block ending at `boundary` may be short.
+    Only whole blocks are listed (a tail shorter than a block has no key: it is never found by
+    itself, only shared token by token beyond a prefix its blocks or session id found), except
+    that the block ending at `boundary` may be short.
     """
     ends: list[int] = []
     start = 0
