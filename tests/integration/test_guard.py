@@ -156,6 +156,9 @@ def test_repeated_state_restore_failures_trip_safe_mode(tok):
         e.ctx.set_seq_state = refuse  # …that llama.cpp now refuses to restore
         for n in range(3):
             e.reuse.cache.evict_unused(10**9)  # the sessions must come back from the warm tier
+            # What the engine thread does after each step it evicts in: without it, the next
+            # request would still see its session listed as hot and fetch nothing to restore.
+            e._refresh_hot_view()
             e.sessions.flush()
             (r,) = call(app, chat(session=f"s{n}", max_tokens=8))
             assert r.status_code == 200  # each still answered, by recomputing
