@@ -152,6 +152,15 @@ class CacheConfig(_Section):
         description="Keep every conversation, also without X-Session-ID / user: a request whose "
         "tokens extend an earlier one's history resumes it.",
     )
+    idle_session_rent: float = Field(
+        1.0,
+        ge=0.0,
+        description="An idle session kept in the KV cache slows every step of the sequences "
+        "running beside it (attention covers every used cell): it moves to the warm tier once "
+        "that cost, measured as the engine runs, reaches this many times what a demotion and a "
+        "resume cost (measured too). Higher keeps sessions hot longer; 0 = only when memory is "
+        "needed.",
+    )
 
 
 class ModelConfig(_Section):

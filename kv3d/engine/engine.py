@@ -55,6 +55,7 @@ from kv3d.engine.llama import (
 from kv3d.engine.logprobs import log_softmax_top, token_logprob
 from kv3d.engine.modelfile import cache_fingerprint
 from kv3d.engine.pacing import StepPacer
+from kv3d.engine.rent import IdleRent
 from kv3d.engine.reuse import Admission, NoReuse, PrefixReuse, Publish
 from kv3d.engine.safemode import SafeMode
 from kv3d.engine.scheduler import (
@@ -175,7 +176,12 @@ class Engine:
                 cold_budget_bytes=settings.cold_budget_bytes,
                 codec=settings.session_codec,
             )
-            self.sessions = Sessions(self.reuse, store, auto=settings.auto_sessions)
+            self.sessions = Sessions(
+                self.reuse,
+                store,
+                auto=settings.auto_sessions,
+                rent=IdleRent(settings.idle_session_rent),
+            )
         self._live: dict[int, _Live] = {}
         self._hot_view = CacheView()
         self._hot_view_version = 0
@@ -267,8 +273,11 @@ class Engine:
 
         `snapshot` is an encoded prefix snapshot fetched for this request (any bytes-like
         object); it is verified before use and ignored when it does not apply. A request for
-        n > 1 completions runs as n sequences in one stream (see `choices.py`).
+        n > 1 completions runs as n sequences in one stream (see `choices.py`). An empty
+        prompt is the caller's error (ValueError): there is no token to decode from.
         """
+        if not request.prompt_tokens:
+            raise ValueError(f"request {request.request_id} has an empty prompt")
         if request.n > 1:
             self._submit_choices(request, emit, snapshot)
             return
@@ -435,19 +444,19 @@ class Engine:
             **self._counters,
             **reuse,
             **self.sessions.stats(),
-            kv_bytes_used=self._kv_bytes_used(reuse.get("hot_prefix_cells", 0)),
+            kv_bytes_used=self._cells_used() * self._bytes_per_cell,
             sessions_hot=len(sched.running) + reuse.get("hot_idle_sessions", 0),
             safe_mode=int(self.safe_mode),
             safe_mode_reason=self.safe.reason,
         )
 
-    def _kv_bytes_used(self, hot_prefix_cells: int) -> int:
-        cells = hot_prefix_cells
-        cells += sum(
+    def _cells_used(self) -> int:
+        """KV cells in use: hot prefixes and sessions, and what running sequences computed
+        beyond the prefix they share."""
+        return self.budget.held_cells + sum(
             live.progress.num_computed_tokens - live.admission.prefix_tokens
             for live in list(self._live.values())
         )
-        return cells * self._bytes_per_cell
 
     def check_invariants(self) -> None:
         """Slots, the KV budget and the hot prefixes agree, and every reference on a hot prefix
@@ -531,10 +540,15 @@ class Engine:
                 self._fail(chunk.slot, f"decode failed: {exc}")
             return 0
         step_ms = (time.perf_counter() - t0) * 1000.0
-        self.pacer.observe(decoding, self.batch.n_tokens - decoding, step_ms)
+        prefill = self.batch.n_tokens - decoding
+        cells_used = self._cells_used()  # before advancing: what this step attended over
+        self.pacer.observe(decoding, prefill, step_ms)
         self._count_step(chunks)
         for chunk, row in zip(chunks, rows, strict=True):
             self._guarded(chunk.slot, self._advance, chunk, row)
+        per_token_ms = self.pacer.prefill_ms_per_token
+        recompute_s = per_token_ms / 1000.0 if per_token_ms else None
+        self.sessions.after_step(decoding, prefill, cells_used, step_ms / 1000.0, recompute_s)
         return len(chunks)
 
     def _guarded(self, slot: int, fn: Callable, *args) -> None:

@@ -48,14 +48,15 @@ class StepPacer:
         """Learn from one finished step: its decode and prompt token counts and wall time."""
         if prefill_tokens == 0:
             if decode_tokens > 0:
-                self.decode_ms = _ema(self.decode_ms, step_ms)
+                self.decode_ms = ema(self.decode_ms, step_ms)
             return
         decode_part = (self.decode_ms or 0.0) if decode_tokens else 0.0
         per_token = max(step_ms - decode_part, 0.0) / prefill_tokens
-        self.prefill_ms_per_token = _ema(self.prefill_ms_per_token, per_token)
+        self.prefill_ms_per_token = ema(self.prefill_ms_per_token, per_token)
 
 
-def _ema(current: float | None, sample: float) -> float:
+def ema(current: float | None, sample: float, weight: float = EMA_WEIGHT) -> float:
+    """Exponential moving average of measured costs; the first sample starts it."""
     if current is None:
         return sample
-    return current + EMA_WEIGHT * (sample - current)
+    return current + weight * (sample - current)

@@ -111,6 +111,7 @@ class HotPrefix:
     session_key: str | None = None
     superseded: bool = False  # a newer turn of the same session replaced it
     tenant: str = ""  # who the prefix belongs to (GenerationRequest.tenant), for figures only
+    idle_mark: float = 0.0  # the cache's idle clock when it last became unreferenced
 
     @property
     def n_tokens(self) -> int:
@@ -148,6 +149,8 @@ class PrefixCache:
         self._prefixes: dict[int, HotPrefix] = {}  # by holder seq id
         self._sessions: dict[str, HotPrefix] = {}  # the current hot turn of each session
         self.on_evict: Callable[[HotPrefix], None] | None = None
+        # Read when a prefix becomes idle (`HotPrefix.idle_mark`): the idle rent clock.
+        self.idle_clock: Callable[[], float] = lambda: 0.0
         self.version = 0  # bumped whenever the set of hot prefixes changes
 
     # --- lookups --------------------------------------------------------------------------------
@@ -176,9 +179,15 @@ class PrefixCache:
             if not found:
                 break
             candidates = found
+        # An idle session whose own cells are a tail shorter than a block has no block of its
+        # own to be found by: it is found as a child of the prefix the blocks matched.
+        children = [
+            p for p in self._sessions.values() if p.parent in candidates and not p.superseded
+        ]
         session = self._sessions.get(session_key) if session_key else None
-        if session is not None and session not in candidates:
-            candidates = [*candidates, session]
+        if session is not None:
+            children.append(session)
+        candidates = [*candidates, *(p for p in children if p not in candidates)]
         best = None
         for prefix in candidates:
             n = common_prefix_tokens(prefix.tokens, prompt, limit)
@@ -207,8 +216,10 @@ class PrefixCache:
     def release(self, prefix: HotPrefix) -> None:
         prefix.refs -= 1
         prefix.last_used_s = time.monotonic()
-        if prefix.superseded and prefix.refs == 0:
-            self._drop(prefix)  # its cells live on in the newer turn that replaced it
+        if prefix.refs == 0:
+            prefix.idle_mark = self.idle_clock()
+            if prefix.superseded:
+                self._drop(prefix)  # its cells live on in the newer turn that replaced it
 
     # --- admission of new prefixes -------------------------------------------------------------
     def register_from(
@@ -233,10 +244,18 @@ class PrefixCache:
         """Keep a finished sequence's history hot as an idle session (a child of `parent`)."""
         prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
         prefix.session_key = key
+        prefix.idle_mark = self.idle_clock()
+        older = self._sessions.get(key)
         self._sessions[key] = prefix  # a newer turn of the conversation replaces the older
         self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         if parent is not None:
             self._ref(parent)  # pinned: the child's first cells are the parent's
+        if older is not None:
+            # One hot turn per session: an older one nobody uses would hold a holder and its
+            # cells with no way left to find it.
+            older.superseded = True
+            if older.refs == 0:
+                self._drop(older)
         return prefix
 
     def restore(
@@ -274,6 +293,17 @@ class PrefixCache:
                 freed += prefix.owned_cells
                 self._evict(prefix)
         return freed
+
+    def idle_sessions(self) -> list[HotPrefix]:
+        """Idle sessions (hot, unreferenced), longest idle by the idle clock first."""
+        idle = [p for p in self._sessions.values() if p.refs == 0 and not p.superseded]
+        return sorted(idle, key=lambda p: p.idle_mark)
+
+    def evict(self, prefix: HotPrefix) -> None:
+        """Evict one unreferenced prefix now (`on_evict` sees it first)."""
+        if prefix.refs != 0:
+            raise ValueError(f"prefix {prefix.key:016x} is in use: {prefix.refs} references")
+        self._evict(prefix)
 
     def free_a_holder(self) -> bool:
         """Make sure a holder sequence is free, evicting the least recently used idle prefix."""

@@ -8,7 +8,9 @@ cells private to it, and it lives in one of these places:
 - **hot**: kept in the KV cache as an idle child of its family prefix (`keep`), while there is
   a free holder sequence; the next turn shares its cells exactly;
 - **warm / cold / shared**: its private cells as an int8 delta in `SessionStore` (`park`), when
-  it could not stay hot or was evicted from the cache under pressure (`demote`).
+  it could not stay hot, was evicted from the cache under pressure, or had cost the sequences
+  running beside it more attention time than a demotion and a resume cost (`demote`; the rule
+  is in `rent.py`).
 
 A returning request takes its stored session off the store at submit (decoded on the store's
 worker thread while it waits: the engine admits it only once that is done, so nothing here ever
@@ -30,6 +32,7 @@ from concurrent.futures import Future
 from kv3d.engine.generation import GenerationRequest
 from kv3d.engine.memory import load_cells
 from kv3d.engine.prefix import Block, HotPrefix, PrefixMatch, common_prefix_tokens
+from kv3d.engine.rent import IdleRent
 from kv3d.engine.reuse import Admission, PrefixReuse
 from kv3d.engine.scheduler import Pending, SeqProgress
 from kv3d.engine.statefmt import build_seq_state, cells_from, parse_seq_state
@@ -38,6 +41,9 @@ from kv3d.engine.tiers import Resumable, SessionStore, SharedSessions
 log = logging.getLogger(__name__)
 
 AUTO_SESSION_PREFIX = "auto:"  # sessions detected from their history, keyed by its last block
+# Most idle sessions demoted for rent after one step: each costs the step thread a state export,
+# and a burst of them would stall the running streams for one long step.
+MAX_RENT_DEMOTIONS_PER_STEP = 2
 
 
 def auto_session_key(block_key: int) -> str:
@@ -75,13 +81,23 @@ class Sessions:
     prefix. Engine thread, except the methods marked "any thread".
     """
 
-    def __init__(self, reuse: PrefixReuse, store: SessionStore, *, auto: bool):
+    def __init__(
+        self,
+        reuse: PrefixReuse,
+        store: SessionStore,
+        *,
+        auto: bool,
+        rent: IdleRent | None = None,
+    ):
         self.reuse = reuse
         self.store = store
         self.auto = auto
         self.fingerprint = reuse.fingerprint
+        self.rent = rent if rent is not None else IdleRent()
+        self.rent_demotions = 0
         self._memory = reuse.cache.ctx
         reuse.cache.on_evict = self.demote
+        reuse.cache.idle_clock = lambda: self.rent.paid_s_per_cell
 
     # --- any thread -------------------------------------------------------------------------
     def take_for(
@@ -113,7 +129,7 @@ class Sessions:
         return self.store.recent_ids(limit)
 
     def stats(self) -> dict[str, float]:
-        return self.store.stats()
+        return {**self.store.stats(), "session_rent_demotions_total": self.rent_demotions}
 
     def set_shared(self, shared: SharedSessions) -> None:
         self.store.shared = shared
@@ -187,6 +203,7 @@ class Sessions:
         admission.cached_tokens = common
         admission.resume_s = resumable.decode_s + time.perf_counter() - started
         admission.resume_tier = resumable.tier
+        self.rent.resumed(admission.resume_s, common - p)
         return admission
 
     def _resumable(self, pending: Pending) -> Resumable | None:
@@ -227,6 +244,7 @@ class Sessions:
         admission.cached_tokens = common - p
         admission.resume_s = resumable.decode_s + time.perf_counter() - started
         admission.resume_tier = resumable.tier
+        self.rent.resumed(admission.resume_s, common - p)
 
     def _defer(
         self, resumable: Resumable, blocks: list[Block], progress: SeqProgress, tenant: str
@@ -326,14 +344,37 @@ class Sessions:
             shared = prefix.parent_tokens  # a resumed turn: keep all that is not the family's
         return shared, PrivateCells(self._memory.seq_state(slot), shared)
 
+    def after_step(
+        self,
+        decode_tokens: int,
+        prefill_tokens: int,
+        cells_used: int,
+        step_s: float,
+        recompute_s_per_cell: float | None,
+    ) -> None:
+        """Charge the step's rent to the idle sessions, and demote those that have paid their
+        price (the longest idle first, a few per step)."""
+        self.rent.recompute_s_per_cell = recompute_s_per_cell
+        self.rent.after_step(decode_tokens, prefill_tokens, cells_used, step_s)
+        demoted = 0
+        for prefix in self.reuse.cache.idle_sessions():
+            if demoted == MAX_RENT_DEMOTIONS_PER_STEP or not self.rent.due(prefix.idle_mark):
+                break  # sorted by idle mark: if this one is not due, none after it is
+            self.reuse.cache.evict(prefix)
+            self.rent_demotions += 1
+            demoted += 1
+
     def demote(self, prefix: HotPrefix) -> None:
-        """An idle session leaves the KV cache (LRU, under pressure): into the warm tier."""
+        """An idle session leaves the KV cache (LRU under pressure, or its rent paid): into
+        the warm tier."""
         if prefix.session_key is None:
             return
+        started = time.perf_counter()
         blob = PrivateCells(self._memory.seq_state(prefix.seq_id), prefix.parent_tokens)
         self.store.park(
             prefix.session_key, self.fingerprint, prefix.tokens, prefix.parent_tokens, blob
         )
+        self.rent.demoted(time.perf_counter() - started, prefix.owned_cells)
 
     def close(self) -> None:
         """Park every idle session kept hot (shutdown, scale-down), then store what is pending:
@@ -378,6 +419,9 @@ class NoSessions:
         pass
 
     def keep(self, request, admission, progress, output_ids) -> None:
+        pass
+
+    def after_step(self, *step) -> None:
         pass
 
     def close(self) -> None:

@@ -45,6 +45,7 @@ class EngineSettings:
     cold_budget_bytes: int = 0  # 0: unbounded
     session_codec: str = "int8"  # warm, cold and shared tiers; hot stays exact
     prefill_slowdown_max: float = 0.0  # 0: prompt chunks never held back for decoding streams
+    idle_session_rent: float = 0.0  # 0: idle sessions leave the cache only under pressure
 
     @classmethod
     def from_config(cls, config: KV3DConfig) -> EngineSettings:
@@ -76,6 +77,7 @@ class EngineSettings:
             cold_budget_bytes=config.cache.ssd_cold_mb * MIB,
             session_codec=config.cache.session_codec,
             auto_sessions=config.cache.auto_sessions,
+            idle_session_rent=config.cache.idle_session_rent,
             safe_mode=config.server.safe_mode,
             canary_period_s=config.server.canary_period_s,
         )

@@ -157,6 +157,13 @@ _ENGINE_SERIES = (
         "Sessions that left the warm tier for lack of room (on disk with a cold tier).",
     ),
     (
+        "session_rent_demotions_total",
+        "kv3d_session_rent_demotions",
+        "counter",
+        "Idle sessions moved from the KV cache to the warm tier because attending over their "
+        "cells had cost the running sequences more than a demotion and a resume.",
+    ),
+    (
         "session_drops_total",
         "kv3d_session_evictions",
         "counter",

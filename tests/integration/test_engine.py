@@ -175,6 +175,17 @@ def test_request_beyond_the_cache_is_rejected_and_engine_keeps_serving(engine, t
     assert isinstance(ok, Finished)
 
 
+def test_an_empty_prompt_is_the_callers_error_and_the_engine_keeps_serving(engine, tokenizer):
+    # Nothing to decode from: accepted, it would sit in a slot that no step can advance.
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit(req((), 4), lambda event: None)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit(req((), 4, n=2), lambda event: None)
+    _, _, ok = asyncio.run(run(engine, req(chat_tokens(tokenizer, "Hi"), 4)))
+    assert isinstance(ok, Finished)
+    assert engine.stats().running_sequences == 0
+
+
 def test_queue_bound_answers_429_with_retry_after(tokenizer):
     cfg = engine_config(max_sequences=1)
     cfg.server.max_queued_requests = 0

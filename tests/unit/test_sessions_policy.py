@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kv3d.engine.generation import GenerationRequest
+from kv3d.engine.rent import IdleRent
 from kv3d.engine.sessions import AUTO_SESSION_PREFIX, auto_session_key, same_conversation
 from kv3d.engine.tiers import SessionStore
 from tests.unit.fakememory import Harness
@@ -87,10 +88,11 @@ def test_a_hot_session_keeps_its_tail_past_the_last_whole_block(store):
     h.check()
 
 
-def test_a_short_session_is_kept_hot_and_found_by_its_id(store):
-    # Nothing private fills a whole block: the session is still kept hot, and only a request
-    # with its id (not another conversation of the family) shares its cells.
-    h = Harness(store=store)
+def test_a_short_session_is_kept_hot_and_found_as_a_child_of_its_family(store):
+    # Nothing private fills a whole block: the session is still kept hot, found by its id or as
+    # a child of the family prefix the blocks match, and shared exactly as far as its tokens
+    # agree with the prompt; another conversation sharing it does not replace it.
+    h = Harness(store=store, holders=8)
     private = (1, 2)
     progress, _ = h.admit(h.submit(request("t1", private, "chat-1")))
     h.prefill(progress)
@@ -98,13 +100,41 @@ def test_a_short_session_is_kept_hot_and_found_by_its_id(store):
     h.finish(progress, REPLY1)
     store.flush()
     assert store.stats()["sessions_warm"] == 0 and h.reuse.stats()["hot_idle_sessions"] == 1
+    history = len(FAMILY + private + REPLY1)
     turn2 = private + REPLY1 + TURN2
     other, adm_other = h.admit(h.submit(request("o", turn2, "chat-2")))
-    assert adm_other.cached_tokens == len(FAMILY) and adm_other.prefix.session_key is None
+    assert adm_other.prefix.session_key == "chat-1" and adm_other.cached_tokens == history
+    diverged, adm_diverged = h.admit(h.submit(request("d", (1, 9, 9, 9), "chat-3")))
+    # It agrees with the session on one token past the family: those cells are shared too.
+    assert adm_diverged.prefix.session_key == "chat-1"
+    assert adm_diverged.cached_tokens == len(FAMILY) + 1
     progress, adm = h.admit(h.submit(request("t2", turn2, "chat-1")))
-    assert adm.prefix.session_key == "chat-1"
-    assert adm.cached_tokens == len(FAMILY + private + REPLY1)
-    h.check()
+    assert adm.prefix.session_key == "chat-1" and adm.cached_tokens == history
+    for running in (other, diverged, progress):
+        h.prefill(running)
+        h.finish(running)
+        h.check()
+    sessions = {p.session_key for p in h.reuse.cache.hot() if p.session_key is not None}
+    assert sessions == {"chat-1", "chat-2", "chat-3"}  # chat-1's newer turn replaced its older
+
+
+def test_an_auto_session_shorter_than_a_block_is_found_again_and_kept_once(store):
+    # The same short request repeated without an id or a family: the first registers its whole
+    # blocks (16 tokens) as a prefix, and the 4 tokens past them stay hot as an auto session.
+    # Each repeat shares all of it (computes only its last token) and replaces it rather than
+    # piling up copies that nothing can find.
+    h = Harness(store=store, auto_sessions=True)
+    prompt = tuple(range(1, 21))
+    for i in range(4):
+        pending = h.submit(GenerationRequest(f"r{i}", prompt, 4))
+        progress, adm = h.admit(pending)
+        if i > 0:
+            assert adm.prefix.session_key is not None
+            assert adm.cached_tokens == len(prompt) - 1
+        h.prefill(progress)
+        h.finish(progress, (70,))
+        h.check()
+    assert h.reuse.stats()["hot_idle_sessions"] == 1
 
 
 def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
@@ -247,4 +277,76 @@ def test_a_deferred_resume_is_admitted_on_no_shared_cells(store):
     progress, adm = h.admit(pending)
     assert adm.deferred_session is not None
     assert h.budget.reserved_by(progress.slot) == pending.cells_needed
+    h.check()
+
+
+def charge_until_due(h: Harness, session_key: str, max_steps=1000) -> int:
+    """Run decode steps of 4 tokens over 3,000 cells until the session leaves the cache."""
+    for steps in range(1, max_steps + 1):
+        h.sessions.after_step(4, 0, 3000, 0.1, None)
+        if not any(p.session_key == session_key for p in h.reuse.cache.hot()):
+            return steps
+    raise AssertionError(f"{session_key} still hot after {max_steps} steps")
+
+
+def rent_known(h: Harness) -> IdleRent:
+    """An idle rent whose cell cost is known (1 µs per cell and token) and price is 0.1 ms."""
+    rent = IdleRent()
+    rent.cost.s_per_cell_token = 1e-6
+    rent.resumed(1e-4, 1)
+    h.sessions.rent = rent
+    return rent
+
+
+def test_an_idle_session_is_demoted_once_the_steps_beside_it_paid_its_price(store):
+    h = Harness(store=store)
+    rent_known(h)
+    cells = first_turn(h)
+    # 4 tokens × 1 µs per step against a 100 µs price: due after 25 steps.
+    assert charge_until_due(h, "chat-1") == 25
+    store.flush()
+    assert store.holds("chat-1") and h.sessions.stats()["session_rent_demotions_total"] == 1
+    family = [p for p in h.reuse.cache.hot() if p.session_key is None]
+    assert len(family) == 1 and family[0].n_tokens == len(FAMILY)  # the family stays hot
+    h.check()
+    progress, adm = h.admit(h.submit(second_turn_request()))
+    assert adm.resume_tier == "warm" and adm.cached_tokens == len(FAMILY + TURN1 + REPLY1)
+    restored = h.memory.values(progress.slot)
+    assert all(abs(restored[p] - v) <= 0.02 * abs(v) for p, v in cells.items())
+    h.check()
+
+
+def test_a_session_stays_hot_while_no_step_runs_and_the_longest_idle_goes_first(store):
+    h = Harness(store=store, holders=4)
+    rent = rent_known(h)
+    first_turn(h, "chat-1")
+    for _ in range(20):
+        h.sessions.after_step(4, 0, 3000, 0.1, None)
+    progress, _ = h.admit(h.submit(request("b1", tuple(range(300, 320)), "chat-2")))
+    h.prefill(progress)
+    h.finish(progress, REPLY1)
+    paid = rent.paid_s_per_cell
+    # chat-1 has paid 80 of its 100 µs, chat-2 nothing: 5 steps later only chat-1 is due.
+    for _ in range(5):
+        h.sessions.after_step(4, 0, 3000, 0.1, None)
+    hot = {p.session_key for p in h.reuse.cache.hot()}
+    assert "chat-1" not in hot and "chat-2" in hot
+    assert rent.paid_s_per_cell == pytest.approx(paid + 20e-6)
+    h.check()
+
+
+def test_an_idle_session_in_use_by_a_running_sequence_is_not_charged(store):
+    h = Harness(store=store)
+    rent = rent_known(h)
+    first_turn(h)
+    (session,) = [p for p in h.reuse.cache.hot() if p.session_key == "chat-1"]
+    # Another conversation whose prompt starts with chat-1's history attaches to its cells.
+    progress, adm = h.admit(h.submit(request("x", TURN1 + REPLY1 + (90, 91, 92))))
+    assert adm.prefix is session and session.refs == 1
+    for _ in range(100):
+        h.sessions.after_step(4, 0, 3000, 0.1, None)
+    assert session in h.reuse.cache.hot()
+    h.prefill(progress)
+    h.finish(progress)
+    assert session.idle_mark == rent.paid_s_per_cell  # idle again from now
     h.check()
