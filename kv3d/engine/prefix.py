@@ -95,7 +95,7 @@ def reusable_blocks(
     return chain_blocks(usable, block_tokens, seed, boundary)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: two hot prefixes are never the same one
 class HotPrefix:
     key: int  # key of its last block: the family id
     tokens: tuple[int, ...]
@@ -179,20 +179,25 @@ class PrefixCache:
             if not found:
                 break
             candidates = found
-        # An idle session whose own cells are a tail shorter than a block has no block of its
-        # own to be found by: it is found as a child of the prefix the blocks matched.
-        children = [
-            p for p in self._sessions.values() if p.parent in candidates and not p.superseded
-        ]
         session = self._sessions.get(session_key) if session_key else None
-        if session is not None:
-            children.append(session)
-        candidates = [*candidates, *(p for p in children if p not in candidates)]
+        if session is not None and session not in candidates:
+            candidates = [*candidates, session]
+        # An idle session whose own cells are a tail shorter than a block has no block of its
+        # own to be found by: it is found as a child of the prefix the blocks matched, when the
+        # prompt repeats all of its history (its next turn; not another conversation that only
+        # opens the same way, which would pin it, and for auto sessions replace it).
+        continued = [
+            p
+            for p in self._sessions.values()
+            if p.parent in candidates and not p.superseded and p not in candidates
+        ]
         best = None
-        for prefix in candidates:
+        for prefix in [*candidates, *continued]:
             n = common_prefix_tokens(prefix.tokens, prompt, limit)
             if prefix.parent is not None and n <= prefix.parent_tokens:
                 continue  # shares no cell the session owns: that is a family prefix hit
+            if prefix in continued and n < min(prefix.n_tokens, limit):
+                continue
             if n > 0 and (best is None or n > best.n_tokens):
                 best = PrefixMatch(prefix, n)
         return best

@@ -89,9 +89,9 @@ def test_a_hot_session_keeps_its_tail_past_the_last_whole_block(store):
 
 
 def test_a_short_session_is_kept_hot_and_found_as_a_child_of_its_family(store):
-    # Nothing private fills a whole block: the session is still kept hot, found by its id or as
-    # a child of the family prefix the blocks match, and shared exactly as far as its tokens
-    # agree with the prompt; another conversation sharing it does not replace it.
+    # Nothing private fills a whole block: the session is still kept hot, found by its id or,
+    # for a prompt that repeats its whole history, as a child of the family prefix the blocks
+    # match; another conversation sharing it does not replace it.
     h = Harness(store=store, holders=8)
     private = (1, 2)
     progress, _ = h.admit(h.submit(request("t1", private, "chat-1")))
@@ -105,9 +105,10 @@ def test_a_short_session_is_kept_hot_and_found_as_a_child_of_its_family(store):
     other, adm_other = h.admit(h.submit(request("o", turn2, "chat-2")))
     assert adm_other.prefix.session_key == "chat-1" and adm_other.cached_tokens == history
     diverged, adm_diverged = h.admit(h.submit(request("d", (1, 9, 9, 9), "chat-3")))
-    # It agrees with the session on one token past the family: those cells are shared too.
-    assert adm_diverged.prefix.session_key == "chat-1"
-    assert adm_diverged.cached_tokens == len(FAMILY) + 1
+    # It opens like the session (one token past the family) but does not repeat its history:
+    # it gets the family prefix alone, and neither pins nor replaces the session.
+    assert adm_diverged.prefix.session_key is None
+    assert adm_diverged.cached_tokens == len(FAMILY)
     progress, adm = h.admit(h.submit(request("t2", turn2, "chat-1")))
     assert adm.prefix.session_key == "chat-1" and adm.cached_tokens == history
     for running in (other, diverged, progress):
