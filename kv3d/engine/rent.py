@@ -34,18 +34,20 @@ CELLS_SCALE = 1000.0
 
 @dataclass
 class AttentionCost:
-    """Seconds one used KV cell adds to a step per token in the batch, fitted on decode-only
-    steps as step_s ≈ a + b·tokens + c·tokens·cells (weighted least squares, recent steps
-    weighing more). Invariant: `s_per_cell_token` is None until the fit is determined (steps
-    of different sizes and fills seen) and is never negative."""
+    """Seconds one used KV cell adds to a step per token in the batch, fitted on every step as
+    step_s ≈ a + b·decode_tokens + c·prompt_tokens + d·tokens·cells (weighted least squares,
+    recent steps weighing more; decode and prompt tokens cost differently, on a GPU by far).
+    Invariant: `s_per_cell_token` (d) is None until the fit is determined (steps of different
+    sizes and fills seen) and is never negative."""
 
-    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
-    _xty: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((4, 4)))
+    _xty: np.ndarray = field(default_factory=lambda: np.zeros(4))
     _observations: int = 0
     s_per_cell_token: float | None = None
 
-    def observe(self, tokens: int, cells: int, step_s: float) -> None:
-        x = np.array([1.0, tokens, tokens * cells / CELLS_SCALE])
+    def observe(self, decode_tokens: int, prefill_tokens: int, cells: int, step_s: float):
+        tokens = decode_tokens + prefill_tokens
+        x = np.array([1.0, decode_tokens, prefill_tokens, tokens * cells / CELLS_SCALE])
         self._xtx = DECAY * self._xtx + np.outer(x, x)
         self._xty = DECAY * self._xty + step_s * x
         self._observations += 1
@@ -53,10 +55,14 @@ class AttentionCost:
             self._fit()
 
     def _fit(self) -> None:
-        if np.linalg.cond(self._xtx) > 1e10:
+        seen = np.flatnonzero(np.diag(self._xtx) > 0)  # no prompt chunk yet: fit without it
+        if seen[-1] != 3:
+            return
+        xtx = self._xtx[np.ix_(seen, seen)]
+        if np.linalg.cond(xtx) > 1e10:
             return  # every step alike so far: the cells' share is not determined yet
-        coef = np.linalg.solve(self._xtx, self._xty)
-        self.s_per_cell_token = max(float(coef[2]) / CELLS_SCALE, 0.0)
+        coef = np.linalg.solve(xtx, self._xty[seen])
+        self.s_per_cell_token = max(float(coef[-1]) / CELLS_SCALE, 0.0)
 
 
 @dataclass
@@ -78,8 +84,7 @@ class IdleRent:
 
     def after_step(self, decode_tokens: int, prefill_tokens: int, cells: int, step_s: float):
         """Charge one step: each idle cell made every token in it attend over one more cell."""
-        if prefill_tokens == 0 and decode_tokens > 0:
-            self.cost.observe(decode_tokens, cells, step_s)
+        self.cost.observe(decode_tokens, prefill_tokens, cells, step_s)
         per_token = self.cost.s_per_cell_token
         if per_token:
             self.paid_s_per_cell += per_token * (decode_tokens + prefill_tokens)
