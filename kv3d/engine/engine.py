@@ -142,9 +142,11 @@ class Engine:
         self.kv_cells_total = self.ctx.n_ctx_cells
         self._bytes_per_cell = self.model.kv_bytes_per_cell(settings.kv_type)
         self.batch = LlamaBatch(settings.batch_tokens)
+        round_trip_s_per_cell = None
         if reuse_on:
             # Not on this thread: only the step thread may keep an OpenMP team (see on_own_thread).
             check = on_own_thread(run_self_check, self.model, self.ctx, self.batch)
+            round_trip_s_per_cell = check.round_trip_s_per_cell
             if not check.ok:
                 reuse_on = False
                 self.safe.trip(f"start-up self-check failed: {check.reason}")
@@ -180,7 +182,9 @@ class Engine:
                 self.reuse,
                 store,
                 auto=settings.auto_sessions,
-                rent=IdleRent(settings.idle_session_rent),
+                rent=IdleRent(
+                    settings.idle_session_rent, round_trip_s_per_cell=round_trip_s_per_cell
+                ),
             )
         self._live: dict[int, _Live] = {}
         self._hot_view = CacheView()

@@ -70,14 +70,17 @@ class IdleRent:
     """The rent clock and the price of demoting an idle session, both in seconds per cell.
 
     Invariant: `paid_s_per_cell` never decreases. Until a resume has been measured, the price
-    is what recomputing the cells would cost (`recompute_s_per_cell`, the engine's measured
-    prefill cost per token: an upper bound, since a session that cannot be resumed is
-    recomputed); until either is known, and until the attention cost is, no session is
-    demoted by rent (only by memory pressure, least recently used first)."""
+    is the start-up self-check's timed round trip of a short sequence through export, codec
+    and restore (`round_trip_s_per_cell`; its fixed costs spread over few cells make it high,
+    never low), else what recomputing the cells would cost (`recompute_s_per_cell`, the
+    measured prefill cost per token: an upper bound, since a session that cannot be resumed is
+    recomputed); until one is known, and until the attention cost is, no session is demoted
+    by rent (only by memory pressure, least recently used first)."""
 
     factor: float = 1.0  # rent paid before demoting, in prices; 0 = never demote by rent
     cost: AttentionCost = field(default_factory=AttentionCost)
     paid_s_per_cell: float = 0.0
+    round_trip_s_per_cell: float | None = None
     recompute_s_per_cell: float | None = None
     _demote_s_per_cell: float | None = None
     _resume_s_per_cell: float | None = None
@@ -101,12 +104,11 @@ class IdleRent:
 
     @property
     def price_s_per_cell(self) -> float | None:
-        resume = self._resume_s_per_cell
-        if resume is None:
-            resume = self.recompute_s_per_cell
-        if resume is None:
-            return None
-        return (self._demote_s_per_cell or 0.0) + resume
+        if self._resume_s_per_cell is not None:
+            return (self._demote_s_per_cell or 0.0) + self._resume_s_per_cell
+        if self.round_trip_s_per_cell is not None:
+            return self.round_trip_s_per_cell
+        return self.recompute_s_per_cell
 
     def due(self, idle_mark_s_per_cell: float) -> bool:
         """Whether a session idle since the clock read `idle_mark_s_per_cell` has paid its

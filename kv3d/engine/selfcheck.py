@@ -13,6 +13,7 @@ compute a short sequence, export its state, and check that
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,9 @@ class SelfCheck:
     # False: the check could not run to the end for lack of KV cells (a full cache is no
     # evidence about the state format): neither a pass nor a failure.
     conclusive: bool = True
+    # What moving a sequence out of the cache and back cost per cell (state export, int8
+    # encode and decode, restore): the price of demoting an idle session, before one is timed.
+    round_trip_s_per_cell: float | None = None
 
 
 def run_self_check(
@@ -75,7 +79,9 @@ def _check(
     for seq in seq_ids:
         ctx.seq_remove(seq)
     _decode(ctx, batch, history, 0, seq_id=computed)
+    export_started = time.perf_counter()
     state = ctx.seq_state(computed)
+    export_s = time.perf_counter() - export_started
     expected = _next_logits(ctx, batch, last, len(history), seq_id=computed)
 
     if build_seq_state(parse_seq_state(state)) != state:
@@ -90,11 +96,13 @@ def _check(
         return SelfCheck(False, f"a restored state drifts (KL {_kl(expected, got):.3g})")
 
     ctx.seq_remove(restored)
+    round_trip_started = time.perf_counter()
     ctx.set_seq_state(restored, decode_delta(encode_delta(state, "int8")))
+    round_trip_s = export_s + time.perf_counter() - round_trip_started
     kl = _kl(expected, _next_logits(ctx, batch, last, len(history), seq_id=restored))
     if not kl <= CODEC_KL_LIMIT:
         return SelfCheck(False, f"the int8 codec moves the next token's distribution (KL {kl:.3g})")
-    return SelfCheck(True)
+    return SelfCheck(True, round_trip_s_per_cell=round_trip_s / len(history))
 
 
 def _decode(ctx: LlamaContext, batch: LlamaBatch, tokens: list[int], start: int, seq_id: int):
