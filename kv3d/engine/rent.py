@@ -30,6 +30,8 @@ DECAY = 0.99
 MIN_OBSERVATIONS = 16
 # Cells are counted in thousands in the fit, to keep its normal equations well conditioned.
 CELLS_SCALE = 1000.0
+# Standard errors by which the fitted cost of a cell must exceed zero before rent is charged.
+MIN_T_STAT = 3.0
 
 
 @dataclass
@@ -38,10 +40,14 @@ class AttentionCost:
     step_s ≈ a + b·decode_tokens + c·prompt_tokens + d·tokens·cells (weighted least squares,
     recent steps weighing more; decode and prompt tokens cost differently, on a GPU by far).
     Invariant: `s_per_cell_token` (d) is None until the fit is determined (steps of different
-    sizes and fills seen) and is never negative."""
+    sizes and fills seen) and d stands out of the steps' noise (`MIN_T_STAT` standard errors
+    above zero), so that rent is charged only for a cost the steps have shown; never negative.
+    """
 
     _xtx: np.ndarray = field(default_factory=lambda: np.zeros((4, 4)))
     _xty: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    _yty: float = 0.0
+    _weight: float = 0.0  # the decayed number of observations
     _observations: int = 0
     s_per_cell_token: float | None = None
 
@@ -50,6 +56,8 @@ class AttentionCost:
         x = np.array([1.0, decode_tokens, prefill_tokens, tokens * cells / CELLS_SCALE])
         self._xtx = DECAY * self._xtx + np.outer(x, x)
         self._xty = DECAY * self._xty + step_s * x
+        self._yty = DECAY * self._yty + step_s * step_s
+        self._weight = DECAY * self._weight + 1.0
         self._observations += 1
         if self._observations >= MIN_OBSERVATIONS:
             self._fit()
@@ -58,11 +66,18 @@ class AttentionCost:
         seen = np.flatnonzero(np.diag(self._xtx) > 0)  # no prompt chunk yet: fit without it
         if seen[-1] != 3:
             return
-        xtx = self._xtx[np.ix_(seen, seen)]
+        xtx, xty = self._xtx[np.ix_(seen, seen)], self._xty[seen]
         if np.linalg.cond(xtx) > 1e10:
             return  # every step alike so far: the cells' share is not determined yet
-        coef = np.linalg.solve(xtx, self._xty[seen])
-        self.s_per_cell_token = max(float(coef[-1]) / CELLS_SCALE, 0.0)
+        inverse = np.linalg.inv(xtx)
+        coef = inverse @ xty
+        residual = max(self._yty - float(coef @ xty), 0.0)
+        variance = residual / max(self._weight - len(seen), 1.0)
+        stderr = float(np.sqrt(variance * inverse[-1, -1]))
+        slope = float(coef[-1])
+        self.s_per_cell_token = (
+            slope / CELLS_SCALE if slope > 0 and slope >= MIN_T_STAT * stderr else None
+        )
 
 
 @dataclass
