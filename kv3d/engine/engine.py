@@ -550,9 +550,7 @@ class Engine:
         self._count_step(chunks)
         for chunk, row in zip(chunks, rows, strict=True):
             self._guarded(chunk.slot, self._advance, chunk, row)
-        per_token_ms = self.pacer.prefill_ms_per_token
-        recompute_s = per_token_ms / 1000.0 if per_token_ms else None
-        self.sessions.after_step(decoding, prefill, cells_used, step_ms / 1000.0, recompute_s)
+        self.sessions.after_step(decoding, prefill, cells_used, step_ms / 1000.0)
         return len(chunks)
 
     def _guarded(self, slot: int, fn: Callable, *args) -> None:

@@ -28,6 +28,8 @@ from kv3d.engine.pacing import ema
 DECAY = 0.99
 # Steps of varied size needed before the attention cost is trusted.
 MIN_OBSERVATIONS = 16
+# Steps between two fits: a fit (a 4x4 solve) costs tens of microseconds, a step milliseconds.
+FIT_EVERY_STEPS = 8
 # Cells are counted in thousands in the fit, to keep its normal equations well conditioned.
 CELLS_SCALE = 1000.0
 # Standard errors by which the fitted cost of a cell must exceed zero before rent is charged.
@@ -59,7 +61,7 @@ class AttentionCost:
         self._yty = DECAY * self._yty + step_s * step_s
         self._weight = DECAY * self._weight + 1.0
         self._observations += 1
-        if self._observations >= MIN_OBSERVATIONS:
+        if self._observations >= MIN_OBSERVATIONS and self._observations % FIT_EVERY_STEPS == 0:
             self._fit()
 
     def _fit(self) -> None:
@@ -87,21 +89,20 @@ class IdleRent:
     Invariant: `paid_s_per_cell` never decreases. Until a resume has been measured, the price
     is the start-up self-check's timed round trip of a short sequence through export, codec
     and restore (`round_trip_s_per_cell`; its fixed costs spread over few cells make it high,
-    never low), else what recomputing the cells would cost (`recompute_s_per_cell`, the
-    measured prefill cost per token: an upper bound, since a session that cannot be resumed is
-    recomputed); until one is known, and until the attention cost is, no session is demoted
+    never low); until a price is known, and until the attention cost is, no session is demoted
     by rent (only by memory pressure, least recently used first)."""
 
     factor: float = 1.0  # rent paid before demoting, in prices; 0 = never demote by rent
     cost: AttentionCost = field(default_factory=AttentionCost)
     paid_s_per_cell: float = 0.0
     round_trip_s_per_cell: float | None = None
-    recompute_s_per_cell: float | None = None
     _demote_s_per_cell: float | None = None
     _resume_s_per_cell: float | None = None
 
     def after_step(self, decode_tokens: int, prefill_tokens: int, cells: int, step_s: float):
         """Charge one step: each idle cell made every token in it attend over one more cell."""
+        if self.factor <= 0:
+            return  # never demoted by rent: nothing to fit or charge
         self.cost.observe(decode_tokens, prefill_tokens, cells, step_s)
         per_token = self.cost.s_per_cell_token
         if per_token:
@@ -121,9 +122,7 @@ class IdleRent:
     def price_s_per_cell(self) -> float | None:
         if self._resume_s_per_cell is not None:
             return (self._demote_s_per_cell or 0.0) + self._resume_s_per_cell
-        if self.round_trip_s_per_cell is not None:
-            return self.round_trip_s_per_cell
-        return self.recompute_s_per_cell
+        return self.round_trip_s_per_cell
 
     def due(self, idle_mark_s_per_cell: float) -> bool:
         """Whether a session idle since the clock read `idle_mark_s_per_cell` has paid its
@@ -132,10 +131,3 @@ class IdleRent:
         if self.factor <= 0 or price is None or self.cost.s_per_cell_token is None:
             return False
         return self.paid_s_per_cell - idle_mark_s_per_cell >= self.factor * price
-
-    def stats(self) -> dict[str, float]:
-        return {
-            "idle_rent_paid_seconds_per_cell": self.paid_s_per_cell,
-            "idle_rent_price_seconds_per_cell": self.price_s_per_cell or 0.0,
-            "attention_seconds_per_cell_token": self.cost.s_per_cell_token or 0.0,
-        }

@@ -350,11 +350,9 @@ class Sessions:
         prefill_tokens: int,
         cells_used: int,
         step_s: float,
-        recompute_s_per_cell: float | None,
     ) -> None:
         """Charge the step's rent to the idle sessions, and demote those that have paid their
         price (the longest idle first, a few per step)."""
-        self.rent.recompute_s_per_cell = recompute_s_per_cell
         self.rent.after_step(decode_tokens, prefill_tokens, cells_used, step_s)
         demoted = 0
         for prefix in self.reuse.cache.idle_sessions():

@@ -88,10 +88,9 @@ def test_a_session_is_due_once_its_rent_reaches_the_measured_price():
     assert steps == pytest.approx(210e-6 / per_step, abs=1.5)
 
 
-def test_the_price_is_a_measured_resume_else_the_start_up_round_trip_else_a_recompute():
+def test_the_price_is_a_measured_resume_else_the_start_up_round_trip():
     rent = trained(IdleRent())
-    rent.recompute_s_per_cell = 0.004
-    assert rent.price_s_per_cell == pytest.approx(0.004)
+    assert rent.price_s_per_cell is None
     rent.round_trip_s_per_cell = 0.0005
     assert rent.price_s_per_cell == pytest.approx(0.0005)
     rent.demoted(0.002, 200)

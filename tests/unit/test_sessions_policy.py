@@ -284,7 +284,7 @@ def test_a_deferred_resume_is_admitted_on_no_shared_cells(store):
 def charge_until_due(h: Harness, session_key: str, max_steps=1000) -> int:
     """Run decode steps of 4 tokens over 3,000 cells until the session leaves the cache."""
     for steps in range(1, max_steps + 1):
-        h.sessions.after_step(4, 0, 3000, 0.1, None)
+        h.sessions.after_step(4, 0, 3000, 0.1)
         if not any(p.session_key == session_key for p in h.reuse.cache.hot()):
             return steps
     raise AssertionError(f"{session_key} still hot after {max_steps} steps")
@@ -322,14 +322,14 @@ def test_a_session_stays_hot_while_no_step_runs_and_the_longest_idle_goes_first(
     rent = rent_known(h)
     first_turn(h, "chat-1")
     for _ in range(20):
-        h.sessions.after_step(4, 0, 3000, 0.1, None)
+        h.sessions.after_step(4, 0, 3000, 0.1)
     progress, _ = h.admit(h.submit(request("b1", tuple(range(300, 320)), "chat-2")))
     h.prefill(progress)
     h.finish(progress, REPLY1)
     paid = rent.paid_s_per_cell
     # chat-1 has paid 80 of its 100 µs, chat-2 nothing: 5 steps later only chat-1 is due.
     for _ in range(5):
-        h.sessions.after_step(4, 0, 3000, 0.1, None)
+        h.sessions.after_step(4, 0, 3000, 0.1)
     hot = {p.session_key for p in h.reuse.cache.hot()}
     assert "chat-1" not in hot and "chat-2" in hot
     assert rent.paid_s_per_cell == pytest.approx(paid + 20e-6)
@@ -345,7 +345,7 @@ def test_an_idle_session_in_use_by_a_running_sequence_is_not_charged(store):
     progress, adm = h.admit(h.submit(request("x", TURN1 + REPLY1 + (90, 91, 92))))
     assert adm.prefix is session and session.refs == 1
     for _ in range(100):
-        h.sessions.after_step(4, 0, 3000, 0.1, None)
+        h.sessions.after_step(4, 0, 3000, 0.1)
     assert session in h.reuse.cache.hot()
     h.prefill(progress)
     h.finish(progress)
