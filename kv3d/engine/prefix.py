@@ -184,8 +184,10 @@ class PrefixCache:
             candidates = [*candidates, session]
         # An idle session whose own cells are a tail shorter than a block has no block of its
         # own to be found by: it is found as a child of the prefix the blocks matched, when the
-        # prompt repeats all of its history (its next turn; not another conversation that only
-        # opens the same way, which would pin it, and for auto sessions replace it).
+        # prompt goes on past all of its history (its next turn). Not another conversation that
+        # only opens the same way (it would pin the session, and for auto sessions replace it),
+        # nor a repeat of its prompt: that shares the whole blocks and computes the rest as the
+        # first request did, so that the same request gives the same logits.
         continued = [
             p
             for p in self._sessions.values()
@@ -196,7 +198,7 @@ class PrefixCache:
             n = common_prefix_tokens(prefix.tokens, prompt, limit)
             if prefix.parent is not None and n <= prefix.parent_tokens:
                 continue  # shares no cell the session owns: that is a family prefix hit
-            if prefix in continued and n < min(prefix.n_tokens, limit):
+            if prefix in continued and n < prefix.n_tokens:
                 continue
             if n > 0 and (best is None or n > best.n_tokens):
                 best = PrefixMatch(prefix, n)
@@ -250,17 +252,10 @@ class PrefixCache:
         prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
         prefix.session_key = key
         prefix.idle_mark = self.idle_clock()
-        older = self._sessions.get(key)
         self._sessions[key] = prefix  # a newer turn of the conversation replaces the older
         self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))
         if parent is not None:
             self._ref(parent)  # pinned: the child's first cells are the parent's
-        if older is not None:
-            # One hot turn per session: an older one nobody uses would hold a holder and its
-            # cells with no way left to find it.
-            older.superseded = True
-            if older.refs == 0:
-                self._drop(older)
         return prefix
 
     def restore(

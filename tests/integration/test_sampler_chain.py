@@ -129,6 +129,13 @@ def test_grammar_constrains_the_output(model, ctx):
     assert out.rstrip(".").isdigit(), out
 
 
+def test_a_seed_fixes_the_draws_for_the_same_logits(model, ctx):
+    hot = SamplingParams(temperature=0.8, seed=5)
+    first = generate(model, ctx, hot, seed=5)
+    assert generate(model, ctx, hot, seed=5) == first
+    assert generate(model, ctx, hot, seed=6) != first
+
+
 def test_a_bad_grammar_raises_and_compiles_false(model):
     for bad in ("root ::= (", "start ::= [a-z]", "root ::= root [a-z]"):
         assert not grammar_compiles(model, bad)

@@ -119,23 +119,23 @@ def test_a_short_session_is_kept_hot_and_found_as_a_child_of_its_family(store):
     assert sessions == {"chat-1", "chat-2", "chat-3"}  # chat-1's newer turn replaced its older
 
 
-def test_an_auto_session_shorter_than_a_block_is_found_again_and_kept_once(store):
+def test_an_auto_session_shorter_than_a_block_is_found_by_its_next_turn(store):
     # The same short request repeated without an id or a family: the first registers its whole
     # blocks (16 tokens) as a prefix, and the 4 tokens past them stay hot as an auto session.
-    # Each repeat shares all of it (computes only its last token) and replaces it rather than
-    # piling up copies that nothing can find.
+    # A repeat shares the whole blocks and computes the rest as the first did (the same logits);
+    # a next turn, whose prompt goes on past the history, shares all of it.
     h = Harness(store=store, auto_sessions=True)
     prompt = tuple(range(1, 21))
     for i in range(4):
-        pending = h.submit(GenerationRequest(f"r{i}", prompt, 4))
-        progress, adm = h.admit(pending)
+        progress, adm = h.admit(h.submit(GenerationRequest(f"r{i}", prompt, 4)))
         if i > 0:
-            assert adm.prefix.session_key is not None
-            assert adm.cached_tokens == len(prompt) - 1
+            assert adm.prefix.session_key is None and adm.cached_tokens == 16
         h.prefill(progress)
         h.finish(progress, (70,))
         h.check()
-    assert h.reuse.stats()["hot_idle_sessions"] == 1
+    progress, adm = h.admit(h.submit(GenerationRequest("next", prompt + (90, 91), 4)))
+    assert adm.prefix.session_key is not None and adm.cached_tokens == len(prompt)
+    h.check()
 
 
 def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
