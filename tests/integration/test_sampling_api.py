@@ -1,5 +1,6 @@
 """Penalties, min_p and logit_bias end to end: the official `openai` client against the real
-Serve application. Greedy or seeded, so every comparison is of fixed outputs."""
+Serve application. Greedy or seeded, and two generations are compared token by token while the
+model's logits are the same (tests/integration/sameness.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections import Counter
 import httpx
 import openai
 import pytest
+
+from tests.integration.sameness import Step, assert_same_while_logits_are, completion_steps
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +28,12 @@ def tokens(client, prompt: str = LOOP, max_tokens: int = 24, **kw) -> list[str]:
     """The generated tokens (their text), by the completions endpoint's logprobs."""
     r = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, logprobs=0, **kw)
     return r.choices[0].logprobs.tokens
+
+
+def steps(client, prompt: str = LOOP, max_tokens: int = 24, **kw) -> list[Step]:
+    """The generated tokens with the top log-probabilities of the logits they came from."""
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, logprobs=5, **kw)
+    return completion_steps(r.choices[0])
 
 
 def repeats(toks: list[str]) -> int:
@@ -59,17 +68,18 @@ def test_presence_penalty_changes_a_seeded_generation(client):
 
 def test_repetition_penalty_and_its_repeat_penalty_alias(client):
     base = tokens(client, temperature=0)
-    by_name = tokens(client, temperature=0, extra_body={"repetition_penalty": 1.5})
-    by_alias = tokens(client, temperature=0, extra_body={"repeat_penalty": 1.5})
-    assert by_name == by_alias
-    assert repeats(by_name) < repeats(base)
+    by_name = steps(client, temperature=0, extra_body={"repetition_penalty": 1.5})
+    by_alias = steps(client, temperature=0, extra_body={"repeat_penalty": 1.5})
+    assert_same_while_logits_are(by_name, by_alias)
+    assert repeats([s.token for s in by_name]) < repeats(base)
 
 
 def test_min_p_one_keeps_only_the_top_token(client):
-    greedy = tokens(client, prompt="The ocean is", max_tokens=12, temperature=0)
+    greedy = steps(client, prompt="The ocean is", max_tokens=12, temperature=0)
     hot = dict(prompt="The ocean is", max_tokens=12, temperature=2.0, seed=3)
-    assert tokens(client, **hot) != greedy  # free sampling at temperature 2 wanders
-    assert tokens(client, extra_body={"min_p": 1.0}, **hot) == greedy
+    # Free sampling at temperature 2 wanders.
+    assert tokens(client, **hot) != [s.token for s in greedy]
+    assert_same_while_logits_are(steps(client, extra_body={"min_p": 1.0}, **hot), greedy)
 
 
 def test_logit_bias_removes_the_first_token_and_forces_another(client, server_url):

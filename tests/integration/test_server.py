@@ -13,6 +13,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.fuzzbodies import EDGE, request_bytes
+from tests.integration.sameness import (
+    Step,
+    assert_same_while_logits_are,
+    chat_steps,
+    completion_steps,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -79,8 +85,15 @@ def test_chat_completion_any_model_name(client):
 
 
 def test_chat_completion_streaming_matches_non_streaming(client):
-    kwargs = dict(model="m", messages=ask("Count to five."), temperature=0, max_tokens=24)
-    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    kwargs = dict(
+        model="m",
+        messages=ask("Count to five."),
+        temperature=0,
+        max_tokens=24,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0]
     chunks = list(
         client.chat.completions.create(
             stream=True, stream_options={"include_usage": True}, **kwargs
@@ -94,24 +107,30 @@ def test_chat_completion_streaming_matches_non_streaming(client):
     assert finishes in (["stop"], ["length"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2
-    # Same prompt, same lone-sequence chunking: greedy decoding gives the same text.
-    assert text == full
+    streamed = [
+        Step(c.token, {t.token: t.logprob for t in c.top_logprobs})
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for c in chunk.choices[0].logprobs.content
+    ]
+    assert "".join(s.token for s in streamed) == text  # the stream's logprobs cover its text
+    # Greedy decoding gives the same text for the same logits.
+    if assert_same_while_logits_are(streamed, chat_steps(whole)) == len(streamed):
+        assert text == whole.message.content
 
 
 def test_completions_endpoint(client):
-    r = client.completions.create(
-        model="m", prompt="The capital of France is", max_tokens=8, temperature=0
-    )
+    kwargs = dict(model="m", prompt="The capital of France is", max_tokens=8, temperature=0)
+    r = client.completions.create(logprobs=5, **kwargs)
     assert r.object == "text_completion" and r.choices[0].text
     assert r.usage.completion_tokens <= 8
-    streamed = "".join(
-        c.choices[0].text
-        for c in client.completions.create(
-            model="m", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
-        )
-        if c.choices
-    )
-    assert streamed == r.choices[0].text
+    chunks = [c for c in client.completions.create(stream=True, logprobs=5, **kwargs) if c.choices]
+    streamed = [s for c in chunks if c.choices[0].logprobs for s in completion_steps(c.choices[0])]
+    text = "".join(c.choices[0].text for c in chunks)
+    assert "".join(s.token for s in streamed) == text
+    # Greedy decoding gives the same text for the same logits.
+    if assert_same_while_logits_are(streamed, completion_steps(r.choices[0])) == len(streamed):
+        assert text == r.choices[0].text
 
 
 def test_sampling_with_seed_is_reproducible(client):
@@ -123,10 +142,13 @@ def test_sampling_with_seed_is_reproducible(client):
         seed=1234,
         max_tokens=12,
         extra_body={"top_k": 40},
+        logprobs=True,
+        top_logprobs=5,
     )
-    a = client.chat.completions.create(**kwargs).choices[0].message.content
-    b = client.chat.completions.create(**kwargs).choices[0].message.content
-    assert a == b
+    a = client.chat.completions.create(**kwargs).choices[0]
+    b = client.chat.completions.create(**kwargs).choices[0]
+    # The same seed draws the same tokens for the same logits.
+    assert_same_while_logits_are(chat_steps(a), chat_steps(b))
 
 
 def test_stop_sequence(client):
