@@ -27,6 +27,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from kv3d.config import KV3DConfig
 from kv3d.engine.budget import KVBudget
 from kv3d.engine.choices import ChoiceGroup, choice_requests
@@ -90,6 +92,7 @@ class _Live:
     admission: Admission
     admitted_by: PrefixReuse | NoReuse  # releases what it admitted, even after safe mode
     output_ids: list[int]
+    prompt_logits: np.ndarray | None = None  # what its prompt gave: kept with its session
 
 
 class Engine:
@@ -644,6 +647,11 @@ class Engine:
         live = _Live(pending, progress, sampler, text, admission, self.reuse, [])
         self._live[progress.slot] = live
         self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
+        if progress.num_computed_tokens == len(req.prompt_tokens):
+            # A repeat of a prompt kept hot with its logits: nothing to compute, and the
+            # first token is drawn from the logits the first request had.
+            live.prompt_logits = admission.prefix.logits
+            self._guarded(progress.slot, self._next_token, progress.slot, live, None)
 
     def _fill_batch(self, chunks: list[Chunk]) -> list[int]:
         """Write the chunks into the batch; returns each chunk's logits row (or -1)."""
@@ -678,13 +686,26 @@ class Engine:
             self.sessions.after_prefix(live.admission, progress)
         if row < 0:
             return  # a prefill chunk that is not the prompt's last
+        if chunk.prefill:
+            # ~4 bytes a vocabulary entry, kept only while its session is hot.
+            live.prompt_logits = self.ctx.logits(row).copy()
+        self._next_token(chunk.slot, live, row)
+
+    def _next_token(self, slot: int, live: _Live, row: int | None) -> None:
+        """Draw the next token from batch row `row`'s logits (None: the kept prompt logits)
+        and emit it, or end the sequence."""
+        progress = live.progress
         req = live.pending.request
         top = None
         if req.top_logprobs is not None:
-            top = log_softmax_top(self.ctx.logits(row), req.top_logprobs)
-        token = live.sampler.sample(self.ctx, row)
+            logits = self.ctx.logits(row) if row is not None else live.prompt_logits
+            top = log_softmax_top(logits, req.top_logprobs)
+        if row is not None:
+            token = live.sampler.sample(self.ctx, row)
+        else:
+            token = live.sampler.sample_logits(live.prompt_logits)
         if self.model.is_eog(token) and not req.ignore_eos:
-            self._finish(chunk.slot, "stop")
+            self._finish(slot, "stop")
             return
         progress.generated_tokens += 1
         live.output_ids.append(token)
@@ -697,9 +718,9 @@ class Engine:
         if text or logprobs:
             live.pending.emit(TextDelta(text, 1, logprobs))
         if live.text.stopped:
-            self._finish(chunk.slot, "stop")
+            self._finish(slot, "stop")
         elif progress.generated_tokens >= req.max_tokens:
-            self._finish(chunk.slot, "length")
+            self._finish(slot, "length")
         else:
             progress.pending_token = token
 
@@ -745,7 +766,9 @@ class Engine:
         if reason != "cancelled":
             try:
                 req = live.pending.request
-                self.sessions.keep(req, live.admission, live.progress, live.output_ids)
+                self.sessions.keep(
+                    req, live.admission, live.progress, live.output_ids, live.prompt_logits
+                )
             except Exception:  # keeping a session is an optimisation, never a failure
                 log.exception("could not keep the session of slot %d", slot)
         progress = live.progress

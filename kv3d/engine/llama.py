@@ -426,12 +426,12 @@ class SamplerChain(_Owner):
             raise LlamaError("could not create a sampler chain")
         self._handle = chain
         self._grammar: Grammar | None = None
+        self._n_vocab = model.n_vocab
+        self._candidates: np.ndarray | None = None  # made on the first pick from an array
         try:
             self._build(model, params, seed, prompt, max_tokens)
             if params.grammar is not None:
                 self._grammar = Grammar(model, params.grammar)
-                self._candidates = np.empty(model.n_vocab, dtype=_TOKEN_DATA)
-                self._ids = np.arange(model.n_vocab, dtype=np.int32)
         except BaseException:
             self.close()
             raise
@@ -499,19 +499,27 @@ class SamplerChain(_Owner):
     def sample(self, ctx: LlamaContext, batch_index: int) -> int:
         if self._grammar is None:
             return llama_cpp.llama_sampler_sample(self.handle, ctx.handle, batch_index)
+        return self.sample_logits(ctx.logits(batch_index))
+
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """The chain's choice from a row of logits (the context's, or one kept from an
+        earlier step); the same draw `sample` makes from the same logits."""
         grammar = self._grammar
-        logits = ctx.logits(batch_index)
         token = self._pick(logits, None)
-        if not grammar.allows(token):
-            token = self._pick(logits, grammar)
-            if not grammar.allows(token):  # every token masked: nothing may follow
-                raise LlamaError("the grammar allows no token at this point")
-        grammar.accept(token)
+        if grammar is not None:
+            if not grammar.allows(token):
+                token = self._pick(logits, grammar)
+                if not grammar.allows(token):  # every token masked: nothing may follow
+                    raise LlamaError("the grammar allows no token at this point")
+            grammar.accept(token)
         llama_cpp.llama_sampler_accept(self.handle, token)
         return token
 
     def _pick(self, logits: np.ndarray, grammar: Grammar | None) -> int:
         """The chain's choice among all tokens (first masked by `grammar`, if given)."""
+        if self._candidates is None:
+            self._candidates = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(self._n_vocab, dtype=np.int32)
         cands = self._candidates
         cands["id"] = self._ids  # stages reorder the array in place
         cands["logit"] = logits

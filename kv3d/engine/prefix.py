@@ -112,6 +112,11 @@ class HotPrefix:
     superseded: bool = False  # a newer turn of the same session replaced it
     tenant: str = ""  # who the prefix belongs to (GenerationRequest.tenant), for figures only
     idle_mark: float = 0.0  # the cache's idle clock when it last became unreferenced
+    # An idle session also keeps the logits its request got at the end of its prompt (the
+    # first `logits_at` tokens): a repeat of that prompt shares every cell and samples from
+    # them, computing nothing, and so starts from the very logits the first request had.
+    logits: np.ndarray | None = None
+    logits_at: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -159,9 +164,10 @@ class PrefixCache:
     ) -> PrefixMatch | None:
         """The hot prefix that shares the most of the prompt, and how much: found by its
         deepest block (or, for an idle session, by `session_key`), then taken token by token
-        as far as its cells and the prompt agree, never to the prompt's last token (whose
-        logits pick the first generated token). Past the last whole block counts too: an
-        idle session keeps its whole history, so the next turn recomputes only what is new."""
+        as far as its cells and the prompt agree, not to the prompt's last token (whose logits
+        pick the first generated token) unless the prefix kept the logits of exactly this
+        prompt. Past the last whole block counts too: an idle session keeps its whole history,
+        so the next turn recomputes only what is new."""
         limit = len(prompt) - 1
         candidates: list[HotPrefix] = []
         for block in blocks:
@@ -184,10 +190,11 @@ class PrefixCache:
             candidates = [*candidates, session]
         # An idle session whose own cells are a tail shorter than a block has no block of its
         # own to be found by: it is found as a child of the prefix the blocks matched, when the
-        # prompt goes on past all of its history (its next turn). Not another conversation that
-        # only opens the same way (it would pin the session, and for auto sessions replace it),
-        # nor a repeat of its prompt: that shares the whole blocks and computes the rest as the
-        # first request did, so that the same request gives the same logits.
+        # prompt goes on past all of its history (its next turn), or repeats the prompt whose
+        # logits it kept. Not another conversation that only opens the same way (it would pin
+        # the session, and for auto sessions replace it), nor a prompt that stops inside its
+        # history: recomputing the rest as the first request did gives the same logits, where
+        # sharing cells up to a point the first request computed in one chunk would not.
         continued = [
             p
             for p in self._sessions.values()
@@ -196,9 +203,17 @@ class PrefixCache:
         best = None
         for prefix in [*candidates, *continued]:
             n = common_prefix_tokens(prefix.tokens, prompt, limit)
+            repeat = (
+                n == limit
+                and prefix.logits is not None
+                and prefix.logits_at == len(prompt)
+                and prefix.tokens[limit] == prompt[limit]
+            )
+            if repeat:
+                n = len(prompt)  # its first token comes from the kept logits
             if prefix.parent is not None and n <= prefix.parent_tokens:
                 continue  # shares no cell the session owns: that is a family prefix hit
-            if prefix in continued and n < prefix.n_tokens:
+            if prefix in continued and n < prefix.n_tokens and not repeat:
                 continue
             if n > 0 and (best is None or n > best.n_tokens):
                 best = PrefixMatch(prefix, n)
@@ -247,10 +262,17 @@ class PrefixCache:
         key: str,
         parent: HotPrefix | None,
         parent_tokens: int,
+        logits: np.ndarray | None = None,
+        logits_at: int = 0,
     ) -> HotPrefix:
-        """Keep a finished sequence's history hot as an idle session (a child of `parent`)."""
+        """Keep a finished sequence's history hot as an idle session (a child of `parent`),
+        with the logits of its request's prompt (`logits_at` tokens) when given."""
+        if logits is not None and not 0 < logits_at <= len(tokens):
+            raise ValueError(f"logits at token {logits_at} of a {len(tokens)}-token history")
         prefix = self._new_prefix(tokens, blocks, parent, parent_tokens)
         prefix.session_key = key
+        if logits is not None:
+            prefix.logits, prefix.logits_at = logits, logits_at
         prefix.idle_mark = self.idle_clock()
         self._sessions[key] = prefix  # a newer turn of the conversation replaces the older
         self.ctx.seq_copy(slot, prefix.seq_id, 0, len(tokens))

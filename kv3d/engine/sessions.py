@@ -29,6 +29,8 @@ import logging
 import time
 from concurrent.futures import Future
 
+import numpy as np
+
 from kv3d.engine.generation import GenerationRequest
 from kv3d.engine.memory import load_cells
 from kv3d.engine.prefix import Block, HotPrefix, PrefixMatch, common_prefix_tokens
@@ -281,14 +283,16 @@ class Sessions:
         admission: Admission,
         progress: SeqProgress,
         output_ids: list[int],
+        prompt_logits: np.ndarray | None = None,
     ) -> None:
-        """Keep a finished conversation: hot while there is room, else as a warm int8 delta."""
+        """Keep a finished conversation: hot while there is room (with `prompt_logits`, the
+        logits its prompt gave, when known), else as a warm int8 delta."""
         n = progress.num_computed_tokens
         history = (request.prompt_tokens + tuple(output_ids))[:n]
         key = self._key_to_keep(request, history)
         if key is None or n <= admission.prefix_tokens:
             return
-        if self._keep_hot(admission, progress, history, request, key):
+        if self._keep_hot(admission, progress, history, request, key, prompt_logits):
             if self.store.writes_behind:  # to the shared tier, disk: it outlives this replica
                 shared, blob = self._private_state(progress.slot, admission)
                 self.store.park(key, self.fingerprint, history, shared, blob, local=False)
@@ -315,6 +319,7 @@ class Sessions:
         history: tuple[int, ...],
         request: GenerationRequest,
         key: str,
+        prompt_logits: np.ndarray | None,
     ) -> bool:
         """Keep the whole history hot as an idle session, so the next turn shares its cells
         and computes only what is new (its blocks index it for auto sessions and routing; a
@@ -332,7 +337,12 @@ class Sessions:
         cache = self.reuse.cache
         if not blocks or len(history) <= shared or not cache.free_a_holder():
             return False
-        session = cache.keep_session(progress.slot, history, blocks, key, parent, shared)
+        n_prompt = len(request.prompt_tokens)
+        if len(history) < n_prompt:
+            prompt_logits = None  # ended before its prompt was computed: nothing to repeat
+        session = cache.keep_session(
+            progress.slot, history, blocks, key, parent, shared, prompt_logits, n_prompt
+        )
         # The kept cells leave the sequence's reservation: the session holds them now.
         self.reuse.budget.unreserve(progress.slot, session.owned_cells)
         return True
@@ -416,7 +426,7 @@ class NoSessions:
     def after_prefix(self, admission: Admission, progress: SeqProgress) -> None:
         pass
 
-    def keep(self, request, admission, progress, output_ids) -> None:
+    def keep(self, request, admission, progress, output_ids, prompt_logits=None) -> None:
         pass
 
     def after_step(self, *step) -> None:

@@ -167,6 +167,29 @@ def test_logprobs_are_normalised_and_sorted(engine, tokenizer):
         assert item.logprob == pytest.approx(top[0])  # greedy picks the most likely token
 
 
+def test_a_repeated_prompt_computes_nothing_and_draws_from_the_first_requests_logits(
+    engine, tokenizer
+):
+    question = "Name three rivers of Europe, and for each the sea it flows into and one city on it."
+    prompt = chat_tokens(tokenizer, question)
+    assert len(prompt) > engine.settings.reuse.block_tokens  # kept: it has a whole block
+    _, first, _ = asyncio.run(run(engine, req(prompt, 4, top_logprobs=5)))
+    computed = engine.stats().prefill_tokens_total
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    _, again, end = asyncio.run(run(engine, req(prompt, 1, seeded, top_logprobs=5)))
+    assert end.usage.cached_tokens == len(prompt)
+    assert engine.stats().prefill_tokens_total == computed  # not one prompt token computed
+    assert again[0].top == first[0].top  # the very logits the first request had
+    # The draw from kept logits is the draw the sampler makes from the context's: a request
+    # under another cache salt computes the prompt anew and, with the same logits, the same
+    # seed draws the same token.
+    fresh = req(prompt, 1, seeded, top_logprobs=5, cache_salt="elsewhere")
+    _, recomputed, end = asyncio.run(run(engine, fresh))
+    assert end.usage.cached_tokens == 0
+    if recomputed[0].top == first[0].top:
+        assert recomputed[0].token_id == again[0].token_id
+
+
 def test_request_beyond_the_cache_is_rejected_and_engine_keeps_serving(engine, tokenizer):
     huge = req([1] * 10, engine.kv_cells_total)
     _, _, end = asyncio.run(run(engine, huge))

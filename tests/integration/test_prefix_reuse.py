@@ -22,9 +22,9 @@ SYSTEM = (
 ) * 8
 
 
-def config(model_path=None, **prefix):
+def config(model_path=None, cache=None, **prefix):
     overrides = {
-        "cache": {"gpu_hot_mb": 128},
+        "cache": {"gpu_hot_mb": 128, **(cache or {})},
         "server": {"threads": 2},
         "model": {"context_tokens": 2048},
         "engine": {"max_sequences": 4},
@@ -116,13 +116,15 @@ def test_second_request_of_a_family_is_a_hit_with_cached_tokens(smol_tok):
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_hit_and_snapshot_restore_give_bit_identical_logits(model, request):
     """Chunking held fixed (a miss prefills the family prefix as its own chunk), the logits after
-    a shared-cells hit and after a snapshot restore equal computing the prefix in place."""
+    a shared-cells hit and after a snapshot restore equal computing the prefix in place. (No
+    sessions kept: the repeat would share the whole prompt and its kept logits instead.)"""
     path = request.getfixturevalue(f"{model}_path")
     tok = Tokenizer.load(path)
     published = Published()
     try:
         probe = make_request(tok, "How do I change the port?")
-        with Engine.from_config(config(path), publish=published) as first:
+        no_sessions = config(path, cache={"auto_sessions": False})
+        with Engine.from_config(no_sessions, publish=published) as first:
             _, computed, miss = run(first, probe)
             _, shared, hit = run(first, fresh(probe))
         ((meta, blob),) = published.items

@@ -35,7 +35,9 @@ def ctx(model):
         yield c
 
 
-def generate(model, ctx, params: SamplingParams, n: int = 24, seed: int = 7) -> list[int]:
+def generate(
+    model, ctx, params: SamplingParams, n: int = 24, seed: int = 7, from_copies: bool = False
+) -> list[int]:
     prompt = model.tokenize(PROMPT, add_special=True, parse_special=False)
     ctx.clear()
     out: list[int] = []
@@ -48,7 +50,10 @@ def generate(model, ctx, params: SamplingParams, n: int = 24, seed: int = 7) -> 
         pos = len(prompt)
         for _ in range(n):
             ctx.decode(batch)
-            token = chain.sample(ctx, row)
+            if from_copies:  # as the engine draws a repeat's first token: from kept logits
+                token = chain.sample_logits(ctx.logits(row).copy())
+            else:
+                token = chain.sample(ctx, row)
             if model.is_eog(token):
                 break
             out.append(token)
@@ -134,6 +139,19 @@ def test_a_seed_fixes_the_draws_for_the_same_logits(model, ctx):
     first = generate(model, ctx, hot, seed=5)
     assert generate(model, ctx, hot, seed=5) == first
     assert generate(model, ctx, hot, seed=6) != first
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GREEDY,
+        SamplingParams(temperature=0.8, seed=5),
+        SamplingParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.3),
+        SamplingParams(temperature=0.7, presence_penalty=1.0, frequency_penalty=0.5),
+    ],
+)
+def test_a_draw_from_kept_logits_is_the_draw_from_the_context(model, ctx, params):
+    assert generate(model, ctx, params, from_copies=True) == generate(model, ctx, params)
 
 
 def test_a_bad_grammar_raises_and_compiles_false(model):

@@ -174,9 +174,9 @@ class Harness:
         progress.num_computed_tokens += len(tokens)
         progress.generated_tokens += len(tokens)
 
-    def finish(self, progress, output=()):
+    def finish(self, progress, output=(), prompt_logits=None):
         pending, _, admission = self.live.pop(progress.slot)
-        self.sessions.keep(pending.request, admission, progress, list(output))
+        self.sessions.keep(pending.request, admission, progress, list(output), prompt_logits)
         self.scheduler.release(progress.slot)
         self.memory.seq_remove(progress.slot)
         self.reuse.release(admission)

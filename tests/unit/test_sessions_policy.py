@@ -4,6 +4,7 @@ keys, with the KV budget's invariants checked after every move. The tiers are th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kv3d.engine.generation import GenerationRequest
@@ -136,6 +137,33 @@ def test_an_auto_session_shorter_than_a_block_is_found_by_its_next_turn(store):
     progress, adm = h.admit(h.submit(GenerationRequest("next", prompt + (90, 91), 4)))
     assert adm.prefix.session_key is not None and adm.cached_tokens == len(prompt)
     h.check()
+
+
+def test_a_repeat_of_a_prompt_kept_with_its_logits_shares_every_cell(store):
+    # The engine keeps the logits a prompt gave with its session: a repeat of exactly that
+    # prompt shares all of its cells (nothing to compute) and draws from those logits.
+    h = Harness(store=store, auto_sessions=True)
+    prompt = tuple(range(1, 21))
+    logits = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
+    progress, _ = h.admit(h.submit(GenerationRequest("first", prompt, 4)))
+    h.prefill(progress)
+    h.generate(progress, (70, 71))
+    cells = h.memory.values(progress.slot)
+    h.finish(progress, (70, 71, 72), prompt_logits=logits)
+    h.check()
+    progress, adm = h.admit(h.submit(GenerationRequest("again", prompt, 4)))
+    assert adm.cached_tokens == progress.num_computed_tokens == len(prompt)
+    assert adm.prefix.logits is logits and adm.prefix.logits_at == len(prompt)
+    assert h.memory.values(progress.slot) == {p: v for p, v in cells.items() if p < len(prompt)}
+    h.finish(progress)
+    h.check()
+    # Another prompt that stops one token short, or goes one further, is no repeat.
+    for other in (prompt[:-1], prompt + (5,)):
+        progress, adm = h.admit(h.submit(GenerationRequest("other", other, 4)))
+        assert progress.num_computed_tokens < len(other)
+        h.prefill(progress)
+        h.finish(progress)
+        h.check()
 
 
 def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
