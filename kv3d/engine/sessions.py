@@ -2,15 +2,18 @@
 
 A session is keyed by its id (`X-Session-ID`, or OpenAI's `user`), or, with `auto_sessions`,
 by its history's last whole block (`auto:<key>`), so that a request repeating an earlier
-history finds it without an id. Its KV is a family prefix shared with other sessions plus the
-cells private to it, and it lives in one of these places:
+history finds it without an id; a history that goes less than a block past its family prefix
+has no such block and is keyed by a hash of its tokens (`auto:tail-<hash>`), kept hot only.
+Its KV is a family prefix shared with other sessions plus the cells private to it, and it
+lives in one of these places:
 
 - **hot**: kept in the KV cache as an idle child of its family prefix (`keep`), while there is
-  a free holder sequence; the next turn shares its cells exactly;
-- **warm / cold / shared**: its private cells as an int8 delta in `SessionStore` (`park`), when
-  it could not stay hot, was evicted from the cache under pressure, or had cost the sequences
-  running beside it more attention time than a demotion and a resume cost (`demote`; the rule
-  is in `rent.py`).
+  a free holder sequence, with the logits its last prompt gave; the next turn shares its cells
+  exactly, and a repeat of that prompt shares them all and computes nothing;
+- **warm / cold / shared** (not `auto:tail-` sessions, which no request could look up there):
+  its private cells as an int8 delta in `SessionStore` (`park`), when it could not stay hot,
+  was evicted from the cache under pressure, or had cost the sequences running beside it more
+  attention time than a demotion and a resume cost (`demote`; the rule is in `rent.py`).
 
 A returning request takes its stored session off the store at submit (decoded on the store's
 worker thread while it waits: the engine admits it only once that is done, so nothing here ever
@@ -25,6 +28,7 @@ decoded included) is recomputed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from concurrent.futures import Future
@@ -48,8 +52,26 @@ AUTO_SESSION_PREFIX = "auto:"  # sessions detected from their history, keyed by 
 MAX_RENT_DEMOTIONS_PER_STEP = 2
 
 
+# An auto session whose history goes less than a block past its family prefix: no block of a
+# later prompt names it, so it is found only while hot (as a child of its family prefix) and is
+# never parked, since no request could look it up in a store.
+AUTO_TAIL_PREFIX = f"{AUTO_SESSION_PREFIX}tail-"
+
+
 def auto_session_key(block_key: int) -> str:
     return f"{AUTO_SESSION_PREFIX}{block_key:016x}"
+
+
+def auto_tail_key(family_key: int, tail: tuple[int, ...]) -> str:
+    """The key of a short history: its tokens past the family prefix, under the family's key."""
+    h = hashlib.blake2b(family_key.to_bytes(8, "little"), digest_size=8)
+    h.update(np.asarray(tail, dtype=np.int32).tobytes())
+    return f"{AUTO_TAIL_PREFIX}{h.hexdigest()}"
+
+
+def parkable(session_key: str) -> bool:
+    """Whether a stored copy of the session could ever be found again."""
+    return not session_key.startswith(AUTO_TAIL_PREFIX)
 
 
 def same_conversation(kept_key: str, new_key: str) -> bool:
@@ -293,9 +315,11 @@ class Sessions:
         if key is None or n <= admission.prefix_tokens:
             return
         if self._keep_hot(admission, progress, history, request, key, prompt_logits):
-            if self.store.writes_behind:  # to the shared tier, disk: it outlives this replica
+            if self.store.writes_behind and parkable(key):  # to the shared tier, disk
                 shared, blob = self._private_state(progress.slot, admission)
                 self.store.park(key, self.fingerprint, history, shared, blob, local=False)
+            return
+        if not parkable(key):
             return
         shared, blob = self._private_state(progress.slot, admission)
         self.store.park(key, self.fingerprint, history, shared, blob)
@@ -308,8 +332,12 @@ class Sessions:
         # Keyed by the history's last whole block: the next turn's prompt repeats the history,
         # so its blocks include this one.
         blocks = self.reuse.blocks_for(history + (0,), request.family_tokens, request.cache_salt)
-        if not blocks or blocks[-1].end_tokens <= (request.family_tokens or 0):
-            return None  # nothing private beyond the family prefix: not worth keeping
+        family = request.family_tokens or 0
+        if not blocks:
+            return None
+        if blocks[-1].end_tokens <= family:
+            # Less than a block past the family prefix (a short first turn): kept hot only.
+            return auto_tail_key(blocks[-1].key, history[family:])
         return auto_session_key(blocks[-1].key)
 
     def _keep_hot(
@@ -334,6 +362,8 @@ class Sessions:
                 parent.superseded = True
             # Either way the new session hangs off the family prefix, not off another session.
             parent, shared = parent.parent, parent.parent_tokens
+        if parent is None and not parkable(key):
+            return False  # indexed by the family's blocks alone, it would match any opening
         cache = self.reuse.cache
         if not blocks or len(history) <= shared or not cache.free_a_holder():
             return False
@@ -375,7 +405,7 @@ class Sessions:
     def demote(self, prefix: HotPrefix) -> None:
         """An idle session leaves the KV cache (LRU under pressure, or its rent paid): into
         the warm tier."""
-        if prefix.session_key is None:
+        if prefix.session_key is None or not parkable(prefix.session_key):
             return
         started = time.perf_counter()
         blob = PrivateCells(self._memory.seq_state(prefix.seq_id), prefix.parent_tokens)

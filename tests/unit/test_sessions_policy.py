@@ -9,7 +9,12 @@ import pytest
 
 from kv3d.engine.generation import GenerationRequest
 from kv3d.engine.rent import IdleRent
-from kv3d.engine.sessions import AUTO_SESSION_PREFIX, auto_session_key, same_conversation
+from kv3d.engine.sessions import (
+    AUTO_SESSION_PREFIX,
+    AUTO_TAIL_PREFIX,
+    auto_session_key,
+    same_conversation,
+)
 from kv3d.engine.tiers import SessionStore
 from tests.unit.fakememory import Harness
 
@@ -164,6 +169,36 @@ def test_a_repeat_of_a_prompt_kept_with_its_logits_shares_every_cell(store):
         h.prefill(progress)
         h.finish(progress)
         h.check()
+
+
+def test_a_short_first_turn_stays_hot_for_its_next_turn_and_is_never_parked(store):
+    # Less than a block (16 tokens) past the family prefix: no later prompt's block names it.
+    h = Harness(store=store, auto_sessions=True, block_tokens=16)
+    short, reply = (1, 2, 3, 4, 5, 6), (70, 71)
+    progress, _ = h.admit(h.submit(request("s1", short)))
+    h.prefill(progress)
+    h.generate(progress, reply)
+    h.finish(progress, reply + (72,))
+    h.check()
+    (kept,) = [p for p in h.reuse.cache.hot() if p.session_key is not None]
+    assert kept.session_key.startswith(AUTO_TAIL_PREFIX) and kept.parent is not None
+    # Another conversation that only opens with the family does not attach to it.
+    progress, adm = h.admit(h.submit(request("other", (9, 9, 9))))
+    assert adm.prefix is kept.parent and adm.cached_tokens == len(FAMILY)
+    h.prefill(progress)
+    h.finish(progress)
+    h.check()
+    # Its next turn shares the whole history.
+    progress, adm = h.admit(h.submit(request("s2", short + reply + (80, 81))))
+    assert adm.prefix is kept and adm.cached_tokens == len(FAMILY + short + reply)
+    h.prefill(progress)
+    h.finish(progress)
+    h.check()
+    # Demoted, such sessions are dropped: a stored copy could never be looked up.
+    assert h.reuse.evict_idle()
+    store.flush()
+    assert store.stats()["sessions_warm"] == 0
+    h.check()
 
 
 def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
