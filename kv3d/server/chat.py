@@ -162,11 +162,19 @@ class BuiltinChatTemplate:
         )
 
 
+# A template lead shorter than this is no family prefix: it saves little prefill, and a prefix
+# too short to be kept hot would leave a short conversation no family to stay hot beside.
+MIN_LEAD_TOKENS = 16
+# Template leads remembered (one per set of tools offered).
+MAX_CACHED_LEADS = 64
+
+
 class Tokenizer:
     """The model's vocabulary and chat template, without its weights (cheap for the ingress)."""
 
     def __init__(self, model: LlamaModel):
         self._model = model
+        self._leads: dict[str, list[int]] = {}  # the template's lead, by the tools offered
 
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
@@ -208,7 +216,9 @@ class Tokenizer:
             if message.role != "system":
                 break
             leading.append(message)
-        if not leading or len(leading) == len(messages):
+        if not leading:
+            return self._template_lead(messages, prompt, tools)
+        if len(leading) == len(messages):
             return None
         text = self.chat_template.render(leading, add_generation_prompt=False, tools=tools)
         if not text.strip():  # the template folds system text into the first user turn
@@ -216,6 +226,41 @@ class Tokenizer:
         head = self._encode_rendered(text)
         n = len(head)
         return n if 0 < n < len(prompt) and prompt[:n] == head else None
+
+    def _template_lead(
+        self, messages: list[ChatMessage], prompt: list[int], tools: list[dict] | None
+    ) -> int | None:
+        """Without a system message, the family prefix is what the template writes before the
+        first user message's text (its header, and a default system prompt where it has one:
+        SmolLM2's, Qwen's, Llama 3's dates), when that is at least `MIN_LEAD_TOKENS` long."""
+        if not messages or messages[0].role != "user":
+            return None
+        key = json.dumps(tools, sort_keys=True) if tools else ""
+        lead = self._leads.get(key)
+        if lead is None:
+            lead = self._leads[key] = self._lead_tokens(tools)
+        n = len(lead)
+        if n < MIN_LEAD_TOKENS or n >= len(prompt):
+            return None
+        if prompt[:n] != lead:
+            self._leads.pop(key, None)  # a template that writes today's date: look again
+            return None
+        return n
+
+    def _lead_tokens(self, tools: list[dict] | None) -> list[int]:
+        """The tokens two one-message conversations that differ from the user's text on share."""
+        a, b = (
+            self._encode_rendered(
+                self.chat_template.render([ChatMessage("user", text)], tools=tools)
+            )
+            for text in ("Alpha", "Omega")
+        )
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        if len(self._leads) >= MAX_CACHED_LEADS:
+            self._leads.clear()
+        return a[:n]
 
     def _encode_rendered(self, text: str) -> list[int]:
         # The template writes its own special tokens (BOS included, where the model uses one).
