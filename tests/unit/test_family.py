@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
 from kv3d.server.chat import MIN_LEAD_TOKENS, ChatMessage, Tokenizer
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    tok = Tokenizer.load(smollm2_path)
-    yield tok
-    tok.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma3_path):
-    tok = Tokenizer.load(gemma3_path)
-    yield tok
-    tok.close()
 
 
 def family(tok: Tokenizer, messages: list[ChatMessage]) -> tuple[list[int], int | None]:
@@ -26,21 +10,21 @@ def family(tok: Tokenizer, messages: list[ChatMessage]) -> tuple[list[int], int 
     return prompt, tok.family_tokens(messages, prompt)
 
 
-def test_leading_system_messages_are_the_family(smollm2):
+def test_leading_system_messages_are_the_family(tokenizer):
     prompt, n = family(
-        smollm2, [ChatMessage("system", "You answer in French."), ChatMessage("user", "Hi")]
+        tokenizer, [ChatMessage("system", "You answer in French."), ChatMessage("user", "Hi")]
     )
-    assert n is not None and "You answer in French." in smollm2.decode(prompt[:n])
-    assert "Hi" not in smollm2.decode(prompt[:n])
+    assert n is not None and "You answer in French." in tokenizer.decode(prompt[:n])
+    assert "Hi" not in tokenizer.decode(prompt[:n])
 
 
-def test_without_a_system_message_the_templates_lead_is_the_family(smollm2):
+def test_without_a_system_message_the_templates_lead_is_the_family(tokenizer):
     # SmolLM2's template writes a default system prompt: every chat without one shares it.
-    a, n = family(smollm2, [ChatMessage("user", "Say hi.")])
-    b, m = family(smollm2, [ChatMessage("user", "0f3c9a2e What is 2 + 2?")])
+    a, n = family(tokenizer, [ChatMessage("user", "Say hi.")])
+    b, m = family(tokenizer, [ChatMessage("user", "0f3c9a2e What is 2 + 2?")])
     assert n == m and n is not None and n >= MIN_LEAD_TOKENS
     assert a[:n] == b[:n] and a[n] != b[n]
-    assert "SmolLM" in smollm2.decode(a[:n])
+    assert "SmolLM" in tokenizer.decode(a[:n])
 
 
 def test_a_short_template_lead_is_no_family(gemma):
@@ -49,6 +33,6 @@ def test_a_short_template_lead_is_no_family(gemma):
     assert n is None
 
 
-def test_a_conversation_of_system_messages_only_has_no_family(smollm2):
-    _, n = family(smollm2, [ChatMessage("system", "Be brief.")])
+def test_a_conversation_of_system_messages_only_has_no_family(tokenizer):
+    _, n = family(tokenizer, [ChatMessage("system", "Be brief.")])
     assert n is None

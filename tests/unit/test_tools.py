@@ -8,7 +8,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from kv3d.server.chat import ChatMessage, JinjaChatTemplate, Tokenizer, ToolCall
+from kv3d.server.chat import ChatMessage, JinjaChatTemplate, ToolCall
 from kv3d.server.openai_schema import APIError, ChatCompletionRequest
 from kv3d.server.tools import (
     Call,
@@ -190,20 +190,6 @@ def test_tool_choice_none_shows_no_tools():
     use = ToolUse((ToolSpec("get_weather", None, WEATHER),), "none")
     assert prompt_input(template, CONVERSATION, use) == (CONVERSATION, None)
     assert use.reader() is None
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    tok = Tokenizer.load(smollm2_path)
-    yield tok
-    tok.close()
-
-
-@pytest.fixture(scope="module")
-def gemma(gemma3_path):
-    tok = Tokenizer.load(gemma3_path)
-    yield tok
-    tok.close()
 
 
 # How each bundled model's template shows a call and its result: neither knows tools.
