@@ -209,7 +209,7 @@ class PrefixReuse:
     def should_wait(self, pending: Pending) -> bool:
         """Whether a waiting request should let another sequence finish computing its prefix
         first: a burst of one new family then prefills the family once, not once per request."""
-        if not self._in_flight or pending.snapshot is not None or pending.session is not None:
+        if not self._in_flight or pending.snapshot is not None or pending.resuming:
             return False
         blocks = self.blocks_of(pending)
         hot = self.cache.peek(blocks)

@@ -51,6 +51,15 @@ class Pending:
         return len(self.request.prompt_tokens) + self.request.max_tokens
 
     @property
+    def resuming(self) -> bool:
+        """Whether a stored session was found for it (a request that names a session is looked
+        up in the store, and most new conversations have nothing there)."""
+        s = self.session
+        if s is None:
+            return False
+        return not s.done() or (s.exception() is None and s.result() is not None)
+
+    @property
     def ready(self) -> bool:
         """Whether admission can look at it without waiting: no stored session is still being
         read or decoded for it (the step thread never waits on I/O or on the codec)."""

@@ -201,6 +201,23 @@ def test_a_short_first_turn_stays_hot_for_its_next_turn_and_is_never_parked(stor
     h.check()
 
 
+def test_new_named_conversations_of_one_family_wait_for_the_first_to_compute_it(store):
+    # Each names a session the store has never seen: the lookup finds nothing, so like any new
+    # request the second waits for the family the first computes instead of computing it too.
+    h = Harness(store=store)
+    first = h.submit(request("a", TURN1, session_id="new-1"))
+    second = h.submit(request("b", TURN2, session_id="new-2"))
+    second.session.exception(timeout=10)  # the engine looks only once the lookup is done
+    assert not second.resuming
+    progress, _ = h.admit(first)
+    assert h.reuse.should_wait(second)
+    h.prefill(progress, upto=len(FAMILY))
+    assert not h.reuse.should_wait(second)
+    _, adm = h.admit(second)
+    assert adm.cached_tokens == len(FAMILY)
+    h.check()
+
+
 def test_without_a_free_holder_a_session_parks_warm_and_resumes_from_there(store):
     h = Harness(store=store, holders=1)  # the family prefix takes the only holder
     cells = first_turn(h)
