@@ -4,6 +4,7 @@ KV3D Serve application deployed from deployments/app.yaml (one per test session)
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -41,7 +42,28 @@ def app_args_from_yaml() -> dict[str, Any]:
     return {"config": merge(app["args"]["config"], TEST_OVERRIDES)}
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
 def free_port() -> int:
+    """A port free now, for a server started later. Taken below the kernel's ephemeral range:
+    a port the kernel hands out for `bind(0)` and outgoing connections (Ray's workers and
+    agents make many) can be taken by another process between this check and the server's
+    bind, which failed a test's dashboard once."""
+    top = min(_ephemeral_ports().start, 32768)
+    for _ in range(50 if top > 21000 else 0):
+        port = random.randrange(20000, top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
