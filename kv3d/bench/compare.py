@@ -9,7 +9,8 @@ workload (kv3d/bench/workload.py) against it, then its claim-table probes, and s
 - `llama-cpp-python`: `python -m llama_cpp.server` on the same model and cores;
 - `llama-server`: llama.cpp's own server, where it is on PATH.
 Claim-table rows (the figures KV3D is held to): most sessions streaming at once and KV bytes
-per session in the cache while they do (`capacity_phase`), p95 warm restore of evicted
+per session in the cache while they do (`capacity_phase`, on the contender started again, so
+that what the workload left hot does not count), p95 warm restore of evicted
 ~1k-token sessions (`resume_phase`), logit drift of the int8 session delta
 (kv3d/bench/fidelity.py).
 """
@@ -539,25 +540,13 @@ def _run_contender(
     log_dir: Path,
     progress_stream: IO[str] | None,
 ) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = [a.replace("{port}", str(port)) for a in contender.argv]
+    server = _server_process(contender, log_dir / f"{contender.name}.log")
     entry: dict[str, Any] = {
         "about": contender.about,
-        "command": " ".join(argv),
+        "command": " ".join(server.argv),
         "env": dict(contender.env),
         "error": None,
     }
-    log_path = log_dir / f"{contender.name}.log"
-    server = ServerProcess(
-        contender.name,
-        argv,
-        url,
-        log_path,
-        env=_child_env(contender),
-        ready_path=contender.ready_path,
-        ready_line=contender.ready_line,
-    )
     # Others' load on the machine moves every figure: the load average says how much.
     entry["load_avg_1m_before"] = round(os.getloadavg()[0], 2)
     with server:
@@ -570,12 +559,50 @@ def _run_contender(
                 if progress_stream is not None
                 else None
             )
-            entry.update(asyncio.run(_measure(url, spec, settings, progress)))
+            entry.update(asyncio.run(_measure(server.url, spec, settings, progress)))
         except (ServerStartError, StreamError, httpx.HTTPError, OSError) as exc:
             log.warning("%s: %s", contender.name, exc)
             entry["error"] = str(exc)
-        entry["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    if entry["error"] is None:
+        # On a server started again: the sessions and prefixes the workload left hot would
+        # otherwise take part of the KV budget the probe measures, by how much varying with
+        # the run's timing.
+        fresh = _server_process(contender, log_dir / f"{contender.name}-capacity.log")
+        with fresh:
+            try:
+                fresh.start(settings.start_timeout_s)
+                entry["capacity"] = asyncio.run(_capacity(fresh.url, spec, settings))
+            except (ServerStartError, StreamError, httpx.HTTPError, OSError) as exc:
+                log.warning("%s (capacity probe): %s", contender.name, exc)
+                entry["error"] = f"capacity probe: {exc}"
+    entry["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     return entry
+
+
+def _server_process(contender: Contender, log_path: Path) -> ServerProcess:
+    """The contender as a child process on a free port of its own."""
+    port = free_port()
+    return ServerProcess(
+        contender.name,
+        [a.replace("{port}", str(port)) for a in contender.argv],
+        f"http://127.0.0.1:{port}",
+        log_path,
+        env=_child_env(contender),
+        ready_path=contender.ready_path,
+        ready_line=contender.ready_line,
+    )
+
+
+async def _capacity(url: str, spec: WorkloadSpec, settings: CompareSettings) -> dict:
+    log.info("capacity probe: %d sessions, on a fresh server", settings.capacity_sessions)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S)) as http:
+        return await capacity_phase(
+            http,
+            url,
+            sessions=settings.capacity_sessions,
+            shared_ratio=spec.shared_ratio,
+            watch_s=settings.capacity_watch_s,
+        )
 
 
 async def _measure(
@@ -598,20 +625,11 @@ async def _measure(
                 progress.close()
         log.info("resume probe: %d sessions", settings.resume_sessions)
         resume = await resume_phase(http, url, sessions=settings.resume_sessions, seed=spec.seed)
-        log.info("capacity probe: %d sessions", settings.capacity_sessions)
-        capacity = await capacity_phase(
-            http,
-            url,
-            sessions=settings.capacity_sessions,
-            shared_ratio=spec.shared_ratio,
-            watch_s=settings.capacity_watch_s,
-        )
     return {
         "kv_cells_total": before.kv_cells_total if before is not None else None,
         "decode": decode,
         "workload": workload,
         "resume": resume,
-        "capacity": capacity,
     }
 
 
