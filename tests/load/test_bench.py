@@ -32,7 +32,13 @@ def test_bench_report_is_complete(server_url):
     sessions = report["sessions"]
     assert sum(sessions["resumed_from"].values()) == sessions["sessions"]
     assert sessions["cached_tokens_resumed"] > sessions["cached_tokens_recomputed"]
-    assert report["idle_session_bytes"]["bytes_per_warm_session"] > 0
+    # Warm sessions exist only once something was demoted (pressure, idle rent), which
+    # depends on what ran before on this server: the figure is null without one, never zero.
+    idle = report["idle_session_bytes"]
+    if idle["sessions_warm"]:
+        assert idle["bytes_per_warm_session"] > 0
+    else:
+        assert idle["bytes_per_warm_session"] is None
     assert report["prefill"]["prompt_tokens"] > 80
     assert report["prefill"]["prefill_tokens_per_s"] > 0
     assert report["single_stream"]["completion_tokens"] > 0
