@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from kv3d.engine.modelfile import bundled_model_path
+from kv3d.server.chat import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 APP_YAML = REPO / "deployments" / "app.yaml"
@@ -115,3 +116,21 @@ def pytest_collection_modifyitems(config, items):
     beside the suite's shared Ray instance (started by the first test that needs it, kept to
     the end) starves their nodes' start-up and metrics agents."""
     items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
+# The bundled models' vocabularies and chat templates (no weights: cheap enough for pure tests
+# of prompt building).
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    """SmolLM2's (the bundled model's)."""
+    tok = Tokenizer.load(smollm2_path)
+    yield tok
+    tok.close()
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma3_path):
+    """Gemma 3 270M's."""
+    tok = Tokenizer.load(gemma3_path)
+    yield tok
+    tok.close()

@@ -238,6 +238,8 @@ class Tokenizer:
         key = json.dumps(tools, sort_keys=True) if tools else ""
         lead = self._leads.get(key)
         if lead is None:
+            if len(self._leads) >= MAX_CACHED_LEADS:
+                self._leads.clear()
             lead = self._leads[key] = self._lead_tokens(tools)
         n = len(lead)
         if n < MIN_LEAD_TOKENS or n >= len(prompt):
@@ -258,8 +260,6 @@ class Tokenizer:
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
-        if len(self._leads) >= MAX_CACHED_LEADS:
-            self._leads.clear()
         return a[:n]
 
     def _encode_rendered(self, text: str) -> list[int]:

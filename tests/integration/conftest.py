@@ -6,15 +6,12 @@ from __future__ import annotations
 import pytest
 
 from kv3d.engine.engine import Engine
-from kv3d.server.chat import Tokenizer
 from tests.integration.httpapp import engine_config
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    t = Tokenizer.load(smollm2_path)
-    yield t
-    t.close()
+def tok(tokenizer):
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
