@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("~/.config/kv3d/config.json").expanduser()
 # The session delta codecs (kv3d.engine.codec modes) a tier may be configured with.
-SessionCodec = Literal["int8", "int4", "k4v2", "int2", "int4r"]
+SessionCodec = Literal["int8", "int4", "k4v2", "int2", "int4r", "int4p"]
 SESSION_CODECS: tuple[str, ...] = typing.get_args(SessionCodec)
 
 
@@ -138,9 +138,11 @@ class CacheConfig(_Section):
     session_codec: SessionCodec = Field(
         "int8",
         description="How idle sessions' private KV is stored in the warm, cold and shared tiers "
-        "(hot stays exact): int8 (about 0.53x of f16, within the engine's noise), int4r (about "
-        "0.28x: 4-bit keys per channel, 4-bit rotated values), int4 / k4v2 / int2 (4- or 2-bit "
-        "keys/values, KIVI-style); see README for the low-bit codecs' measured drift.",
+        "(hot stays exact): int8 (about 0.53x of f16, within the engine's noise), int4p (about "
+        "0.28x: keys coded before RoPE with 0-8 bits a channel, 4-bit rotated values, the first "
+        "cell exact), int4r (about 0.28x: 4-bit keys per channel, 4-bit rotated values), int4 / "
+        "k4v2 / int2 (4- or 2-bit keys/values, KIVI-style); see README for the low-bit codecs' "
+        "measured drift.",
     )
     share_sessions: bool = Field(
         True,

@@ -51,10 +51,31 @@ def heldout_text() -> str:
     return files("kv3d.bench").joinpath("data/heldout.txt").read_text()
 
 
+@dataclass(frozen=True, slots=True)
+class KvTypeReport:
+    """How far a quantised hot KV cache (llama.cpp's own cache types) moves the model from an
+    f16 cache, next to the engine's noise floor, and what it saves per cell."""
+
+    kv_type: str
+    windows: int
+    eval_tokens: int
+    kl_mean: float
+    kl_max: float
+    top1: float
+    noise_floor_kl_mean: float
+    noise_floor_top1: float
+    bytes_per_cell: int
+    f16_bytes_per_cell: int
+    cells_vs_f16: float  # cells (so sessions) a KV budget holds, against f16
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 class _Scorer:
     """Runs one sequence alone in a context and returns logits for chosen positions."""
 
-    def __init__(self, model: LlamaModel, n_cells: int, threads: int):
+    def __init__(self, model: LlamaModel, n_cells: int, threads: int, kv_type: str = "f16"):
         self.ctx = LlamaContext(
             model,
             ContextParams(
@@ -63,6 +84,7 @@ class _Scorer:
                 n_batch_tokens=REFERENCE_CHUNK,
                 n_threads=threads,
                 n_threads_single=threads,
+                kv_type=kv_type,
             ),
         )
         self.batch = LlamaBatch(REFERENCE_CHUNK)
@@ -137,12 +159,10 @@ def measure_fidelity(
         raise ValueError("shared_prefix_tokens must be below context_tokens")
     with LlamaModel(model_path) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
+        starts = _window_starts(len(tokens), context_tokens, eval_tokens, max_windows)
         span = context_tokens + eval_tokens + 1
-        # Windows overlap (a new one every `eval_tokens`): each scores different tokens.
-        starts = list(range(0, len(tokens) - span + 1, eval_tokens))[:max_windows]
-        if not starts:
-            raise ValueError(f"text too short: {len(tokens)} tokens, a window needs {span}")
         scorer = _Scorer(model, n_cells=max(span, 256), threads=threads)
+        rope = model.rope_spec()
         kls, noise_kls, agree, noise_agree, nll_base, nll_q = [], [], [], [], [], []
         raw_bytes = coded_bytes = 0
         try:
@@ -157,7 +177,7 @@ def measure_fidelity(
                 scorer.ctx.clear()
 
                 private, shared = _split(state, shared_prefix_tokens)
-                coded = encode_delta(private, codec, group, spec=spec)
+                coded = encode_delta(private, codec, group, spec=spec, rope=rope)
                 raw_bytes += len(private)
                 coded_bytes += len(coded)
                 # As KV3D resumes a session: the delta into the sequence, the exact shared
@@ -196,4 +216,69 @@ def measure_fidelity(
         noise_floor_top1=float(np.concatenate(noise_agree).mean()),
         compression_ratio=raw_bytes / coded_bytes,
         bytes_vs_f16=coded_bytes / raw_bytes,
+    )
+
+
+def _window_starts(n_tokens: int, context_tokens: int, eval_tokens: int, max_windows: int):
+    """Where each window starts. Windows overlap (a new one every `eval_tokens`): each scores
+    different tokens."""
+    span = context_tokens + eval_tokens + 1
+    starts = list(range(0, n_tokens - span + 1, eval_tokens))[:max_windows]
+    if not starts:
+        raise ValueError(f"text too short: {n_tokens} tokens, a window needs {span}")
+    return starts
+
+
+def measure_kv_type(
+    model_path: Path,
+    text: str,
+    *,
+    kv_type: str,
+    context_tokens: int = 384,
+    eval_tokens: int = 64,
+    max_windows: int = 8,
+    threads: int = 2,
+) -> KvTypeReport:
+    """The same windows as `measure_fidelity`, prefilled and scored in a context whose KV cache
+    is `kv_type` (llama.cpp quantises each cell as it is written), against an f16 context."""
+    with LlamaModel(model_path) as model:
+        tokens = model.tokenize(text, add_special=True, parse_special=False)
+        starts = _window_starts(len(tokens), context_tokens, eval_tokens, max_windows)
+        n_cells = max(context_tokens + eval_tokens + 1, 256)
+        reference = _Scorer(model, n_cells, threads)
+        quantised = _Scorer(model, n_cells, threads, kv_type)
+        kls, noise_kls, agree, noise_agree = [], [], [], []
+        try:
+            for s in starts:
+                ctx_toks = tokens[s : s + context_tokens]
+                ev = tokens[s + context_tokens : s + context_tokens + eval_tokens]
+                runs = []
+                for scorer, chunk in ((reference, REFERENCE_CHUNK), (reference, NOISE_CHUNK),
+                                      (quantised, REFERENCE_CHUNK)):  # fmt: skip
+                    scorer.prefill(ctx_toks, chunk)
+                    runs.append(scorer.score(ev, context_tokens))
+                    scorer.ctx.clear()
+                ref, noise, quant = runs
+                kls.append(_kl(ref, quant))
+                noise_kls.append(_kl(ref, noise))
+                agree.append(ref.argmax(axis=1) == quant.argmax(axis=1))
+                noise_agree.append(ref.argmax(axis=1) == noise.argmax(axis=1))
+        finally:
+            quantised.close()
+            reference.close()
+        cell_bytes = model.kv_bytes_per_cell(kv_type)
+        f16_bytes = model.kv_bytes_per_cell("f16")
+    kl = np.concatenate(kls)
+    return KvTypeReport(
+        kv_type=kv_type,
+        windows=len(starts),
+        eval_tokens=int(kl.size),
+        kl_mean=float(kl.mean()),
+        kl_max=float(kl.max()),
+        top1=float(np.concatenate(agree).mean()),
+        noise_floor_kl_mean=float(np.concatenate(noise_kls).mean()),
+        noise_floor_top1=float(np.concatenate(noise_agree).mean()),
+        bytes_per_cell=cell_bytes,
+        f16_bytes_per_cell=f16_bytes,
+        cells_vs_f16=f16_bytes / cell_bytes,
     )

@@ -201,18 +201,22 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kv3d.bench.fidelity import heldout_text, measure_fidelity
+    from kv3d.bench.fidelity import heldout_text, measure_fidelity, measure_kv_type
     from kv3d.engine.modelfile import resolve_model_path
 
     text = Path(args.text).read_text() if args.text else heldout_text()
-    report = measure_fidelity(
-        resolve_model_path(args.model or ""),
-        text,
-        max_windows=args.windows,
-        group=args.group,
-        shared_prefix_tokens=args.shared_prefix,
-        codec=args.codec,
-    )
+    model_path = resolve_model_path(args.model or "")
+    if args.kv_type:
+        report = measure_kv_type(model_path, text, kv_type=args.kv_type, max_windows=args.windows)
+    else:
+        report = measure_fidelity(
+            model_path,
+            text,
+            max_windows=args.windows,
+            group=args.group,
+            shared_prefix_tokens=args.shared_prefix,
+            codec=args.codec,
+        )
     if args.json:
         print(json.dumps(report.as_dict()))
         return 0
@@ -393,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="int8",
         choices=SESSION_CODECS,
         help="the session delta codec to measure (cache.session_codec; default int8)",
+    )
+    fidelity.add_argument(
+        "--kv-type",
+        choices=("q8_0", "q4_0"),
+        help="measure a quantised hot KV cache (engine.kv_type) against f16 instead of a codec",
     )
     fidelity.add_argument("--group", type=int, default=32, help="channels per int8 scale")
     fidelity.add_argument(

@@ -41,6 +41,24 @@ and in mode 3). Arithmetic in `kv3d.engine.lowbit`. Per tensor:
        channels), and every (min, step) decodes within lowbit.rotation_limit(rotation).
 The encoder rotates a V tensor whose channels split into whole blocks and whose rotated codes
 stay within that limit; otherwise it codes it unrotated.
+
+Mode 5 (`int4p`; `LowBitSpec.prerope`) is mode 4 with two changes, window_tokens 0:
+- keys get their bits per channel (0-8, `lowbit.allocate_bits`: more for channels that vary
+  more, averaging `key_mean_bits`) and, where the encoder was given the model's RoPE
+  (`kv3d.engine.rope`), are coded before RoPE: turned back by each cell's angles, coded, and
+  turned forward again when decoded (a key's table entry's rotated byte says it was turned);
+- cells at positions below `sink_tokens` (the sequence's first tokens, which most heads attend
+  to the most) are kept exact; their rows in the coded cells are the first other cell's.
+Payload: tensor table | preamble (u16 sink_tokens, u16 head_dim, u16 n_rot, u8 layout (0: no
+RoPE), u8 n_bases, f32 freq_scale, f32 bases[n_bases]: one per cache section) | the blob's
+other bytes | per tensor, with sink = its cells at positions below sink_tokens:
+    K: f16 sink rows | u8 bits[channels] | f16 cmin[channels] | f16 cmax[channels]
+       | u8 lo[g, coded] | u8 hi[g, coded] | packed codes per width, narrowest first
+       (coded: the channels of more than 0 bits; g = key_groups(cells); each width's codes
+       are its channels' (cells, channels) as `lowbit.pack` writes them: bit planes of 1, 2
+       and 4 bits for a width that does not divide 8)
+    V: f16 sink rows | as in mode 4 over all cells.
+Sizes depend on the bits and the cells' positions, which the decoder reads before using them.
 """
 
 from __future__ import annotations
@@ -54,7 +72,8 @@ from typing import Literal
 
 import numpy as np
 
-from kv3d.engine import lowbit
+from kv3d.engine import lowbit, rope
+from kv3d.engine.rope import RopeSpec
 from kv3d.engine.statefmt import LayerTensor, StateFormatError, byte_view, parse_seq_state
 
 MAGIC = b"KV3DDLT1"
@@ -69,6 +88,8 @@ _MAX_SCALE = np.float16(np.finfo(np.float16).max / 127.0)  # the largest scale f
 LOWBIT_VERSION = 2
 LOWBIT_MODE = 3
 ROTATED_MODE = 4  # format version 2, mode 4: one-byte key group bounds, rotated values
+PREROPE_MODE = 5  # mode 4 with keys' bits per channel, coded before RoPE, and exact sink cells
+_PREAMBLE = struct.Struct("<HHHBBf")
 _HEADER_V2 = struct.Struct("<8sHBBBBHHHHIIQQQ")
 _ENTRY_V2 = np.dtype(
     [
@@ -83,7 +104,7 @@ _ENTRY_V2 = np.dtype(
 )
 _FLAG_DEFLATED = 1
 KEY, VALUE = 0, 1
-Mode = Literal["int8", "f16", "int4", "k4v2", "int2", "int4r"]
+Mode = Literal["int8", "f16", "int4", "k4v2", "int2", "int4r", "int4p"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +122,11 @@ class LowBitSpec:
     # > 0: format mode 4, values rotated over blocks of this many channels and key groups
     # with one-byte bounds; 0: mode 3.
     rotation: int = 0
+    # Mode 5 (needs a rotation and no window): keys' bits allocated per channel, averaging
+    # key_mean_bits (0: key_bits), coded before RoPE; cells at positions < sink_tokens exact.
+    prerope: bool = False
+    key_mean_bits: float = 0.0
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.key_bits not in lowbit.BITS or self.value_bits not in lowbit.BITS:
@@ -110,10 +136,22 @@ class LowBitSpec:
             raise ValueError("groups must be 1..65535 and the window 0..65535")
         if self.rotation and not lowbit.is_block(self.rotation):
             raise ValueError(f"rotation must be 0 or a power of two up to {lowbit.MAX_BLOCK}")
+        if self.prerope and (not self.rotation or self.window_tokens):
+            raise ValueError("mode 5 (prerope) needs a rotation and no exact window")
+        if not self.prerope and (self.sink_tokens or self.key_mean_bits):
+            raise ValueError("sink_tokens and key_mean_bits are mode 5 (prerope) settings")
+        if not 0 <= self.sink_tokens < 1 << 16 or not 0 <= self.key_mean_bits <= 8:
+            raise ValueError("sink_tokens must be 0..65535 and key_mean_bits 0..8")
 
     @property
     def mode(self) -> int:
+        if self.prerope:
+            return PREROPE_MODE
         return ROTATED_MODE if self.rotation else LOWBIT_MODE
+
+    @property
+    def mean_key_bits(self) -> float:
+        return self.key_mean_bits or float(self.key_bits)
 
 
 LOWBIT_MODES = {
@@ -123,6 +161,19 @@ LOWBIT_MODES = {
     # Keys as int4 with one-byte group bounds, values rotated (Hadamard over 64 channels) in
     # groups of 64 channels, no exact window: ~4.5 bits a value, 3.5x fewer bytes than f16.
     "int4r": LowBitSpec(4, 4, 32, 64, window_tokens=0, rotation=64),
+    # int4r's values; keys before RoPE with 0-8 bits a channel (3.9 on average), and the
+    # first cell of a sequence exact: ~4.55 bits a value, 3.5x fewer bytes than f16.
+    "int4p": LowBitSpec(
+        4,
+        4,
+        32,
+        64,
+        window_tokens=0,
+        rotation=64,
+        prerope=True,
+        key_mean_bits=3.9,
+        sink_tokens=1,
+    ),
 }
 
 _pool = ThreadPoolExecutor(
@@ -145,17 +196,25 @@ class _Tensor:
 
 def _layer_tensors(blob: memoryview) -> list[_Tensor]:
     """Every f16 K/V tensor of `blob` (statefmt tells K layers from V layers), in blob order."""
+    return sorted((t for t, _, _ in _placed_tensors(blob)), key=lambda t: t.offset)
+
+
+def _placed_tensors(blob: memoryview):
+    """(tensor, cache section index, its cells' positions) for every f16 K/V tensor."""
     state = parse_seq_state(blob)
     base = np.frombuffer(blob, dtype=np.uint8).__array_interface__["data"][0]
-    found = []
-    for section in state.sections:
+    for index, section in enumerate(state.sections):
         for stream in section.streams:
             for role, layers in ((KEY, stream.k_layers), (VALUE, stream.v_layers)):
                 for layer in layers:
                     t = _describe(layer, stream.n_cells, base)
                     if t is not None:
-                        found.append(replace(t, role=role))
-    return sorted(found, key=lambda t: t.offset)
+                        yield replace(t, role=role), index, stream.cell_positions
+
+
+def _places(blob: memoryview) -> dict[int, tuple[int, np.ndarray]]:
+    """Tensor offset -> (cache section index, its cells' positions)."""
+    return {t.offset: (section, pos) for t, section, pos in _placed_tensors(blob)}
 
 
 def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
@@ -241,13 +300,19 @@ def _dequantize_into(out16: np.ndarray, scales: np.ndarray, q: np.ndarray, group
 
 
 def encode_delta(
-    blob, mode: Mode = "int8", group: int = 32, *, spec: LowBitSpec | None = None
+    blob,
+    mode: Mode = "int8",
+    group: int = 32,
+    *,
+    spec: LowBitSpec | None = None,
+    rope: RopeSpec | None = None,
 ) -> bytes:
     """Encode a sequence-state blob (any bytes-like object). `group`: channels per int8 scale;
-    `spec`: a low-bit mode's settings other than its preset (`LOWBIT_MODES`)."""
+    `spec`: a low-bit mode's settings other than its preset (`LOWBIT_MODES`); `rope`: the
+    model's RoPE, which mode 5 codes keys before (without it, after)."""
     view = memoryview(blob).cast("B")
     if mode in LOWBIT_MODES:
-        return _encode_lowbit(view, spec or LOWBIT_MODES[mode])
+        return _encode_lowbit(view, spec or LOWBIT_MODES[mode], rope)
     if mode == "f16":
         return _pack(MODES["f16"], group, 0, len(view), [bytes(view)])
     tensors = _f16_tensors(view, group)
@@ -448,15 +513,30 @@ def _lowbit_tensor_bytes(t: _Tensor, spec: LowBitSpec) -> int:
     return 2 * exact * t.channels + params + lowbit.packed_bytes(coded * t.channels, _bits(t, spec))
 
 
-def _encode_lowbit(view: memoryview, spec: LowBitSpec) -> bytes:
+def _encode_lowbit(view: memoryview, spec: LowBitSpec, rope_spec: RopeSpec | None) -> bytes:
     tensors = _lowbit_tensors(view, spec.value_group_channels)
     raw = np.frombuffer(view, dtype=np.uint8)
-    results = list(_pool.map(lambda t: _encode_lowbit_tensor(raw, t, spec), tensors))
+    preamble = []
+    if spec.prerope:
+        places = _places(view)
+        keys = [t for t in tensors if t.role == KEY]
+        if rope_spec is not None and any(t.channels % rope_spec.head_dim for t in keys):
+            rope_spec = None  # not the model these keys came from: coded after RoPE
+        preamble.append(_preamble(spec, rope_spec))
+
+        def work(t: _Tensor) -> tuple[bytes, bool]:
+            return _encode_mode5_tensor(raw, t, spec, rope_spec, *places[t.offset])
+    else:
+
+        def work(t: _Tensor) -> tuple[bytes, bool]:
+            return _encode_lowbit_tensor(raw, t, spec)
+
+    results = list(_pool.map(work, tensors))
     table = np.zeros(len(tensors), dtype=_ENTRY_V2)
     for i, (t, (_, rotated)) in enumerate(zip(tensors, results, strict=True)):
         table[i] = (t.offset, t.cells, t.channels, t.transposed, t.role, rotated, b"")
     coded = [part for part, _ in results]
-    payload = b"".join([table.tobytes(), *_gaps(raw, tensors), *coded])
+    payload = b"".join([table.tobytes(), *preamble, *_gaps(raw, tensors), *coded])
     flags, stored = 0, payload
     if spec.deflate:
         # Level 1: codes are near-random; only the exact window and the verbatim bytes shrink,
@@ -526,19 +606,76 @@ def _encode_mode4(parts: list, x16: np.ndarray, t: _Tensor, spec: LowBitSpec) ->
     return False
 
 
+def _preamble(spec: LowBitSpec, rope_spec: RopeSpec | None) -> bytes:
+    if rope_spec is None:
+        return _PREAMBLE.pack(spec.sink_tokens, 0, 0, 0, 0, 0.0)
+    head = _PREAMBLE.pack(
+        spec.sink_tokens,
+        rope_spec.head_dim,
+        rope_spec.n_rot,
+        rope_spec.layout,
+        len(rope_spec.bases),
+        rope_spec.freq_scale,
+    )
+    return head + np.array(rope_spec.bases, dtype="<f4").tobytes()
+
+
+def _sink_rows(x16: np.ndarray, positions: np.ndarray, sink_tokens: int):
+    """(indices of the cells kept exact, the cells to code: those rows replaced by the first
+    other cell's, so that they widen no key group and steer no bit allocation)."""
+    sink = np.flatnonzero(positions < sink_tokens)
+    if not sink.size or sink.size == len(positions):
+        return sink, x16
+    body = np.array(x16)
+    body[sink] = x16[np.flatnonzero(positions >= sink_tokens)[0]]
+    return sink, body
+
+
+def _encode_mode5_tensor(
+    raw: np.ndarray,
+    t: _Tensor,
+    spec: LowBitSpec,
+    rope_spec: RopeSpec | None,
+    section: int,
+    positions: np.ndarray,
+) -> tuple[bytes, bool]:
+    """A mode-5 tensor's bytes, and whether they stand for its cells turned back (K) or
+    rotated (V)."""
+    x = _as_cells(raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
+    sink, body = _sink_rows(x, positions, spec.sink_tokens)
+    parts = [np.ascontiguousarray(x[sink]).tobytes()]
+    if t.role == VALUE:
+        rotated = _encode_mode4(parts, body, t, spec)
+        return b"".join(parts), rotated
+    turned, x32 = False, None
+    if rope_spec is not None:
+        base = rope_spec.base_for(section)
+        back = rope.turn(body, positions, rope_spec, base, back=True, in_place=False)
+        limit = lowbit.PRE_ROPE_LIMIT
+        if back.max() <= limit and back.min() >= -limit:  # NaN fails
+            x32, turned = back.astype(np.float16).astype(np.float32), True
+    if x32 is None:
+        x32 = body.astype(np.float32)
+    bits = lowbit.allocate_bits(x32.var(axis=0), spec.mean_key_bits)
+    cmin, cmax, lo, hi, packed = lowbit.quantize_keys_alloc(x32, bits, spec.key_group_tokens)
+    parts += [bits.tobytes(), cmin.tobytes(), cmax.tobytes(), lo.tobytes(), hi.tobytes()]
+    parts += [p.tobytes() for p in packed]
+    return b"".join(parts), turned
+
+
 def _decode_lowbit(view: memoryview) -> bytearray:
     if len(view) < _HEADER_V2.size:
         raise DeltaError("delta shorter than its header")
     (_, _, mode, flags, kb, vb, kg, vg, window, reserved, n, crc, blob_bytes, stored_bytes,
      payload_bytes) = _HEADER_V2.unpack_from(view)  # fmt: skip
-    if mode not in (LOWBIT_MODE, ROTATED_MODE):
+    if mode not in (LOWBIT_MODE, ROTATED_MODE, PREROPE_MODE):
         raise DeltaError(f"unknown delta mode {mode}")
     if flags & ~_FLAG_DEFLATED or (mode == LOWBIT_MODE and reserved):
         raise DeltaError("low-bit delta has flags or reserved bits this build does not know")
-    if mode == ROTATED_MODE and not lowbit.is_block(reserved):
+    if mode != LOWBIT_MODE and not lowbit.is_block(reserved):
         raise DeltaError(f"rotated low-bit delta with a rotation block of {reserved}")
     try:
-        spec = LowBitSpec(kb, vb, kg, vg, window, rotation=reserved)
+        spec = LowBitSpec(kb, vb, kg, vg, window, rotation=reserved, prerope=mode == PREROPE_MODE)
     except ValueError as exc:
         raise DeltaError(f"low-bit delta with impossible settings: {exc}") from None
     stored = view[_HEADER_V2.size :]
@@ -552,6 +689,8 @@ def _decode_lowbit(view: memoryview) -> bytearray:
         raise DeltaError("an undeflated delta payload must be stored as it is")
     else:
         payload = stored
+    if spec.prerope:
+        return _decode_mode5(payload, n, spec, blob_bytes)
     tensors, rotations = _read_table_v2(payload, n, spec, blob_bytes)  # bounds blob_bytes
     out = bytearray(blob_bytes)
     out_raw = np.frombuffer(out, dtype=np.uint8)
@@ -584,8 +723,9 @@ def _inflate(stored: memoryview, payload_bytes: int) -> memoryview:
 def _read_table_v2(
     payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int
 ) -> tuple[list[_Tensor], list[bool]]:
-    """The tensor table, checked as in version 1, plus roles, rotations and the low-bit sizes;
-    returns the tensors (as `_lowbit_tensors` finds them) and whether each is rotated."""
+    """The tensor table, checked as in version 1, plus roles, rotations and (before mode 5,
+    whose sizes depend on what its tensors hold) the low-bit sizes; returns the tensors (as
+    `_lowbit_tensors` finds them) and whether each is rotated (turned back, for mode-5 K)."""
     if n * _ENTRY_V2.itemsize > len(payload):
         raise DeltaError(f"delta tensor table of {n} entries exceeds its payload")
     tensors, rotations, pos, coded = [], [], 0, 0
@@ -594,16 +734,25 @@ def _read_table_v2(
     ).tolist():
         if transposed > 1 or role > 1 or rotated > 1 or any(pad):
             raise DeltaError(f"delta tensor {len(tensors)} has a malformed table entry")
-        if rotated and (role != VALUE or not spec.rotation or channels % spec.rotation):
+        if rotated and not _can_rotate(role, channels, spec):
             raise DeltaError(f"delta tensor {len(tensors)} cannot be rotated")
         group = spec.value_group_channels if role == VALUE else 1
         pos = _check_span(len(tensors), offset, cells, channels, group, pos, blob_bytes)
         t = _Tensor(offset, cells, channels, bool(transposed), role)
-        coded += _lowbit_tensor_bytes(t, spec)
+        if not spec.prerope:
+            coded += _lowbit_tensor_bytes(t, spec)
         tensors.append(t)
         rotations.append(bool(rotated))
-    _check_payload_size(payload, n * _ENTRY_V2.itemsize, tensors, coded, blob_bytes)
+    if not spec.prerope:
+        _check_payload_size(payload, n * _ENTRY_V2.itemsize, tensors, coded, blob_bytes)
     return tensors, rotations
+
+
+def _can_rotate(role: int, channels: int, spec: LowBitSpec) -> bool:
+    """Whether a table entry may say rotated: a V tensor of whole blocks, or a mode-5 K."""
+    if not spec.rotation:
+        return False
+    return spec.prerope if role == KEY else channels % spec.rotation == 0
 
 
 def _decode_lowbit_tensor(
@@ -671,3 +820,123 @@ def _decode_keys_u8(
     lowbit.dequantize_keys_u8_into(
         dest, cmin, cmax, lo, hi, codes, spec.key_bits, spec.key_group_tokens
     )
+
+
+# --- mode 5 -----------------------------------------------------------------------------------
+def _read_preamble(payload: memoryview, at: int) -> tuple[int, RopeSpec | None, int]:
+    """(sink_tokens, the RoPE keys were turned back by or None, where the preamble ends)."""
+    if at + _PREAMBLE.size > len(payload):
+        raise DeltaError("mode-5 delta shorter than its preamble")
+    sink, head_dim, n_rot, layout, n_bases, scale = _PREAMBLE.unpack_from(payload, at)
+    at += _PREAMBLE.size
+    if layout == 0:
+        if head_dim or n_rot or n_bases or scale:
+            raise DeltaError("mode-5 delta without RoPE has RoPE settings")
+        return sink, None, at
+    if at + 4 * n_bases > len(payload):
+        raise DeltaError("mode-5 delta shorter than its RoPE bases")
+    bases = np.frombuffer(payload, dtype="<f4", count=n_bases, offset=at)
+    try:
+        spec = RopeSpec(layout, head_dim, n_rot, float(scale), tuple(float(b) for b in bases))
+    except ValueError as exc:
+        raise DeltaError(f"mode-5 delta with an impossible RoPE: {exc}") from None
+    return sink, spec, at + 4 * n_bases
+
+
+def _decode_mode5(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int) -> bytearray:
+    tensors, flags = _read_table_v2(payload, n, spec, blob_bytes)  # bounds blob_bytes
+    sink_tokens, rope_spec, at = _read_preamble(payload, n * _ENTRY_V2.itemsize)
+    spec = replace(spec, sink_tokens=sink_tokens)
+    for t, flag in zip(tensors, flags, strict=True):
+        if flag and t.role == KEY and (rope_spec is None or t.channels % rope_spec.head_dim):
+            raise DeltaError("mode-5 delta has a key turned back by a RoPE it does not state")
+    verbatim = blob_bytes - sum(2 * t.cells * t.channels for t in tensors)
+    if at + verbatim > len(payload):
+        raise DeltaError("mode-5 delta payload is shorter than the blob's other bytes")
+    out = bytearray(blob_bytes)
+    out_raw = np.frombuffer(out, dtype=np.uint8)
+    src = np.frombuffer(payload, dtype=np.uint8)
+    at = _fill_verbatim(out_raw, src, at, tensors)
+    _check_rebuilt(out, tensors, lambda b: _lowbit_tensors(b, spec.value_group_channels))
+    places = _places(memoryview(out))
+    jobs = []
+    for t, flag in zip(tensors, flags, strict=True):
+        section, positions = places[t.offset]
+        sink = np.flatnonzero(positions < sink_tokens)
+        size = _mode5_tensor_bytes(t, src, at, sink.size, spec)
+        jobs.append((t, src[at : at + size], out_raw, flag, sink, section, positions))
+        at += size
+    if at != len(payload):
+        raise DeltaError(f"delta payload is {len(payload)} bytes; its tensors take {at}")
+
+    def one(job) -> None:
+        t, part, out_raw, flag, sink, section, positions = job
+        dest = _as_cells(out_raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
+        exact = part[: 2 * sink.size * t.channels].view(np.float16).reshape(-1, t.channels)
+        body = part[2 * sink.size * t.channels :]
+        if t.role == VALUE:
+            _decode_lowbit_tensor(t, body, out_raw, flag, spec)
+        else:
+            turn_by = (rope_spec, rope_spec.base_for(section), positions) if flag else None
+            _decode_mode5_keys(t, body, dest, spec, turn_by)
+        dest[sink] = exact
+
+    list(_pool.map(one, jobs))
+    return out
+
+
+def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec) -> int:
+    """A mode-5 tensor's size, read from its bits (K) where they lie inside `src`."""
+    ch = t.channels
+    sink_bytes = 2 * n_sink * ch
+    if t.role == VALUE:
+        params = 4 * t.cells * (ch // spec.value_group_channels)
+        return sink_bytes + params + lowbit.packed_bytes(t.cells * ch, spec.value_bits)
+    start = at + sink_bytes
+    if start + ch > len(src):
+        raise DeltaError("mode-5 delta ends inside a key tensor's bits")
+    bits = src[start : start + ch]
+    if int(bits.max()) > lowbit.MAX_KEY_BITS:
+        raise DeltaError("delta has a key channel wider than any encoder writes")
+    groups = lowbit.key_groups(t.cells, spec.key_group_tokens)
+    size = sink_bytes + 5 * ch + 2 * groups * int(np.count_nonzero(bits))
+    size += sum(lowbit.packed_bytes(t.cells * c.size, b) for b, c in lowbit.width_classes(bits))
+    if at + size > len(src):
+        raise DeltaError("mode-5 delta ends inside a key tensor")
+    return size
+
+
+def _decode_mode5_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, turn_by) -> None:
+    """A mode-5 K tensor's coded cells (`src`: from its bits on) into `dest`, turned forward
+    by `turn_by` (RoPE spec, base, positions) when it was coded before RoPE."""
+    ch, cells = t.channels, t.cells
+    groups = lowbit.key_groups(cells, spec.key_group_tokens)
+    bits = src[:ch]
+    cmin = src[ch : 3 * ch].view(np.float16)
+    cmax = src[3 * ch : 5 * ch].view(np.float16)
+    n_coded = int(np.count_nonzero(bits))
+    at = 5 * ch
+    lo = src[at : at + groups * n_coded].reshape(groups, n_coded)
+    hi = src[at + groups * n_coded : at + 2 * groups * n_coded].reshape(groups, n_coded)
+    at += 2 * groups * n_coded
+    if not lowbit.alloc_bounds_ok(cmin, cmax, lo, hi, bits):
+        raise DeltaError("delta has a key range, bound or width no encoder writes")
+    limit = lowbit.PRE_ROPE_LIMIT if turn_by else lowbit.F16_MAX
+    reach = max(-float(cmin.astype(np.float32).min()), float(cmax.astype(np.float32).max()))
+    if reach > limit:  # bounds_ok: cmin <= cmax, so these are the extremes
+        raise DeltaError("delta has a key turned back past what turns forward to an f16")
+    codes_of = []
+    for width, channels_of in lowbit.width_classes(bits):
+        size = lowbit.packed_bytes(cells * channels_of.size, width)
+        packed = src[at : at + size]
+        if not lowbit.padding_is_zero(packed, cells * channels_of.size, width):
+            raise DeltaError("delta has bits after its last code")
+        codes_of.append(lowbit.unpack(packed, cells * channels_of.size, width).reshape(cells, -1))
+        at += size
+    body = np.empty((cells, ch), np.float32)
+    group = spec.key_group_tokens
+    lowbit.dequantize_keys_alloc_into(body, cmin, cmax, lo, hi, codes_of, bits, group)
+    if turn_by is not None:
+        rope_spec, base, positions = turn_by
+        body = rope.turn(body, positions, rope_spec, base, back=False, in_place=True)
+    dest[...] = body

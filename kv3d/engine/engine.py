@@ -180,6 +180,7 @@ class Engine:
                 settings.cold_path,
                 cold_budget_bytes=settings.cold_budget_bytes,
                 codec=settings.session_codec,
+                rope=self.model.rope_spec(),
             )
             self.sessions = Sessions(
                 self.reuse,

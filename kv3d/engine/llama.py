@@ -20,6 +20,8 @@ import llama_cpp
 import numpy as np
 
 from kv3d.engine.generation import SamplingParams
+from kv3d.engine.rope import RopeSpec
+from kv3d.engine.rope import spec_for as rope_spec_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,8 +29,12 @@ T = TypeVar("T")
 _backend_lock = threading.Lock()
 _backend_ready = False
 
-KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
-KV_TYPE_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}
+KV_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+KV_TYPE_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 class LlamaError(RuntimeError):
@@ -175,6 +181,18 @@ class LlamaModel(_Owner):
         sequences can share or restore piecewise."""
         h = self.handle
         return not (llama_cpp.llama_model_is_recurrent(h) or llama_cpp.llama_model_is_hybrid(h))
+
+    def rope_spec(self) -> RopeSpec | None:
+        """The RoPE its cached keys carry (None: none KV3D can undo; vocab-only loads)."""
+        if self.vocab_only:
+            return None
+        h = self.handle
+        return rope_spec_for(
+            self.meta,
+            llama_cpp.llama_model_rope_type(h),
+            llama_cpp.llama_model_rope_freq_scale_train(h),
+            llama_cpp.llama_model_n_embd(h),
+        )
 
     def chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self.handle, None)

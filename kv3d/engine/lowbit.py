@@ -26,6 +26,10 @@ little more error than groups of 32. Every decoded rotated value must stay withi
 F16_MAX / sqrt(block), so that x' = y' M^T is finite. The products run through the BLAS NumPy
 links, so rotated codes may differ in a last bit between machines (a decoder never needs the
 encoder's exact arithmetic; mode 3 bytes stay reproducible).
+Format mode 5 (`int4p`) codes keys channel by channel with their own widths, 0 to 8 bits
+(`allocate_bits`: reverse water-filling on each channel's variance), as mode 4 does with one
+width; a 0-bit channel is its mean. Codes of widths that do not divide 8 are stored as bit
+planes of 1, 2 and 4 bits (`pack`), so that every plane holds whole codes per byte.
 This module is arrays in, arrays out; the container is `kv3d.engine.codec`.
 """
 
@@ -44,9 +48,22 @@ def levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """(shift, width) of the bit planes a code of `bits` bits is stored as: one plane when
+    `bits` divides 8, else one per power of two in `bits` (3 = 1 + 2, 5 = 1 + 4, 6 = 2 + 4,
+    7 = 1 + 2 + 4), its lowest bits first, so that every plane packs whole codes per byte."""
+    if 8 % bits == 0:
+        return [(0, bits)]
+    planes, shift = [], 0
+    for width in (1, 2, 4):
+        if bits & width:
+            planes.append((shift, width))
+            shift += width
+    return planes
+
+
 def packed_bytes(n_codes: int, bits: int) -> int:
-    per_byte = 8 // bits
-    return (n_codes + per_byte - 1) // per_byte
+    return sum((n_codes * width + 7) // 8 for _, width in _planes(bits))
 
 
 def key_groups(cells: int, group_tokens: int) -> int:
@@ -55,10 +72,20 @@ def key_groups(cells: int, group_tokens: int) -> int:
 
 # --- packing ------------------------------------------------------------------------------------
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes (each < 2**bits), flattened, as bytes; a short last byte is zero-filled."""
-    per_byte = 8 // bits
+    """uint8 codes (each < 2**bits, bits 1..8), flattened, as bytes: per bit plane (`_planes`),
+    8 / width codes a byte, the first in its lowest bits; a short last byte is zero-filled."""
     flat = codes.reshape(-1)
-    n_bytes = packed_bytes(flat.size, bits)
+    planes = _planes(bits)
+    if len(planes) > 1:
+        return np.concatenate(
+            [_pack_plane((flat >> np.uint8(s)) & np.uint8(levels(w)), w) for s, w in planes]
+        )
+    return _pack_plane(flat, bits)
+
+
+def _pack_plane(flat: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    n_bytes = (flat.size + per_byte - 1) // per_byte
     padded = np.zeros(n_bytes * per_byte, dtype=np.uint8)
     padded[: flat.size] = flat
     lanes = padded.reshape(n_bytes, per_byte)
@@ -70,6 +97,19 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
     """The first `n_codes` codes of `packed` (uint8)."""
+    out, at = None, 0
+    for shift, width in _planes(bits):
+        size = (n_codes * width + 7) // 8
+        plane = _unpack_plane(packed[at : at + size], n_codes, width)
+        at += size
+        if out is None:
+            out = plane
+        else:
+            out |= plane << np.uint8(shift)
+    return out
+
+
+def _unpack_plane(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
     per_byte = 8 // bits
     mask = np.uint8(levels(bits))
     lanes = np.empty((packed.size, per_byte), dtype=np.uint8)
@@ -79,9 +119,15 @@ def unpack(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
 
 
 def padding_is_zero(packed: np.ndarray, n_codes: int, bits: int) -> bool:
-    """Whether the bits after the last code are zero, as an encoder leaves them."""
-    used = n_codes * bits % 8
-    return used == 0 or packed.size == 0 or int(packed[-1]) >> used == 0
+    """Whether the bits after the last code of every plane are zero, as an encoder leaves them."""
+    at = 0
+    for _, width in _planes(bits):
+        size = (n_codes * width + 7) // 8
+        used = n_codes * width % 8
+        if used and size and int(packed[at + size - 1]) >> used:
+            return False
+        at += size
+    return True
 
 
 # --- the affine map -----------------------------------------------------------------------------
@@ -266,10 +312,11 @@ def _group_affine(
 def quantize_keys_u8(
     x16: np.ndarray, bits: int, group_tokens: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(cells, channels) f16 -> cmin, cmax (channels,) f16, lo, hi (groups, channels) u8 and
-    codes (cells, channels) u8: per channel, groups of `group_tokens` cells."""
+    """(cells, channels) f16 (or f32 holding f16 values) -> cmin, cmax (channels,) f16, lo, hi
+    (groups, channels) u8 and codes (cells, channels) u8: per channel, groups of
+    `group_tokens` cells."""
     cells, channels = x16.shape
-    x = x16.astype(np.float32)
+    x = x16.astype(np.float32)  # a copy (codes are computed in place); f32 of f16 values too
     cmin = x.min(axis=0).astype(np.float16)  # f16 values: exact
     cmax = x.max(axis=0).astype(np.float16)
     base, u = _bound_grid(cmin, cmax)
@@ -314,4 +361,107 @@ def dequantize_keys_u8_into(
     group_tokens: int,
 ) -> None:
     mins, steps = _group_affine(cmin, cmax, lo, hi, bits)
+    dequantize_keys_into(out16, mins, steps, codes, group_tokens)
+
+
+# --- mode 5: keys with bits allocated per channel -----------------------------------------------
+MAX_KEY_BITS = 8
+# A key coded before RoPE must decode within this, so that turning a pair of channels (length
+# up to sqrt(2) times its largest element) stays a finite f16.
+PRE_ROPE_LIMIT = F16_MAX / 2
+
+
+def allocate_bits(variance: np.ndarray, mean_bits: float) -> np.ndarray:
+    """Bits per channel (0..MAX_KEY_BITS, uint8) averaging at most `mean_bits`, by reverse
+    water-filling: each channel gets half the log2 of its variance less one level shared by
+    all, rounded. Equal error per channel is what spends bits best when errors add up (a
+    channel of 4x the variance needs one more bit for the same error); a steady channel gets
+    0 bits and is coded as its mean."""
+    with np.errstate(divide="ignore"):
+        half_log = 0.5 * np.log2(variance.astype(np.float64))
+
+    def bits_at(level: float) -> np.ndarray:
+        # Half up, not to even: at the level the search settles on, channels whose log
+        # variances differ by whole bits all sit at a half and must round alike.
+        return np.clip(np.floor(half_log - level + 0.5), 0, MAX_KEY_BITS)
+
+    low, high = -256.0, 256.0  # the level: bits_at(high) always fits the mean
+    for _ in range(40):  # to 5e-10 of a bit
+        mid = (low + high) / 2
+        if bits_at(mid).mean() > mean_bits:
+            low = mid
+        else:
+            high = mid
+    return bits_at(high).astype(np.uint8)
+
+
+def width_classes(bits: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(bits, channels) for each width a key tensor uses, widest last: the order codes are
+    stored in. Channels in each class in ascending order."""
+    return [(int(b), np.flatnonzero(bits == b)) for b in np.unique(bits) if b > 0]
+
+
+def quantize_keys_alloc(
+    x: np.ndarray, bits: np.ndarray, group_tokens: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(cells, channels) f16 values (as f16, or as f32 holding f16 values: no conversions)
+    and bits per channel -> cmin, cmax (channels,) f16, lo, hi (groups, coded channels) u8
+    and the packed codes of each width class. A 0-bit channel is its mean (cmin = cmax); the
+    others are coded as `quantize_keys_u8` does."""
+    cells, channels = x.shape
+    coded = np.flatnonzero(bits > 0)
+    mean = x.mean(axis=0, dtype=np.float32).astype(np.float16)
+    cmin, cmax = mean.copy(), mean.copy()
+    groups = key_groups(cells, group_tokens)
+    lo = np.zeros((groups, coded.size), np.uint8)
+    hi = np.zeros((groups, coded.size), np.uint8)
+    packed = []
+    for width, channels_of in width_classes(bits):
+        at = np.searchsorted(coded, channels_of)
+        c_lo, c_hi, g_lo, g_hi, codes = quantize_keys_u8(x[:, channels_of], width, group_tokens)
+        cmin[channels_of], cmax[channels_of] = c_lo, c_hi
+        lo[:, at], hi[:, at] = g_lo, g_hi
+        packed.append(pack(codes, width))
+    return cmin, cmax, lo, hi, packed
+
+
+def alloc_bounds_ok(
+    cmin: np.ndarray, cmax: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: np.ndarray
+) -> bool:
+    """Whether a mode-5 key tensor's ranges are ones `quantize_keys_alloc` writes: bits within
+    MAX_KEY_BITS, finite ranges, a 0-bit channel's range one value."""
+    if bits.size and int(bits.max()) > MAX_KEY_BITS:
+        return False
+    zero = bits == 0
+    if not bool((cmin[zero] == cmax[zero]).all()):  # NaN fails
+        return False
+    return bounds_ok(cmin, cmax, lo, hi)
+
+
+def dequantize_keys_alloc_into(
+    out16: np.ndarray,
+    cmin: np.ndarray,
+    cmax: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    codes_of: list[np.ndarray],
+    bits: np.ndarray,
+    group_tokens: int,
+) -> None:
+    """`codes_of`: each width class's unpacked codes (cells, class channels), widest last.
+    `out16` f16, or f32 to keep the decoded values unrounded for a later step."""
+    cells, channels = out16.shape
+    groups = key_groups(cells, group_tokens)
+    # Every channel's (min, step) and codes side by side, so that one pass decodes them all:
+    # a 0-bit channel is its min with step 0.
+    mins = np.empty((groups, channels), np.float32)
+    steps = np.zeros((groups, channels), np.float32)
+    codes = np.zeros((cells, channels), np.uint8)
+    mins[:] = cmin.astype(np.float32)
+    coded = np.flatnonzero(bits > 0)
+    for (width, channels_of), class_codes in zip(width_classes(bits), codes_of, strict=True):
+        at = np.searchsorted(coded, channels_of)
+        m, s = _group_affine(cmin[channels_of], cmax[channels_of], lo[:, at], hi[:, at], width)
+        mins[:, channels_of], steps[:, channels_of] = m, s
+        codes[:, channels_of] = class_codes
     dequantize_keys_into(out16, mins, steps, codes, group_tokens)

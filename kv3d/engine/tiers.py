@@ -34,6 +34,7 @@ from typing import Protocol
 import numpy as np
 
 from kv3d.engine.codec import DeltaError, Mode, decode_delta, encode_delta
+from kv3d.engine.rope import RopeSpec
 from kv3d.engine.statefmt import byte_view
 
 log = logging.getLogger(__name__)
@@ -302,13 +303,16 @@ class SessionStore:
         shared: SharedSessions | None = None,
         cold_budget_bytes: int = 0,
         codec: Mode = "int8",
+        rope: RopeSpec | None = None,
     ):
         """`codec`: the delta mode parked sessions are encoded with; any stored mode and
-        format version decodes whatever this is, so it may change between restarts."""
+        format version decodes whatever this is, so it may change between restarts. `rope`:
+        the model's RoPE, for the codecs that code keys before it."""
         self.warm_budget_bytes = warm_budget_bytes
         self.cold = ColdTier(Path(cold_dir).expanduser(), cold_budget_bytes) if cold_dir else None
         self.group = group
         self.codec = codec
+        self.rope = rope
         self.shared = shared
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
         self.warm_bytes = 0
@@ -357,7 +361,7 @@ class SessionStore:
     ) -> None:
         try:
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
-            delta = encode_delta(blob, self.codec, self.group)
+            delta = encode_delta(blob, self.codec, self.group, rope=self.rope)
         except Exception:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kv3d.bench.fidelity import heldout_text, measure_fidelity
+from kv3d.bench.fidelity import heldout_text, measure_fidelity, measure_kv_type
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +80,52 @@ def test_a_low_bit_delta_resumes_with_drift_bounded_above_the_noise_floor(smollm
     # Perplexity measured +2.7% on these 2 windows (int8: +0.1%).
     assert abs(report.ppl_int8 - report.ppl_base) / report.ppl_base < 0.05
     assert report.compression_ratio >= 2.5
+
+
+def test_keys_coded_before_rope_move_the_model_less_at_the_same_size(smollm2_path):
+    text = heldout_text()
+    before = measure_fidelity(smollm2_path, text, max_windows=2, codec="int4p")
+    after = measure_fidelity(smollm2_path, text, max_windows=2, codec="int4r")
+    # Measured on these 2 windows: int4p 1.25x the floor, int4r 2.03x, both 3.52x smaller
+    # than f16 (7 windows: 1.28x and 2.05x; README, "Low-bit session codecs"). Keys turned back
+    # by the wrong angles, a lost sink cell or misread bit widths land far above int4r.
+    assert before.compression_ratio >= 3.5 and after.compression_ratio >= 3.5
+    assert before.kl_mean < after.kl_mean
+    assert before.kl_mean <= 2.0 * before.noise_floor_kl_mean
+    assert before.top1 >= before.noise_floor_top1 - 0.06
+
+
+def test_the_cli_measures_a_quantised_hot_cache_against_f16():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kv3d.cli",
+            "fidelity",
+            "--kv-type",
+            "q8_0",
+            "--windows",
+            "1",
+            "--json",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["kv_type"] == "q8_0" and report["windows"] == 1
+    # q8_0 stores 34 bytes per 32 elements (f16: 64): 1.88x the cells in a budget.
+    assert report["cells_vs_f16"] == pytest.approx(64 / 34)
+    assert report["bytes_per_cell"] * report["cells_vs_f16"] == report["f16_bytes_per_cell"]
+
+
+def test_a_q4_0_hot_cache_moves_the_model_far_more_than_q8_0(smollm2_path):
+    text = heldout_text()
+    q8 = measure_kv_type(smollm2_path, text, kv_type="q8_0", max_windows=2)
+    q4 = measure_kv_type(smollm2_path, text, kv_type="q4_0", max_windows=2)
+    # Measured on 7 windows (README, "Low-bit session codecs"): q8_0 1.15x the noise floor,
+    # q4_0 12x; an f16 cache mistaken for either would measure 0.
+    assert 0 < q8.kl_mean <= 2.0 * q8.noise_floor_kl_mean
+    assert q4.kl_mean > 4 * q8.kl_mean
+    assert q4.cells_vs_f16 == pytest.approx(64 / 18)

@@ -38,6 +38,9 @@ class FakeModel:
     def kv_bytes_per_cell(self, kv_type: str) -> int:
         return 64
 
+    def rope_spec(self) -> None:
+        return None  # fake states carry no RoPE: int4p codes their keys as they are
+
     def is_eog(self, token: int) -> bool:
         return token == EOS
 

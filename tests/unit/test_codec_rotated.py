@@ -13,7 +13,15 @@ from kv3d.engine import codec, lowbit
 from kv3d.engine.codec import DeltaError, LowBitSpec, decode_delta, encode_delta
 from kv3d.engine.statefmt import parse_seq_state
 from tests.unit.test_codec import make_state, tensors
-from tests.unit.test_codec_lowbit import coded_start, edit, header, reseal, table, with_table
+from tests.unit.test_codec_lowbit import (
+    coded_start,
+    edit,
+    fuzz_decoding,
+    header,
+    reseal,
+    table,
+    with_table,
+)
 
 SPEC = LowBitSpec(4, 4, 16, 64, window_tokens=8, rotation=64)
 STATE = make_state(cells=40, channels=128, v_trans=True)
@@ -277,23 +285,7 @@ def test_bits_after_the_last_key_code_are_refused():
 
 
 def test_fuzzed_mode_4_deltas_raise_only_delta_errors():
-    from hypothesis import HealthCheck, given, settings
-
-    from tests.unit.test_stored_bytes import mutate, mutations
-
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(edits=mutations(DELTA, start=8))
-    def fuzz(edits):
-        data = mutate(DELTA, edits)
-        if len(data) >= codec._HEADER_V2.size and data[8:10] == b"\x02\x00":
-            data = reseal(data)  # so that mutations reach the parsers behind the checksum
-        try:
-            out = decode_delta(data)
-        except DeltaError:
-            return
-        parse_seq_state(bytes(out))  # (exact rows are kept verbatim: they may hold anything)
-
-    fuzz()
+    fuzz_decoding(DELTA)
 
 
 def test_a_session_store_parks_and_resumes_int4r_sessions_from_every_tier(tmp_path):
