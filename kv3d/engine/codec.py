@@ -53,10 +53,9 @@ Payload: tensor table | preamble (u16 sink_tokens, u16 head_dim, u16 n_rot, u8 l
 RoPE), u8 n_bases, f32 freq_scale, f32 bases[n_bases]: one per cache section) | the blob's
 other bytes | per tensor, with sink = its cells at positions below sink_tokens:
     K: f16 sink rows | u8 bits[channels] | f16 cmin[channels] | f16 cmax[channels]
-       | u8 lo[g, coded] | u8 hi[g, coded] | packed codes per width, narrowest first
-       (coded: the channels of more than 0 bits; g = key_groups(cells); each width's codes
-       are its channels' (cells, channels) as `lowbit.pack` writes them: bit planes of 1, 2
-       and 4 bits for a width that does not divide 8)
+       | u8 lo[g, coded] | u8 hi[g, coded] | packed planes of 1, 2, 4 and 8 bits
+       (coded: the channels of more than 0 bits; g = key_groups(cells); `lowbit.plane_layout`
+       says which channels' bits each plane holds, channel by channel, all cells each)
     V: f16 sink rows | as in mode 4 over all cells.
 Sizes depend on the bits and the cells' positions, which the decoder reads before using them.
 """
@@ -900,7 +899,7 @@ def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec)
         raise DeltaError("delta has a key channel wider than any encoder writes")
     groups = lowbit.key_groups(t.cells, spec.key_group_tokens)
     size = sink_bytes + 5 * ch + 2 * groups * int(np.count_nonzero(bits))
-    size += sum(lowbit.packed_bytes(t.cells * c.size, b) for b, c in lowbit.width_classes(bits))
+    size += lowbit.plane_bytes(bits, t.cells)
     if at + size > len(src):
         raise DeltaError("mode-5 delta ends inside a key tensor")
     return size
@@ -925,17 +924,18 @@ def _decode_mode5_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, turn
     reach = max(-float(cmin.astype(np.float32).min()), float(cmax.astype(np.float32).max()))
     if reach > limit:  # bounds_ok: cmin <= cmax, so these are the extremes
         raise DeltaError("delta has a key turned back past what turns forward to an f16")
-    codes_of = []
-    for width, channels_of in lowbit.width_classes(bits):
+    planes = []
+    for width, channels_of, _ in lowbit.plane_layout(bits):
         size = lowbit.packed_bytes(cells * channels_of.size, width)
         packed = src[at : at + size]
         if not lowbit.padding_is_zero(packed, cells * channels_of.size, width):
             raise DeltaError("delta has bits after its last code")
-        codes_of.append(lowbit.unpack(packed, cells * channels_of.size, width).reshape(cells, -1))
+        planes.append(packed)
         at += size
+    codes = lowbit.unpack_planes(planes, bits, cells)
     body = np.empty((cells, ch), np.float32)
     group = spec.key_group_tokens
-    lowbit.dequantize_keys_alloc_into(body, cmin, cmax, lo, hi, codes_of, bits, group)
+    lowbit.dequantize_keys_alloc_into(body, cmin, cmax, lo, hi, codes, bits, group)
     if turn_by is not None:
         rope_spec, base, positions = turn_by
         body = rope.turn(body, positions, rope_spec, base, back=False, in_place=True)

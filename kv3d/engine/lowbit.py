@@ -28,8 +28,9 @@ links, so rotated codes may differ in a last bit between machines (a decoder nev
 encoder's exact arithmetic; mode 3 bytes stay reproducible).
 Format mode 5 (`int4p`) codes keys channel by channel with their own widths, 0 to 8 bits
 (`allocate_bits`: reverse water-filling on each channel's variance), as mode 4 does with one
-width; a 0-bit channel is its mean. Codes of widths that do not divide 8 are stored as bit
-planes of 1, 2 and 4 bits (`pack`), so that every plane holds whole codes per byte.
+width; a 0-bit channel is its mean. The codes are stored as bit planes of 1, 2, 4 and 8 bits
+(`plane_layout`), each holding whole codes per byte, so that any mix of widths decodes with
+at most four unpacks.
 This module is arrays in, arrays out; the container is `kv3d.engine.codec`.
 """
 
@@ -48,22 +49,8 @@ def levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def _planes(bits: int) -> list[tuple[int, int]]:
-    """(shift, width) of the bit planes a code of `bits` bits is stored as: one plane when
-    `bits` divides 8, else one per power of two in `bits` (3 = 1 + 2, 5 = 1 + 4, 6 = 2 + 4,
-    7 = 1 + 2 + 4), its lowest bits first, so that every plane packs whole codes per byte."""
-    if 8 % bits == 0:
-        return [(0, bits)]
-    planes, shift = [], 0
-    for width in (1, 2, 4):
-        if bits & width:
-            planes.append((shift, width))
-            shift += width
-    return planes
-
-
 def packed_bytes(n_codes: int, bits: int) -> int:
-    return sum((n_codes * width + 7) // 8 for _, width in _planes(bits))
+    return (n_codes * bits + 7) // 8
 
 
 def key_groups(cells: int, group_tokens: int) -> int:
@@ -72,20 +59,11 @@ def key_groups(cells: int, group_tokens: int) -> int:
 
 # --- packing ------------------------------------------------------------------------------------
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes (each < 2**bits, bits 1..8), flattened, as bytes: per bit plane (`_planes`),
-    8 / width codes a byte, the first in its lowest bits; a short last byte is zero-filled."""
-    flat = codes.reshape(-1)
-    planes = _planes(bits)
-    if len(planes) > 1:
-        return np.concatenate(
-            [_pack_plane((flat >> np.uint8(s)) & np.uint8(levels(w)), w) for s, w in planes]
-        )
-    return _pack_plane(flat, bits)
-
-
-def _pack_plane(flat: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes (each < 2**bits; bits 1, 2, 4 or 8), flattened, as bytes: 8 / bits codes a
+    byte, the first in its lowest bits; a short last byte is zero-filled."""
     per_byte = 8 // bits
-    n_bytes = (flat.size + per_byte - 1) // per_byte
+    flat = codes.reshape(-1)
+    n_bytes = packed_bytes(flat.size, bits)
     padded = np.zeros(n_bytes * per_byte, dtype=np.uint8)
     padded[: flat.size] = flat
     lanes = padded.reshape(n_bytes, per_byte)
@@ -97,19 +75,6 @@ def _pack_plane(flat: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
     """The first `n_codes` codes of `packed` (uint8)."""
-    out, at = None, 0
-    for shift, width in _planes(bits):
-        size = (n_codes * width + 7) // 8
-        plane = _unpack_plane(packed[at : at + size], n_codes, width)
-        at += size
-        if out is None:
-            out = plane
-        else:
-            out |= plane << np.uint8(shift)
-    return out
-
-
-def _unpack_plane(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
     per_byte = 8 // bits
     mask = np.uint8(levels(bits))
     lanes = np.empty((packed.size, per_byte), dtype=np.uint8)
@@ -119,15 +84,9 @@ def _unpack_plane(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
 
 
 def padding_is_zero(packed: np.ndarray, n_codes: int, bits: int) -> bool:
-    """Whether the bits after the last code of every plane are zero, as an encoder leaves them."""
-    at = 0
-    for _, width in _planes(bits):
-        size = (n_codes * width + 7) // 8
-        used = n_codes * width % 8
-        if used and size and int(packed[at + size - 1]) >> used:
-            return False
-        at += size
-    return True
+    """Whether the bits after the last code are zero, as an encoder leaves them."""
+    used = n_codes * bits % 8
+    return used == 0 or packed.size == 0 or int(packed[-1]) >> used == 0
 
 
 # --- the affine map -----------------------------------------------------------------------------
@@ -366,6 +325,7 @@ def dequantize_keys_u8_into(
 
 # --- mode 5: keys with bits allocated per channel -----------------------------------------------
 MAX_KEY_BITS = 8
+PLANES = (1, 2, 4, 8)
 # A key coded before RoPE must decode within this, so that turning a pair of channels (length
 # up to sqrt(2) times its largest element) stays a finite f16.
 PRE_ROPE_LIMIT = F16_MAX / 2
@@ -395,10 +355,26 @@ def allocate_bits(variance: np.ndarray, mean_bits: float) -> np.ndarray:
     return bits_at(high).astype(np.uint8)
 
 
-def width_classes(bits: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(bits, channels) for each width a key tensor uses, widest last: the order codes are
-    stored in. Channels in each class in ascending order."""
-    return [(int(b), np.flatnonzero(bits == b)) for b in np.unique(bits) if b > 0]
+def plane_layout(bits: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """How a mode-5 key tensor's codes are stored: (plane width, its channels, each one's
+    shift) for the planes of widths 1, 2, 4 and 8 that some channel has, narrowest first. A
+    channel of w bits has the planes of the powers of two in w (5 = 1 + 4; 8 alone), its
+    lowest bits in the narrowest; a plane holds its channels' codes channel by channel
+    ((channels, cells), so that each channel's codes are one run), and a decoder unpacks at
+    most four planes, whatever the widths."""
+    b = bits.astype(np.int64)
+    layout = []
+    for width in PLANES:
+        member = b == 8 if width == 8 else (b != 8) & (b & width > 0)
+        channels = np.flatnonzero(member)
+        if channels.size:
+            shifts = (b[channels] & (width - 1)).astype(np.uint8)  # the narrower planes' bits
+            layout.append((width, channels, shifts))
+    return layout
+
+
+def plane_bytes(bits: np.ndarray, cells: int) -> int:
+    return sum(packed_bytes(cells * ch.size, w) for w, ch, _ in plane_layout(bits))
 
 
 def quantize_keys_alloc(
@@ -406,8 +382,8 @@ def quantize_keys_alloc(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """(cells, channels) f16 values (as f16, or as f32 holding f16 values: no conversions)
     and bits per channel -> cmin, cmax (channels,) f16, lo, hi (groups, coded channels) u8
-    and the packed codes of each width class. A 0-bit channel is its mean (cmin = cmax); the
-    others are coded as `quantize_keys_u8` does."""
+    and the packed planes (`plane_layout`). A 0-bit channel is its mean (cmin = cmax); the
+    others are coded as `quantize_keys_u8` does, channels of one width together."""
     cells, channels = x.shape
     coded = np.flatnonzero(bits > 0)
     mean = x.mean(axis=0, dtype=np.float32).astype(np.float16)
@@ -415,14 +391,27 @@ def quantize_keys_alloc(
     groups = key_groups(cells, group_tokens)
     lo = np.zeros((groups, coded.size), np.uint8)
     hi = np.zeros((groups, coded.size), np.uint8)
-    packed = []
-    for width, channels_of in width_classes(bits):
-        at = np.searchsorted(coded, channels_of)
-        c_lo, c_hi, g_lo, g_hi, codes = quantize_keys_u8(x[:, channels_of], width, group_tokens)
-        cmin[channels_of], cmax[channels_of] = c_lo, c_hi
+    codes = np.zeros((cells, channels), np.uint8)
+    for width in np.unique(bits[coded]):
+        of = np.flatnonzero(bits == width)
+        at = np.searchsorted(coded, of)
+        c_lo, c_hi, g_lo, g_hi, codes[:, of] = quantize_keys_u8(x[:, of], int(width), group_tokens)
+        cmin[of], cmax[of] = c_lo, c_hi
         lo[:, at], hi[:, at] = g_lo, g_hi
-        packed.append(pack(codes, width))
-    return cmin, cmax, lo, hi, packed
+    by_channel = np.ascontiguousarray(codes.T)
+    planes = [
+        pack((by_channel[ch] >> shifts[:, None]) & np.uint8(levels(w)), w)
+        for w, ch, shifts in plane_layout(bits)
+    ]
+    return cmin, cmax, lo, hi, planes
+
+
+def unpack_planes(planes: list[np.ndarray], bits: np.ndarray, cells: int) -> np.ndarray:
+    """The (cells, channels) codes that `plane_layout`'s packed planes hold (0-bit: 0)."""
+    by_channel = np.zeros((bits.size, cells), np.uint8)  # whole rows: cheap to pick
+    for (w, ch, shifts), packed in zip(plane_layout(bits), planes, strict=True):
+        by_channel[ch] |= unpack(packed, cells * ch.size, w).reshape(-1, cells) << shifts[:, None]
+    return np.ascontiguousarray(by_channel.T)
 
 
 def alloc_bounds_ok(
@@ -444,24 +433,23 @@ def dequantize_keys_alloc_into(
     cmax: np.ndarray,
     lo: np.ndarray,
     hi: np.ndarray,
-    codes_of: list[np.ndarray],
+    codes: np.ndarray,
     bits: np.ndarray,
     group_tokens: int,
 ) -> None:
-    """`codes_of`: each width class's unpacked codes (cells, class channels), widest last.
-    `out16` f16, or f32 to keep the decoded values unrounded for a later step."""
+    """`codes`: (cells, channels), as `unpack_planes` gives them. `out16` f16, or f32 to keep
+    the decoded values unrounded for a later step."""
     cells, channels = out16.shape
     groups = key_groups(cells, group_tokens)
-    # Every channel's (min, step) and codes side by side, so that one pass decodes them all:
-    # a 0-bit channel is its min with step 0.
-    mins = np.empty((groups, channels), np.float32)
-    steps = np.zeros((groups, channels), np.float32)
-    codes = np.zeros((cells, channels), np.uint8)
-    mins[:] = cmin.astype(np.float32)
-    coded = np.flatnonzero(bits > 0)
-    for (width, channels_of), class_codes in zip(width_classes(bits), codes_of, strict=True):
-        at = np.searchsorted(coded, channels_of)
-        m, s = _group_affine(cmin[channels_of], cmax[channels_of], lo[:, at], hi[:, at], width)
-        mins[:, channels_of], steps[:, channels_of] = m, s
-        codes[:, channels_of] = class_codes
+    # Every channel's (min, step) side by side, so that one pass decodes them all: as
+    # `_group_affine`, for all widths at once; a 0-bit channel has cmin = cmax, so u = 0, its
+    # min is cmin and its step 0.
+    coded = bits > 0
+    first = np.zeros((groups, channels), np.float32)
+    last = np.zeros((groups, channels), np.float32)
+    first[:, coded], last[:, coded] = lo, hi
+    base, u = _bound_grid(cmin, cmax)
+    top = np.maximum((1 << bits.astype(np.int32)) - 1, 1).astype(np.float32)
+    mins = base + first * u
+    steps = (last - first) * u / top
     dequantize_keys_into(out16, mins, steps, codes, group_tokens)

@@ -104,23 +104,25 @@ def test_impossible_ropes_are_refused(kwargs):
 
 
 # --- bits per channel ---------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("n", [1, 7, 64, 333])
-def test_any_width_packs_in_bit_planes_of_whole_codes_per_byte(bits, n):
-    codes = np.random.default_rng(bits * n).integers(0, 1 << bits, n, dtype=np.uint8)
-    packed = lowbit.pack(codes, bits)
-    widths = [w for w in (1, 2, 4) if bits & w] if 8 % bits else [bits]
-    assert packed.size == lowbit.packed_bytes(n, bits) == sum((n * w + 7) // 8 for w in widths)
-    assert np.array_equal(lowbit.unpack(packed, n, bits), codes)
-    assert lowbit.padding_is_zero(packed, n, bits)
-    # The first plane holds each code's lowest bits, the first code in the lowest bits of
-    # the first byte.
-    low = widths[0]
-    assert packed[0] & ((1 << low) - 1) == codes[0] & ((1 << low) - 1)
-    if n * low % 8:  # a set bit past the last code of a plane is refused
-        spoiled = packed.copy()
-        spoiled[(n * low + 7) // 8 - 1] |= 0x80
-        assert not lowbit.padding_is_zero(spoiled, n, bits)
+@pytest.mark.parametrize("cells", [1, 7, 33])
+def test_any_mix_of_widths_round_trips_through_at_most_four_planes(cells):
+    bits = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 5, 3, 8], np.uint8)
+    rng = np.random.default_rng(cells)
+    codes = (rng.integers(0, 256, (cells, bits.size)) & ((1 << bits.astype(int)) - 1)).astype(
+        np.uint8
+    )
+    layout = lowbit.plane_layout(bits)
+    assert [w for w, _, _ in layout] == [1, 2, 4, 8]
+    # A 5-bit channel: its lowest bit in the 1-bit plane, the other four in the 4-bit plane.
+    four = dict(zip(layout[2][1].tolist(), layout[2][2].tolist(), strict=True))
+    assert four[5] == 1 and four[4] == 0 and four[7] == 3 and 8 not in four
+    # Each plane holds its channels' codes channel by channel.
+    planes = [
+        lowbit.pack((codes[:, ch].T >> s[:, None]) & np.uint8((1 << w) - 1), w)
+        for w, ch, s in layout
+    ]
+    assert sum(p.size for p in planes) == lowbit.plane_bytes(bits, cells)
+    assert np.array_equal(lowbit.unpack_planes(planes, bits, cells), codes)
 
 
 def test_bits_follow_each_channels_variance_and_keep_the_mean():
