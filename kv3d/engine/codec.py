@@ -42,7 +42,7 @@ and in mode 3). Arithmetic in `kv3d.engine.lowbit`. Per tensor:
 The encoder rotates a V tensor whose channels split into whole blocks and whose rotated codes
 stay within that limit; otherwise it codes it unrotated.
 
-Mode 5 (`int4p`; `LowBitSpec.prerope`) is mode 4 with two changes, window_tokens 0:
+Mode 6 (`int4p`; `LowBitSpec.prerope`) is mode 4 with two changes, window_tokens 0:
 - keys get their bits per channel (0-8, `lowbit.allocate_bits`: more for channels that vary
   more, averaging `key_mean_bits`) and, where the encoder was given the model's RoPE
   (`kv3d.engine.rope`), are coded before RoPE: turned back by each cell's angles, coded, and
@@ -87,7 +87,9 @@ _MAX_SCALE = np.float16(np.finfo(np.float16).max / 127.0)  # the largest scale f
 LOWBIT_VERSION = 2
 LOWBIT_MODE = 3
 ROTATED_MODE = 4  # format version 2, mode 4: one-byte key group bounds, rotated values
-PREROPE_MODE = 5  # mode 4 with keys' bits per channel, coded before RoPE, and exact sink cells
+PREROPE_MODE = 6  # mode 4 with keys' bits per channel, coded before RoPE, and exact sink cells
+# Mode 5 was int4p's first layout (one code stream per key width), written by one development
+# build only: refused as unknown, so that such a delta is recomputed, never misread.
 _PREAMBLE = struct.Struct("<HHHBBf")
 _HEADER_V2 = struct.Struct("<8sHBBBBHHHHIIQQQ")
 _ENTRY_V2 = np.dtype(
@@ -121,7 +123,7 @@ class LowBitSpec:
     # > 0: format mode 4, values rotated over blocks of this many channels and key groups
     # with one-byte bounds; 0: mode 3.
     rotation: int = 0
-    # Mode 5 (needs a rotation and no window): keys' bits allocated per channel, averaging
+    # Mode 6 (needs a rotation and no window): keys' bits allocated per channel, averaging
     # key_mean_bits (0: key_bits), coded before RoPE; cells at positions < sink_tokens exact.
     prerope: bool = False
     key_mean_bits: float = 0.0
@@ -136,9 +138,9 @@ class LowBitSpec:
         if self.rotation and not lowbit.is_block(self.rotation):
             raise ValueError(f"rotation must be 0 or a power of two up to {lowbit.MAX_BLOCK}")
         if self.prerope and (not self.rotation or self.window_tokens):
-            raise ValueError("mode 5 (prerope) needs a rotation and no exact window")
+            raise ValueError("mode 6 (prerope) needs a rotation and no exact window")
         if not self.prerope and (self.sink_tokens or self.key_mean_bits):
-            raise ValueError("sink_tokens and key_mean_bits are mode 5 (prerope) settings")
+            raise ValueError("sink_tokens and key_mean_bits are mode 6 (prerope) settings")
         if not 0 <= self.sink_tokens < 1 << 16 or not 0 <= self.key_mean_bits <= 8:
             raise ValueError("sink_tokens must be 0..65535 and key_mean_bits 0..8")
 
@@ -308,7 +310,7 @@ def encode_delta(
 ) -> bytes:
     """Encode a sequence-state blob (any bytes-like object). `group`: channels per int8 scale;
     `spec`: a low-bit mode's settings other than its preset (`LOWBIT_MODES`); `rope`: the
-    model's RoPE, which mode 5 codes keys before (without it, after)."""
+    model's RoPE, which mode 6 codes keys before (without it, after)."""
     view = memoryview(blob).cast("B")
     if mode in LOWBIT_MODES:
         return _encode_lowbit(view, spec or LOWBIT_MODES[mode], rope)
@@ -638,7 +640,7 @@ def _encode_mode5_tensor(
     section: int,
     positions: np.ndarray,
 ) -> tuple[bytes, bool]:
-    """A mode-5 tensor's bytes, and whether they stand for its cells turned back (K) or
+    """A mode-6 tensor's bytes, and whether they stand for its cells turned back (K) or
     rotated (V)."""
     x = _as_cells(raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
     sink, body = _sink_rows(x, positions, spec.sink_tokens)
@@ -722,9 +724,9 @@ def _inflate(stored: memoryview, payload_bytes: int) -> memoryview:
 def _read_table_v2(
     payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int
 ) -> tuple[list[_Tensor], list[bool]]:
-    """The tensor table, checked as in version 1, plus roles, rotations and (before mode 5,
+    """The tensor table, checked as in version 1, plus roles, rotations and (but in mode 6,
     whose sizes depend on what its tensors hold) the low-bit sizes; returns the tensors (as
-    `_lowbit_tensors` finds them) and whether each is rotated (turned back, for mode-5 K)."""
+    `_lowbit_tensors` finds them) and whether each is rotated (turned back, for mode-6 K)."""
     if n * _ENTRY_V2.itemsize > len(payload):
         raise DeltaError(f"delta tensor table of {n} entries exceeds its payload")
     tensors, rotations, pos, coded = [], [], 0, 0
@@ -748,7 +750,7 @@ def _read_table_v2(
 
 
 def _can_rotate(role: int, channels: int, spec: LowBitSpec) -> bool:
-    """Whether a table entry may say rotated: a V tensor of whole blocks, or a mode-5 K."""
+    """Whether a table entry may say rotated: a V tensor of whole blocks, or a mode-6 K."""
     if not spec.rotation:
         return False
     return spec.prerope if role == KEY else channels % spec.rotation == 0
@@ -821,24 +823,24 @@ def _decode_keys_u8(
     )
 
 
-# --- mode 5 -----------------------------------------------------------------------------------
+# --- mode 6 -----------------------------------------------------------------------------------
 def _read_preamble(payload: memoryview, at: int) -> tuple[int, RopeSpec | None, int]:
     """(sink_tokens, the RoPE keys were turned back by or None, where the preamble ends)."""
     if at + _PREAMBLE.size > len(payload):
-        raise DeltaError("mode-5 delta shorter than its preamble")
+        raise DeltaError("mode-6 delta shorter than its preamble")
     sink, head_dim, n_rot, layout, n_bases, scale = _PREAMBLE.unpack_from(payload, at)
     at += _PREAMBLE.size
     if layout == 0:
         if head_dim or n_rot or n_bases or scale:
-            raise DeltaError("mode-5 delta without RoPE has RoPE settings")
+            raise DeltaError("mode-6 delta without RoPE has RoPE settings")
         return sink, None, at
     if at + 4 * n_bases > len(payload):
-        raise DeltaError("mode-5 delta shorter than its RoPE bases")
+        raise DeltaError("mode-6 delta shorter than its RoPE bases")
     bases = np.frombuffer(payload, dtype="<f4", count=n_bases, offset=at)
     try:
         spec = RopeSpec(layout, head_dim, n_rot, float(scale), tuple(float(b) for b in bases))
     except ValueError as exc:
-        raise DeltaError(f"mode-5 delta with an impossible RoPE: {exc}") from None
+        raise DeltaError(f"mode-6 delta with an impossible RoPE: {exc}") from None
     return sink, spec, at + 4 * n_bases
 
 
@@ -848,10 +850,10 @@ def _decode_mode5(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int
     spec = replace(spec, sink_tokens=sink_tokens)
     for t, flag in zip(tensors, flags, strict=True):
         if flag and t.role == KEY and (rope_spec is None or t.channels % rope_spec.head_dim):
-            raise DeltaError("mode-5 delta has a key turned back by a RoPE it does not state")
+            raise DeltaError("mode-6 delta has a key turned back by a RoPE it does not state")
     verbatim = blob_bytes - sum(2 * t.cells * t.channels for t in tensors)
     if at + verbatim > len(payload):
-        raise DeltaError("mode-5 delta payload is shorter than the blob's other bytes")
+        raise DeltaError("mode-6 delta payload is shorter than the blob's other bytes")
     out = bytearray(blob_bytes)
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
@@ -885,7 +887,7 @@ def _decode_mode5(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int
 
 
 def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec) -> int:
-    """A mode-5 tensor's size, read from its bits (K) where they lie inside `src`."""
+    """A mode-6 tensor's size, read from its bits (K) where they lie inside `src`."""
     ch = t.channels
     sink_bytes = 2 * n_sink * ch
     if t.role == VALUE:
@@ -893,7 +895,7 @@ def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec)
         return sink_bytes + params + lowbit.packed_bytes(t.cells * ch, spec.value_bits)
     start = at + sink_bytes
     if start + ch > len(src):
-        raise DeltaError("mode-5 delta ends inside a key tensor's bits")
+        raise DeltaError("mode-6 delta ends inside a key tensor's bits")
     bits = src[start : start + ch]
     if int(bits.max()) > lowbit.MAX_KEY_BITS:
         raise DeltaError("delta has a key channel wider than any encoder writes")
@@ -901,12 +903,12 @@ def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec)
     size = sink_bytes + 5 * ch + 2 * groups * int(np.count_nonzero(bits))
     size += lowbit.plane_bytes(bits, t.cells)
     if at + size > len(src):
-        raise DeltaError("mode-5 delta ends inside a key tensor")
+        raise DeltaError("mode-6 delta ends inside a key tensor")
     return size
 
 
 def _decode_mode5_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, turn_by) -> None:
-    """A mode-5 K tensor's coded cells (`src`: from its bits on) into `dest`, turned forward
+    """A mode-6 K tensor's coded cells (`src`: from its bits on) into `dest`, turned forward
     by `turn_by` (RoPE spec, base, positions) when it was coded before RoPE."""
     ch, cells = t.channels, t.cells
     groups = lowbit.key_groups(cells, spec.key_group_tokens)

@@ -26,7 +26,7 @@ little more error than groups of 32. Every decoded rotated value must stay withi
 F16_MAX / sqrt(block), so that x' = y' M^T is finite. The products run through the BLAS NumPy
 links, so rotated codes may differ in a last bit between machines (a decoder never needs the
 encoder's exact arithmetic; mode 3 bytes stay reproducible).
-Format mode 5 (`int4p`) codes keys channel by channel with their own widths, 0 to 8 bits
+Format mode 6 (`int4p`) codes keys channel by channel with their own widths, 0 to 8 bits
 (`allocate_bits`: reverse water-filling on each channel's variance), as mode 4 does with one
 width; a 0-bit channel is its mean. The codes are stored as bit planes of 1, 2, 4 and 8 bits
 (`plane_layout`), each holding whole codes per byte, so that any mix of widths decodes with
@@ -323,7 +323,7 @@ def dequantize_keys_u8_into(
     dequantize_keys_into(out16, mins, steps, codes, group_tokens)
 
 
-# --- mode 5: keys with bits allocated per channel -----------------------------------------------
+# --- mode 6: keys with bits allocated per channel -----------------------------------------------
 MAX_KEY_BITS = 8
 PLANES = (1, 2, 4, 8)
 # A key coded before RoPE must decode within this, so that turning a pair of channels (length
@@ -356,7 +356,7 @@ def allocate_bits(variance: np.ndarray, mean_bits: float) -> np.ndarray:
 
 
 def plane_layout(bits: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """How a mode-5 key tensor's codes are stored: (plane width, its channels, each one's
+    """How a mode-6 key tensor's codes are stored: (plane width, its channels, each one's
     shift) for the planes of widths 1, 2, 4 and 8 that some channel has, narrowest first. A
     channel of w bits has the planes of the powers of two in w (5 = 1 + 4; 8 alone), its
     lowest bits in the narrowest; a plane holds its channels' codes channel by channel
@@ -417,7 +417,7 @@ def unpack_planes(planes: list[np.ndarray], bits: np.ndarray, cells: int) -> np.
 def alloc_bounds_ok(
     cmin: np.ndarray, cmax: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: np.ndarray
 ) -> bool:
-    """Whether a mode-5 key tensor's ranges are ones `quantize_keys_alloc` writes: bits within
+    """Whether a mode-6 key tensor's ranges are ones `quantize_keys_alloc` writes: bits within
     MAX_KEY_BITS, finite ranges, a 0-bit channel's range one value."""
     if bits.size and int(bits.max()) > MAX_KEY_BITS:
         return False

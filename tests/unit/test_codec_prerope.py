@@ -1,4 +1,4 @@
-"""Low-bit session deltas, format version 2 mode 5 (`int4p`): keys coded before RoPE with their
+"""Low-bit session deltas, format version 2 mode 6 (`int4p`): keys coded before RoPE with their
 bits allocated per channel, and the sequence's first cells exact; on synthetic states whose keys
 carry a RoPE as llama.cpp's would."""
 
@@ -199,7 +199,7 @@ def test_two_sections_turn_by_their_own_bases():
 def test_mode_5_settings_are_checked():
     with pytest.raises(ValueError, match="rotation and no exact window"):
         LowBitSpec(4, 4, 32, 64, window_tokens=8, rotation=64, prerope=True)
-    with pytest.raises(ValueError, match="mode 5"):
+    with pytest.raises(ValueError, match="mode 6"):
         LowBitSpec(4, 4, 32, 64, rotation=64, sink_tokens=1)
     assert codec.LOWBIT_MODES["int4p"].mode == codec.PREROPE_MODE
 
@@ -272,9 +272,14 @@ def test_a_session_store_parks_and_resumes_int4p_sessions_from_every_tier(tmp_pa
     store.park("s", FP, tuple(range(200)), 0, blob)
     store.flush()
     delta = store._warm["s"].delta
-    assert delta[8:11] == b"\x02\x00\x05" and table(delta)["rotated"].tolist()[:2] == [1, 1]
+    assert delta[8:11] == b"\x02\x00\x06" and table(delta)["rotated"].tolist()[:2] == [1, 1]
     warm = store.take("s").result()
     assert warm.tier == "warm" and len(warm.blob) == len(blob)
     store.close()
     cold = SessionStore(10**9, cold_dir=str(tmp_path), codec="int8").take("s").result()
     assert cold.tier == "cold" and bytes(cold.blob) == bytes(warm.blob)
+
+
+def test_int4ps_interim_mode_5_layout_is_refused_not_misread():
+    with pytest.raises(DeltaError, match="unknown delta mode 5"):
+        decode_delta(reseal(DELTA, mode=5))
