@@ -136,6 +136,26 @@ def _nll(logits: np.ndarray, targets: list[int]) -> np.ndarray:
     return -lp[np.arange(len(targets)), targets]
 
 
+class _Drift:
+    """How far one way of computing logits moves from the reference, window after window."""
+
+    def __init__(self) -> None:
+        self._kls: list[np.ndarray] = []
+        self._agree: list[np.ndarray] = []
+
+    def add(self, ref: np.ndarray, other: np.ndarray) -> None:
+        self._kls.append(_kl(ref, other))
+        self._agree.append(ref.argmax(axis=1) == other.argmax(axis=1))
+
+    @property
+    def kl(self) -> np.ndarray:
+        return np.concatenate(self._kls)
+
+    @property
+    def top1(self) -> float:
+        return float(np.concatenate(self._agree).mean())
+
+
 def measure_fidelity(
     model_path: Path,
     text: str,
@@ -163,7 +183,7 @@ def measure_fidelity(
         span = context_tokens + eval_tokens + 1
         scorer = _Scorer(model, n_cells=max(span, 256), threads=threads)
         rope = model.rope_spec()
-        kls, noise_kls, agree, noise_agree, nll_base, nll_q = [], [], [], [], [], []
+        coded_drift, noise_drift, nll_base, nll_q = _Drift(), _Drift(), [], []
         raw_bytes = coded_bytes = 0
         try:
             for s in starts:
@@ -194,26 +214,24 @@ def measure_fidelity(
                 noise = scorer.score(ev, context_tokens)
                 scorer.ctx.clear()
 
-                kls.append(_kl(ref, quant))
-                noise_kls.append(_kl(ref, noise))
-                agree.append(ref.argmax(axis=1) == quant.argmax(axis=1))
-                noise_agree.append(ref.argmax(axis=1) == noise.argmax(axis=1))
+                coded_drift.add(ref, quant)
+                noise_drift.add(ref, noise)
                 nll_base.append(_nll(ref, targets))
                 nll_q.append(_nll(quant, targets))
         finally:
             scorer.close()
-    kl = np.concatenate(kls)
+    kl = coded_drift.kl
     return FidelityReport(
         codec=codec,
         windows=len(starts),
         eval_tokens=int(kl.size),
         kl_mean=float(kl.mean()),
         kl_max=float(kl.max()),
-        top1=float(np.concatenate(agree).mean()),
+        top1=coded_drift.top1,
         ppl_base=float(np.exp(np.concatenate(nll_base).mean())),
         ppl_int8=float(np.exp(np.concatenate(nll_q).mean())),
-        noise_floor_kl_mean=float(np.concatenate(noise_kls).mean()),
-        noise_floor_top1=float(np.concatenate(noise_agree).mean()),
+        noise_floor_kl_mean=float(noise_drift.kl.mean()),
+        noise_floor_top1=noise_drift.top1,
         compression_ratio=raw_bytes / coded_bytes,
         bytes_vs_f16=coded_bytes / raw_bytes,
     )
@@ -247,7 +265,7 @@ def measure_kv_type(
         n_cells = max(context_tokens + eval_tokens + 1, 256)
         reference = _Scorer(model, n_cells, threads)
         quantised = _Scorer(model, n_cells, threads, kv_type)
-        kls, noise_kls, agree, noise_agree = [], [], [], []
+        quant_drift, noise_drift = _Drift(), _Drift()
         try:
             for s in starts:
                 ctx_toks = tokens[s : s + context_tokens]
@@ -259,25 +277,23 @@ def measure_kv_type(
                     runs.append(scorer.score(ev, context_tokens))
                     scorer.ctx.clear()
                 ref, noise, quant = runs
-                kls.append(_kl(ref, quant))
-                noise_kls.append(_kl(ref, noise))
-                agree.append(ref.argmax(axis=1) == quant.argmax(axis=1))
-                noise_agree.append(ref.argmax(axis=1) == noise.argmax(axis=1))
+                quant_drift.add(ref, quant)
+                noise_drift.add(ref, noise)
         finally:
             quantised.close()
             reference.close()
         cell_bytes = model.kv_bytes_per_cell(kv_type)
         f16_bytes = model.kv_bytes_per_cell("f16")
-    kl = np.concatenate(kls)
+    kl = quant_drift.kl
     return KvTypeReport(
         kv_type=kv_type,
         windows=len(starts),
         eval_tokens=int(kl.size),
         kl_mean=float(kl.mean()),
         kl_max=float(kl.max()),
-        top1=float(np.concatenate(agree).mean()),
-        noise_floor_kl_mean=float(np.concatenate(noise_kls).mean()),
-        noise_floor_top1=float(np.concatenate(noise_agree).mean()),
+        top1=quant_drift.top1,
+        noise_floor_kl_mean=float(noise_drift.kl.mean()),
+        noise_floor_top1=noise_drift.top1,
         bytes_per_cell=cell_bytes,
         f16_bytes_per_cell=f16_bytes,
         cells_vs_f16=f16_bytes / cell_bytes,
