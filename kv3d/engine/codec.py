@@ -526,7 +526,7 @@ def _encode_lowbit(view: memoryview, spec: LowBitSpec, rope_spec: RopeSpec | Non
         preamble.append(_preamble(spec, rope_spec))
 
         def work(t: _Tensor) -> tuple[bytes, bool]:
-            return _encode_mode5_tensor(raw, t, spec, rope_spec, *places[t.offset])
+            return _encode_prerope_tensor(raw, t, spec, rope_spec, *places[t.offset])
     else:
 
         def work(t: _Tensor) -> tuple[bytes, bool]:
@@ -632,7 +632,7 @@ def _sink_rows(x16: np.ndarray, positions: np.ndarray, sink_tokens: int):
     return sink, body
 
 
-def _encode_mode5_tensor(
+def _encode_prerope_tensor(
     raw: np.ndarray,
     t: _Tensor,
     spec: LowBitSpec,
@@ -691,7 +691,7 @@ def _decode_lowbit(view: memoryview) -> bytearray:
     else:
         payload = stored
     if spec.prerope:
-        return _decode_mode5(payload, n, spec, blob_bytes)
+        return _decode_prerope(payload, n, spec, blob_bytes)
     tensors, rotations = _read_table_v2(payload, n, spec, blob_bytes)  # bounds blob_bytes
     out = bytearray(blob_bytes)
     out_raw = np.frombuffer(out, dtype=np.uint8)
@@ -844,7 +844,7 @@ def _read_preamble(payload: memoryview, at: int) -> tuple[int, RopeSpec | None, 
     return sink, spec, at + 4 * n_bases
 
 
-def _decode_mode5(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int) -> bytearray:
+def _decode_prerope(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int) -> bytearray:
     tensors, flags = _read_table_v2(payload, n, spec, blob_bytes)  # bounds blob_bytes
     sink_tokens, rope_spec, at = _read_preamble(payload, n * _ENTRY_V2.itemsize)
     spec = replace(spec, sink_tokens=sink_tokens)
@@ -864,7 +864,7 @@ def _decode_mode5(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int
     for t, flag in zip(tensors, flags, strict=True):
         section, positions = places[t.offset]
         sink = np.flatnonzero(positions < sink_tokens)
-        size = _mode5_tensor_bytes(t, src, at, sink.size, spec)
+        size = _prerope_tensor_bytes(t, src, at, sink.size, spec)
         jobs.append((t, src[at : at + size], out_raw, flag, sink, section, positions))
         at += size
     if at != len(payload):
@@ -879,14 +879,14 @@ def _decode_mode5(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: int
             _decode_lowbit_tensor(t, body, out_raw, flag, spec)
         else:
             turn_by = (rope_spec, rope_spec.base_for(section), positions) if flag else None
-            _decode_mode5_keys(t, body, dest, spec, turn_by)
+            _decode_prerope_keys(t, body, dest, spec, turn_by)
         dest[sink] = exact
 
     list(_pool.map(one, jobs))
     return out
 
 
-def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec) -> int:
+def _prerope_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec) -> int:
     """A mode-6 tensor's size, read from its bits (K) where they lie inside `src`."""
     ch = t.channels
     sink_bytes = 2 * n_sink * ch
@@ -907,7 +907,7 @@ def _mode5_tensor_bytes(t: _Tensor, src: np.ndarray, at: int, n_sink: int, spec)
     return size
 
 
-def _decode_mode5_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, turn_by) -> None:
+def _decode_prerope_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, turn_by) -> None:
     """A mode-6 K tensor's coded cells (`src`: from its bits on) into `dest`, turned forward
     by `turn_by` (RoPE spec, base, positions) when it was coded before RoPE."""
     ch, cells = t.channels, t.cells
@@ -926,15 +926,15 @@ def _decode_mode5_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, turn
     reach = max(-float(cmin.astype(np.float32).min()), float(cmax.astype(np.float32).max()))
     if reach > limit:  # bounds_ok: cmin <= cmax, so these are the extremes
         raise DeltaError("delta has a key turned back past what turns forward to an f16")
-    planes = []
-    for width, channels_of, _ in lowbit.plane_layout(bits):
+    planes, layout = [], lowbit.plane_layout(bits)
+    for width, channels_of, _ in layout:
         size = lowbit.packed_bytes(cells * channels_of.size, width)
         packed = src[at : at + size]
         if not lowbit.padding_is_zero(packed, cells * channels_of.size, width):
             raise DeltaError("delta has bits after its last code")
         planes.append(packed)
         at += size
-    codes = lowbit.unpack_planes(planes, bits, cells)
+    codes = lowbit.unpack_planes(planes, bits, cells, layout)
     body = np.empty((cells, ch), np.float32)
     group = spec.key_group_tokens
     lowbit.dequantize_keys_alloc_into(body, cmin, cmax, lo, hi, codes, bits, group)

@@ -406,10 +406,13 @@ def quantize_keys_alloc(
     return cmin, cmax, lo, hi, planes
 
 
-def unpack_planes(planes: list[np.ndarray], bits: np.ndarray, cells: int) -> np.ndarray:
-    """The (cells, channels) codes that `plane_layout`'s packed planes hold (0-bit: 0)."""
+def unpack_planes(
+    planes: list[np.ndarray], bits: np.ndarray, cells: int, layout: list | None = None
+) -> np.ndarray:
+    """The (cells, channels) codes that `plane_layout`'s packed planes hold (0-bit: 0);
+    `layout`: `plane_layout(bits)` where the caller has it already."""
     by_channel = np.zeros((bits.size, cells), np.uint8)  # whole rows: cheap to pick
-    for (w, ch, shifts), packed in zip(plane_layout(bits), planes, strict=True):
+    for (w, ch, shifts), packed in zip(layout or plane_layout(bits), planes, strict=True):
         by_channel[ch] |= unpack(packed, cells * ch.size, w).reshape(-1, cells) << shifts[:, None]
     return np.ascontiguousarray(by_channel.T)
 
