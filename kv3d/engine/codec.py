@@ -213,9 +213,13 @@ def _placed_tensors(blob: memoryview):
                         yield replace(t, role=role), index, stream.cell_positions
 
 
-def _places(blob: memoryview) -> dict[int, tuple[int, np.ndarray]]:
-    """Tensor offset -> (cache section index, its cells' positions)."""
-    return {t.offset: (section, pos) for t, section, pos in _placed_tensors(blob)}
+def _lowbit_placed(blob: memoryview, value_group: int) -> list:
+    """`_lowbit_tensors`' tensors with their cache section index and cells' positions, from
+    one parse of the blob: (tensor, section, positions), in blob order."""
+    placed = [
+        p for p in _placed_tensors(blob) if p[0].role == KEY or p[0].channels % value_group == 0
+    ]
+    return sorted(placed, key=lambda p: p[0].offset)
 
 
 def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
@@ -225,7 +229,7 @@ def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
 
 def _lowbit_tensors(blob: memoryview, value_group: int) -> list[_Tensor]:
     """The tensors a low-bit delta codes: every f16 K, and f16 V of whole channel groups."""
-    return [t for t in _layer_tensors(blob) if t.role == KEY or t.channels % value_group == 0]
+    return [t for t, _, _ in _lowbit_placed(blob, value_group)]
 
 
 def _describe(layer: LayerTensor, n_cells: int, base: int) -> _Tensor | None:
@@ -515,11 +519,12 @@ def _lowbit_tensor_bytes(t: _Tensor, spec: LowBitSpec) -> int:
 
 
 def _encode_lowbit(view: memoryview, spec: LowBitSpec, rope_spec: RopeSpec | None) -> bytes:
-    tensors = _lowbit_tensors(view, spec.value_group_channels)
+    placed = _lowbit_placed(view, spec.value_group_channels)
+    tensors = [t for t, _, _ in placed]
     raw = np.frombuffer(view, dtype=np.uint8)
     preamble = []
     if spec.prerope:
-        places = _places(view)
+        places = {t.offset: (section, pos) for t, section, pos in placed}
         keys = [t for t in tensors if t.role == KEY]
         if rope_spec is not None and any(t.channels % rope_spec.head_dim for t in keys):
             rope_spec = None  # not the model these keys came from: coded after RoPE
@@ -858,8 +863,14 @@ def _decode_prerope(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: i
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
     at = _fill_verbatim(out_raw, src, at, tensors)
-    _check_rebuilt(out, tensors, lambda b: _lowbit_tensors(b, spec.value_group_channels))
-    places = _places(memoryview(out))
+    placed: list = []
+
+    def find(blob: memoryview) -> list[_Tensor]:  # one parse: the check and the places
+        placed.extend(_lowbit_placed(blob, spec.value_group_channels))
+        return [t for t, _, _ in placed]
+
+    _check_rebuilt(out, tensors, find)
+    places = {t.offset: (section, pos) for t, section, pos in placed}
     jobs = []
     for t, flag in zip(tensors, flags, strict=True):
         section, positions = places[t.offset]
