@@ -111,7 +111,7 @@ class HotPrefix:
     session_key: str | None = None
     superseded: bool = False  # a newer turn of the same session replaced it
     tenant: str = ""  # who the prefix belongs to (GenerationRequest.tenant), for figures only
-    idle_mark: float = 0.0  # the cache's idle clock when it last became unreferenced
+    idle_mark: float = 0.0  # the idle clock's reading when it last became unreferenced
     # An idle session also keeps the logits its request got at the end of its prompt (the
     # first `logits_at` tokens): a repeat of that prompt shares every cell and samples from
     # them, computing nothing, and so starts from the very logits the first request had.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from concurrent.futures import Future
 
@@ -47,6 +48,8 @@ from kv3d.engine.tiers import Resumable, SessionStore, SharedSessions
 log = logging.getLogger(__name__)
 
 AUTO_SESSION_PREFIX = "auto:"  # sessions detected from their history, keyed by its last block
+# The idle mark of a session that became idle since the last step's charge.
+IDLE_FROM_NEXT_STEP = math.inf
 # Most idle sessions demoted for rent after one step: each costs the step thread a state export,
 # and a burst of them would stall the running streams for one long step.
 MAX_RENT_DEMOTIONS_PER_STEP = 2
@@ -121,7 +124,9 @@ class Sessions:
         self.rent_demotions = 0
         self._memory = reuse.cache.ctx
         reuse.cache.on_evict = self.demote
-        reuse.cache.idle_clock = lambda: self.rent.paid_s_per_cell
+        # A session that goes idle during a step starts paying rent after that step's charge
+        # (it was running, not idle, while the step ran): `after_step` reads the clock for it.
+        reuse.cache.idle_clock = lambda: IDLE_FROM_NEXT_STEP
 
     # --- any thread -------------------------------------------------------------------------
     def take_for(
@@ -394,8 +399,12 @@ class Sessions:
         """Charge the step's rent to the idle sessions, and demote those that have paid their
         price (the longest idle first, a few per step)."""
         self.rent.after_step(decode_tokens, prefill_tokens, cells_used, step_s)
+        idle = self.reuse.cache.idle_sessions()
+        for prefix in idle:
+            if prefix.idle_mark == IDLE_FROM_NEXT_STEP:
+                prefix.idle_mark = self.rent.paid_s_per_cell
         demoted = 0
-        for prefix in self.reuse.cache.idle_sessions():
+        for prefix in sorted(idle, key=lambda p: p.idle_mark):
             if demoted == MAX_RENT_DEMOTIONS_PER_STEP or not self.rent.due(prefix.idle_mark):
                 break  # sorted by idle mark: if this one is not due, none after it is
             self.reuse.cache.evict(prefix)

@@ -383,8 +383,9 @@ def test_an_idle_session_is_demoted_once_the_steps_beside_it_paid_its_price(stor
     h = Harness(store=store)
     rent_known(h)
     cells = first_turn(h)
-    # 4 tokens × 1 µs per step against a 100 µs price: due after 25 steps.
-    assert charge_until_due(h, "chat-1") == 25
+    # 4 tokens × 1 µs per step against a 100 µs price: due 25 steps after the one it finished
+    # in (the harness's first step), which it does not pay for.
+    assert charge_until_due(h, "chat-1") == 26
     store.flush()
     assert store.holds("chat-1") and h.sessions.stats()["session_rent_demotions_total"] == 1
     family = [p for p in h.reuse.cache.hot() if p.session_key is None]
@@ -401,18 +402,19 @@ def test_a_session_stays_hot_while_no_step_runs_and_the_longest_idle_goes_first(
     h = Harness(store=store, holders=4)
     rent = rent_known(h)
     first_turn(h, "chat-1")
-    for _ in range(20):
+    for _ in range(21):  # the first is the step chat-1 finished in
         h.sessions.after_step(4, 0, 3000, 0.1)
     progress, _ = h.admit(h.submit(request("b1", tuple(range(300, 320)), "chat-2")))
     h.prefill(progress)
     h.finish(progress, REPLY1)
+    h.sessions.after_step(4, 0, 3000, 0.1)  # the step chat-2 finished in
     paid = rent.paid_s_per_cell
-    # chat-1 has paid 80 of its 100 µs, chat-2 nothing: 5 steps later only chat-1 is due.
-    for _ in range(5):
+    # chat-1 has paid 84 of its 100 µs, chat-2 nothing: 4 steps later only chat-1 is due.
+    for _ in range(4):
         h.sessions.after_step(4, 0, 3000, 0.1)
     hot = {p.session_key for p in h.reuse.cache.hot()}
     assert "chat-1" not in hot and "chat-2" in hot
-    assert rent.paid_s_per_cell == pytest.approx(paid + 20e-6)
+    assert rent.paid_s_per_cell == pytest.approx(paid + 16e-6)
     h.check()
 
 
@@ -429,5 +431,20 @@ def test_an_idle_session_in_use_by_a_running_sequence_is_not_charged(store):
     assert session in h.reuse.cache.hot()
     h.prefill(progress)
     h.finish(progress)
-    assert session.idle_mark == rent.paid_s_per_cell  # idle again from now
+    h.sessions.after_step(4, 0, 3000, 0.1)
+    assert session.idle_mark == rent.paid_s_per_cell  # idle again from after that step
+    h.check()
+
+
+def test_a_session_does_not_pay_rent_for_the_step_it_finished_in(store):
+    h = Harness(store=store)
+    rent = rent_known(h)
+    first_turn(h)  # finished: idle from the end of the step it ran in
+    # That step alone is worth the whole 100 µs price, the next one 4 µs.
+    h.sessions.after_step(100, 0, 3000, 0.1)
+    assert "chat-1" in {p.session_key for p in h.reuse.cache.hot()}
+    paid = rent.paid_s_per_cell
+    h.sessions.after_step(4, 0, 3000, 0.1)
+    assert "chat-1" in {p.session_key for p in h.reuse.cache.hot()}
+    assert rent.paid_s_per_cell == pytest.approx(paid + 4e-6)
     h.check()
