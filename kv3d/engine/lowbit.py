@@ -75,6 +75,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, n_codes: int, bits: int) -> np.ndarray:
     """The first `n_codes` codes of `packed` (uint8)."""
+    if bits == 1:  # the same little-endian order, without a pass per bit
+        return np.unpackbits(packed, count=n_codes, bitorder="little")
     per_byte = 8 // bits
     mask = np.uint8(levels(bits))
     lanes = np.empty((packed.size, per_byte), dtype=np.uint8)
@@ -409,12 +411,13 @@ def quantize_keys_alloc(
 def unpack_planes(
     planes: list[np.ndarray], bits: np.ndarray, cells: int, layout: list | None = None
 ) -> np.ndarray:
-    """The (cells, channels) codes that `plane_layout`'s packed planes hold (0-bit: 0);
-    `layout`: `plane_layout(bits)` where the caller has it already."""
+    """The (cells, channels) codes that `plane_layout`'s packed planes hold (0-bit: 0), as a
+    transposed view: the dequantiser reads it in one pass, cheaper than a transposing copy
+    first. `layout`: `plane_layout(bits)` where the caller has it already."""
     by_channel = np.zeros((bits.size, cells), np.uint8)  # whole rows: cheap to pick
     for (w, ch, shifts), packed in zip(layout or plane_layout(bits), planes, strict=True):
         by_channel[ch] |= unpack(packed, cells * ch.size, w).reshape(-1, cells) << shifts[:, None]
-    return np.ascontiguousarray(by_channel.T)
+    return by_channel.T
 
 
 def alloc_bounds_ok(
