@@ -71,7 +71,7 @@ from typing import Literal
 
 import numpy as np
 
-from kv3d.engine import lowbit, rope
+from kv3d.engine import f16, lowbit, rope
 from kv3d.engine.rope import RopeSpec
 from kv3d.engine.statefmt import LayerTensor, StateFormatError, byte_view, parse_seq_state
 
@@ -287,7 +287,7 @@ def backend():
 
 def _quantize(x16: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     cells, channels = x16.shape
-    x = x16.astype(np.float32).reshape(cells, channels // group, group)
+    x = f16.as_f32(x16).reshape(cells, channels // group, group)
     scales = (np.abs(x).max(axis=2) / 127.0).astype(np.float16)
     s = scales.astype(np.float32)
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
@@ -301,7 +301,7 @@ def _dequantize_into(out16: np.ndarray, scales: np.ndarray, q: np.ndarray, group
     cells, channels = q.shape
     x = q.reshape(cells, channels // group, group).astype(np.float32)
     x *= scales.astype(np.float32)[:, :, None]
-    out16[...] = x.reshape(cells, channels)
+    f16.store_f16(out16, x.reshape(cells, channels))
 
 
 def encode_delta(
@@ -659,9 +659,9 @@ def _encode_prerope_tensor(
         back = rope.turn(body, positions, rope_spec, base, back=True, in_place=False)
         limit = lowbit.PRE_ROPE_LIMIT
         if back.max() <= limit and back.min() >= -limit:  # NaN fails
-            x32, turned = back.astype(np.float16).astype(np.float32), True
+            x32, turned = f16.as_f32(f16.as_f16(back)), True
     if x32 is None:
-        x32 = body.astype(np.float32)
+        x32 = f16.as_f32(body)
     bits = lowbit.allocate_bits(x32.var(axis=0), spec.mean_key_bits)
     cmin, cmax, lo, hi, packed = lowbit.quantize_keys_alloc(x32, bits, spec.key_group_tokens)
     parts += [bits.tobytes(), cmin.tobytes(), cmax.tobytes(), lo.tobytes(), hi.tobytes()]
@@ -794,7 +794,7 @@ def _decode_lowbit_tensor(
         y = lowbit.dequantize_values(
             mins.reshape(coded, -1), steps.reshape(coded, -1), codes, spec.value_group_channels
         )
-        dest[:coded] = lowbit.unrotate(y, spec.rotation)
+        f16.store_f16(dest[:coded], lowbit.unrotate(y, spec.rotation))
     else:
         shape = (coded, -1)
         lowbit.dequantize_values_into(
@@ -952,4 +952,4 @@ def _decode_prerope_keys(t: _Tensor, src: np.ndarray, dest: np.ndarray, spec, tu
     if turn_by is not None:
         rope_spec, base, positions = turn_by
         body = rope.turn(body, positions, rope_spec, base, back=False, in_place=True)
-    dest[...] = body
+    f16.store_f16(dest, body)

@@ -41,6 +41,8 @@ import hashlib
 
 import numpy as np
 
+from kv3d.engine import f16
+
 F16_MAX = float(np.finfo(np.float16).max)
 BITS = (2, 4)
 
@@ -140,7 +142,7 @@ def quantize_keys(
     cells, channels = x16.shape
     mins, steps, codes = [], [], np.empty((cells, channels), dtype=np.uint8)
     for first, end, size in _group_spans(cells, group_tokens):
-        x = x16[first:end].astype(np.float32).reshape(-1, size, channels)
+        x = f16.as_f32(x16[first:end]).reshape(-1, size, channels)
         m, s = _affine(x.min(axis=1), x.max(axis=1), bits)
         f32 = (m.astype(np.float32)[:, None, :], s.astype(np.float32)[:, None, :])
         codes[first:end] = _codes(x, *f32, bits).reshape(end - first, channels)
@@ -159,7 +161,7 @@ def dequantize_keys_into(
         block = codes[first:end].reshape(n, size, channels)
         x = np.multiply(block, steps[g : g + n, None, :].astype(np.float32), dtype=np.float32)
         x += mins[g : g + n, None, :].astype(np.float32)
-        out16[first:end] = x.reshape(end - first, channels)
+        f16.store_f16(out16[first:end], x.reshape(end - first, channels))
         g += n
 
 
@@ -169,7 +171,7 @@ def quantize_values(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cells, channels) f16 -> mins, steps (cells, channels / group) f16 and codes."""
     cells, channels = x16.shape
-    x = x16.astype(np.float32).reshape(cells, channels // group_channels, group_channels)
+    x = f16.as_f32(x16).reshape(cells, channels // group_channels, group_channels)
     mins, steps = _affine(x.min(axis=2), x.max(axis=2), bits)
     codes = _codes(x, mins.astype(np.float32)[..., None], steps.astype(np.float32)[..., None], bits)
     return mins, steps, codes.reshape(cells, channels)
@@ -189,7 +191,7 @@ def dequantize_values(
 def dequantize_values_into(
     out16: np.ndarray, mins: np.ndarray, steps: np.ndarray, codes: np.ndarray, group_channels: int
 ) -> None:
-    out16[...] = dequantize_values(mins, steps, codes, group_channels)
+    f16.store_f16(out16, dequantize_values(mins, steps, codes, group_channels))
 
 
 # --- mode 4: rotation -----------------------------------------------------------------------------
@@ -224,7 +226,7 @@ def rotation_limit(block: int) -> float:
 
 def rotate(x: np.ndarray, block: int) -> np.ndarray:
     """(cells, channels) -> f32 x M per block of channels (channels a multiple of block)."""
-    return _times(x.astype(np.float32).reshape(-1, block), rotation_matrix(block)).reshape(x.shape)
+    return _times(f16.as_f32(x).reshape(-1, block), rotation_matrix(block)).reshape(x.shape)
 
 
 def unrotate(y: np.ndarray, block: int) -> np.ndarray:
@@ -277,7 +279,7 @@ def quantize_keys_u8(
     (groups, channels) u8 and codes (cells, channels) u8: per channel, groups of
     `group_tokens` cells."""
     cells, channels = x16.shape
-    x = x16.astype(np.float32)  # a copy (codes are computed in place); f32 of f16 values too
+    x = f16.as_f32(x16)  # a copy (codes are computed in place); f32 of f16 values too
     cmin = x.min(axis=0).astype(np.float16)  # f16 values: exact
     cmax = x.max(axis=0).astype(np.float16)
     base, u = _bound_grid(cmin, cmax)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kv3d.engine import f16
+
 NORMAL, NEOX = 1, 2
 # llama.cpp's `llama_model_rope_type` values that KV3D knows how to undo.
 _LLAMA_ROPE_TYPES = {0: NORMAL, 2: NEOX}
@@ -90,7 +92,10 @@ def turn(
     cells, channels = x.shape
     half = spec.n_rot // 2
     turns = _turns(positions.astype(np.int64).tobytes(), spec, base, back)  # (cells, 1, half)
-    flat = np.ascontiguousarray(x, dtype=np.float32) if in_place else np.array(x, np.float32)
+    if x.dtype == np.float16:
+        flat = f16.as_f32(x)  # a new array either way
+    else:
+        flat = np.ascontiguousarray(x, dtype=np.float32) if in_place else np.array(x, np.float32)
     heads = flat.reshape(cells, channels // spec.head_dim, spec.head_dim)
     if spec.layout == NORMAL and spec.n_rot == spec.head_dim:
         pairs = heads.view(np.complex64)  # (2i, 2i + 1) as one complex number
