@@ -144,6 +144,15 @@ class CacheConfig(_Section):
         "k4v2 / int2 (4- or 2-bit keys/values, KIVI-style); see README for the low-bit codecs' "
         "measured drift.",
     )
+    session_part_tokens: int = Field(
+        128,
+        ge=0,
+        le=1 << 16,
+        description="Idle sessions that hold the same tokens past their family prefix (a "
+        "conversation's branches, few-shot turns, a document in the first user turn) are "
+        "stored in parts of this many cells, and a part they share is kept once in RAM and not "
+        "encoded again (int8 and f16 codecs). 0: one delta per session.",
+    )
     share_sessions: bool = Field(
         True,
         description="On a Ray cluster, publish each kept session's delta to the object "

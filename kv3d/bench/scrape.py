@@ -64,6 +64,7 @@ class MetricsSample:
     object_store_bytes: float = 0.0  # snapshots and shared sessions together
     kv_cells_reserved: int = 0  # by running sequences, for their prompt and max_tokens
     hot_prefix_cells: int = 0  # owned by hot prefixes and idle sessions
+    warm_bytes_saved: float = 0.0  # parts several warm sessions hold, kept once
 
     @property
     def hot_bytes_per_session(self) -> float | None:
@@ -100,6 +101,7 @@ def parse_metrics(text: str) -> MetricsSample | None:
         object_store_bytes=values.get("kv3d_snapshot_bytes", 0.0),
         kv_cells_reserved=int(values.get("kv3d_engine_kv_cells_reserved", 0)),
         hot_prefix_cells=int(values.get("kv3d_prefix_hot_cells", 0)),
+        warm_bytes_saved=values.get("kv3d_session_warm_bytes_saved", 0.0),
     )
 
 

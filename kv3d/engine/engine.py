@@ -181,6 +181,7 @@ class Engine:
                 cold_budget_bytes=settings.cold_budget_bytes,
                 codec=settings.session_codec,
                 rope=self.model.rope_spec(),
+                part_tokens=settings.session_part_tokens,
             )
             self.sessions = Sessions(
                 self.reuse,

@@ -165,6 +165,10 @@ class EngineStats:
     sessions_warm: int = 0
     sessions_cold: int = 0
     warm_bytes: int = 0
+    warm_shared_parts: int = 0  # parts of idle sessions that several warm sessions hold
+    warm_bytes_saved: int = 0  # bytes those parts would take again, each session its own copy
+    session_parts_reused_total: int = 0  # parts found warm when a session was parked
+    session_parts_cuts_total: int = 0  # warm sessions cut into parts when another shared them
     cold_bytes: int = 0
     delta_compression_ratio: float = 0.0
     kv_bytes_used: int = 0  # KV bytes of running sequences and hot prefixes (the hot tier)

@@ -44,6 +44,7 @@ class EngineSettings:
     canary_period_s: float = 0.0
     cold_budget_bytes: int = 0  # 0: unbounded
     session_codec: str = "int8"  # warm, cold and shared tiers; hot stays exact
+    session_part_tokens: int = 0  # 0: one delta per idle session, none shared
     prefill_slowdown_max: float = 0.0  # 0: prompt chunks never held back for decoding streams
     idle_session_rent: float = 0.0  # 0: idle sessions leave the cache only under pressure
 
@@ -76,6 +77,7 @@ class EngineSettings:
             cold_path=config.cache.ssd_cold_path,
             cold_budget_bytes=config.cache.ssd_cold_mb * MIB,
             session_codec=config.cache.session_codec,
+            session_part_tokens=config.cache.session_part_tokens,
             auto_sessions=config.cache.auto_sessions,
             idle_session_rent=config.cache.idle_session_rent,
             safe_mode=config.server.safe_mode,

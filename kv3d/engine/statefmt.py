@@ -154,6 +154,22 @@ def with_seq_id(state: SeqState, seq_id: int) -> SeqState:
     return dataclasses.replace(state, seq_id=seq_id)
 
 
+def with_cell_seq_ids(state: SeqState, seq_ids: tuple[int, ...]) -> SeqState:
+    """The same state with every cell's seq ids set to `seq_ids` (cell data shared)."""
+    return dataclasses.replace(
+        state,
+        sections=tuple(
+            CacheSection(
+                tuple(
+                    dataclasses.replace(s, cell_seq_ids=(seq_ids,) * s.n_cells)
+                    for s in section.streams
+                )
+            )
+            for section in state.sections
+        ),
+    )
+
+
 def cells_from(state: SeqState, pos_from: int, pos_to: int | None = None) -> SeqState:
     """Only the cells at positions in [pos_from, pos_to), in every section (copies the bytes).
 
@@ -193,6 +209,68 @@ def _stream_from(stream: StreamState, pos_from: int, pos_to: int | None = None) 
         v_trans=stream.v_trans,
         k_layers=tuple(select(layer) for layer in stream.k_layers),
         v_layers=tuple(select(layer) for layer in stream.v_layers),
+    )
+
+
+def join_cells(states: list[SeqState]) -> SeqState:
+    """The cells of `states` (cuts of one sequence at disjoint positions, in position order)
+    as one state, stream by stream: the inverse of cutting a state with `cells_from`.
+
+    The parts must come from the same model and cache layout (same sections, streams and layer
+    types); anything else raises `StateFormatError`."""
+    if not states:
+        raise StateFormatError("nothing to join")
+    first = states[0]
+    if any(len(s.sections) != len(first.sections) for s in states):
+        raise StateFormatError("parts disagree on the number of cache sections")
+    sections = []
+    for i, section in enumerate(first.sections):
+        streams = []
+        for j in range(len(section.streams)):
+            parts = [s.sections[i].streams[j] for s in states if j < len(s.sections[i].streams)]
+            if len(parts) != len(states):
+                raise StateFormatError("parts disagree on the number of streams")
+            streams.append(_join_streams(parts))
+        sections.append(CacheSection(tuple(streams)))
+    return dataclasses.replace(first, sections=tuple(sections))
+
+
+def _join_streams(parts: list[StreamState]) -> StreamState:
+    parts = [p for p in parts if p.n_cells]
+    if len(parts) <= 1:
+        return parts[0] if parts else StreamState(np.empty(0, np.int32), (), None, False, (), ())
+    head = parts[0]
+    if any(
+        p.v_trans != head.v_trans
+        or (p.cell_ext is None) != (head.cell_ext is None)
+        or len(p.k_layers) != len(head.k_layers)
+        or len(p.v_layers) != len(head.v_layers)
+        for p in parts
+    ):
+        raise StateFormatError("parts disagree on the stream's layout")
+    counts = [p.n_cells for p in parts]
+
+    def join(layers: list[LayerTensor]) -> LayerTensor:
+        one = layers[0]
+        if any(
+            (x.type_id, x.row_bytes, x.el_size, x.n_embd_v_gqa)
+            != (one.type_id, one.row_bytes, one.el_size, one.n_embd_v_gqa)
+            for x in layers
+        ):
+            raise StateFormatError("parts disagree on a layer's type or width")
+        if not one.transposed:
+            return dataclasses.replace(one, data=np.concatenate([x.data for x in layers]))
+        rows = [x.rows(n) for x, n in zip(layers, counts, strict=True)]  # (channels, cells x el)
+        return dataclasses.replace(one, data=np.concatenate(rows, axis=1).reshape(-1))
+
+    ext = None if head.cell_ext is None else np.concatenate([p.cell_ext for p in parts])
+    return StreamState(
+        cell_positions=np.concatenate([p.cell_positions for p in parts]),
+        cell_seq_ids=tuple(ids for p in parts for ids in p.cell_seq_ids),
+        cell_ext=ext,
+        v_trans=head.v_trans,
+        k_layers=tuple(join([p.k_layers[k] for p in parts]) for k in range(len(head.k_layers))),
+        v_layers=tuple(join([p.v_layers[k] for p in parts]) for k in range(len(head.v_layers))),
     )
 
 

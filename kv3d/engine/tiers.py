@@ -10,14 +10,23 @@ dropped without one). A returning session is taken from RAM, else disk, else the
 and decoded ahead of its admission. Nothing here can make output wrong: a record that fails a
 check is dropped and the session's prompt is recomputed.
 
-Cold file format, version 1 (little-endian), written to a temp file then renamed:
+Sessions that hold the same tokens past their family prefix share the parts of their deltas
+that cover them in the warm tier (`kv3d.engine.blockstore`, `cache.session_part_tokens`).
+
+Session record format (little-endian), the cold tier's files and the shared tier's values,
+written to a temp file then renamed:
     magic "KV3DSESS" | u16 version | u16 reserved | 16-byte fingerprint | u32 n_tokens
     | u32 prefix_tokens | u32 id_bytes | u64 delta_bytes | u32 crc32 of everything after it
-    | session id (utf-8) | i32 tokens[n_tokens] | delta
+    | session id (utf-8) | i32 tokens[n_tokens] | delta_bytes of deltas
+Version 1: the deltas are one delta, of cells [prefix_tokens, n). Version 2 (a session cut into
+parts): u32 n_parts | n_parts x (u64 key, u64 part_bytes) | the parts' deltas | the last
+part's delta. Both are read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -27,21 +36,33 @@ import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from kv3d.engine.codec import DeltaError, Mode, decode_delta, encode_delta
+from kv3d.engine.blockstore import (
+    SharedParts,
+    cut,
+    decode_parts,
+    end_position,
+    part_ends,
+    part_keys,
+    splittable,
+)
+from kv3d.engine.codec import DeltaError, Mode, encode_delta
 from kv3d.engine.rope import RopeSpec
-from kv3d.engine.statefmt import byte_view
+from kv3d.engine.statefmt import StateFormatError, byte_view, parse_seq_state
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"KV3DSESS"
-VERSION = 1
+VERSION = 1  # one delta
+PARTS_VERSION = 2  # keyed parts, then the last part
 _HEADER = struct.Struct("<8sHH16sIIIQI")
+_PART = struct.Struct("<QQ")  # key, part bytes
+_U32 = struct.Struct("<I")
 SUFFIX = ".kv3d"
 TEMP_SUFFIX = ".tmp"
 
@@ -51,18 +72,40 @@ class SessionRecordError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class KeyedPart:
+    """Encoded cells of a session that other sessions may hold too (see `blockstore`)."""
+
+    key: int
+    delta: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SessionRecord:
-    """An idle session: its token history and the encoded KV of cells [prefix_tokens, n)."""
+    """An idle session: its token history and the encoded KV of cells [prefix_tokens, n):
+    `parts` (in position order), then `delta`, the session's newest cells."""
 
     session_id: str
     fingerprint: bytes
     tokens: tuple[int, ...]
     prefix_tokens: int  # cells [0, prefix_tokens) come back from the shared family prefix
     delta: bytes
+    parts: tuple[KeyedPart, ...] = ()
+    # A record kept as one delta: the keys its parts would have, so that another session that
+    # holds some of them can find it (never stored: a record read back has none).
+    keys: tuple[int, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def own_bytes(self) -> int:
+        """What the record holds that no other session's record may share."""
+        return len(self.delta) + 4 * len(self.tokens)
 
     @property
     def nbytes(self) -> int:
-        return len(self.delta) + 4 * len(self.tokens)
+        return self.own_bytes + sum(len(p.delta) for p in self.parts)
+
+    def decode(self) -> bytearray:
+        """The sequence-state blob of the session's private cells."""
+        return decode_parts([p.delta for p in self.parts] + [self.delta])
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,33 +118,56 @@ class Resumable:
 
 def encode_record(record: SessionRecord) -> bytes:
     sid = record.session_id.encode("utf-8")
-    body = sid + np.asarray(record.tokens, dtype="<i4").tobytes() + record.delta
+    deltas = [record.delta]
+    if record.parts:
+        table = [_U32.pack(len(record.parts))]
+        table += [_PART.pack(p.key, len(p.delta)) for p in record.parts]
+        deltas = table + [p.delta for p in record.parts] + deltas
+    stored = b"".join(deltas)
+    body = sid + np.asarray(record.tokens, dtype="<i4").tobytes() + stored
     head = _HEADER.pack(
         MAGIC,
-        VERSION,
+        PARTS_VERSION if record.parts else VERSION,
         0,
         record.fingerprint,
         len(record.tokens),
         record.prefix_tokens,
         len(sid),
-        len(record.delta),
+        len(stored),
         zlib.crc32(body),
     )
     return head + body
 
 
+def _read_parts(stored: memoryview) -> tuple[tuple[KeyedPart, ...], bytes]:
+    if len(stored) < _U32.size:
+        raise SessionRecordError("session record's part table is truncated")
+    (n,) = _U32.unpack_from(stored)
+    at = _U32.size + n * _PART.size
+    if n == 0 or at > len(stored):
+        raise SessionRecordError(f"session record claims {n} parts")
+    parts = []
+    for i in range(n):
+        key, nbytes = _PART.unpack_from(stored, _U32.size + i * _PART.size)
+        if at + nbytes >= len(stored):  # the last part follows the keyed ones, never empty
+            raise SessionRecordError("session record's parts overrun it")
+        parts.append(KeyedPart(key, bytes(stored[at : at + nbytes])))
+        at += nbytes
+    return tuple(parts), bytes(stored[at:])
+
+
 def decode_record(data) -> SessionRecord:
     """Parse a stored session record (any bytes-like object). Every field is checked: anything
     off raises `SessionRecordError`, and only that. The delta inside is checked by
-    `decode_delta` when the session is resumed."""
+    `SessionRecord.decode` when the session is resumed."""
     view = byte_view(data, SessionRecordError, "a session record")
     if len(view) < _HEADER.size:
         raise SessionRecordError("session file shorter than its header")
     magic, version, reserved, fp, n_tokens, prefix, id_bytes, delta_bytes, crc = (
         _HEADER.unpack_from(view)
     )
-    if magic != MAGIC or version != VERSION or reserved != 0:
-        raise SessionRecordError("not a KV3D session file of this version")
+    if magic != MAGIC or version not in (VERSION, PARTS_VERSION) or reserved != 0:
+        raise SessionRecordError("not a KV3D session file of a version this build reads")
     body = view[_HEADER.size :]
     if len(body) != id_bytes + 4 * n_tokens + delta_bytes or zlib.crc32(body) != crc:
         raise SessionRecordError("session file is truncated or corrupt")
@@ -118,8 +184,9 @@ def decode_record(data) -> SessionRecord:
     tokens = np.frombuffer(body, dtype="<i4", count=n_tokens, offset=id_bytes)
     if tokens.min() < 0:
         raise SessionRecordError("session history holds a negative token id")
-    delta = bytes(body[id_bytes + 4 * n_tokens :])
-    return SessionRecord(sid, bytes(fp), tuple(tokens.tolist()), prefix, delta)
+    stored = body[id_bytes + 4 * n_tokens :]
+    parts, delta = _read_parts(stored) if version == PARTS_VERSION else ((), bytes(stored))
+    return SessionRecord(sid, bytes(fp), tuple(tokens.tolist()), prefix, delta, parts)
 
 
 class ColdTier:
@@ -286,7 +353,8 @@ class SharedSessions(Protocol):
 class SessionStore:
     """Warm and cold tiers of idle sessions, plus an optional shared warm tier.
 
-    Invariants: `warm_bytes` is the sum of the warm records' bytes and stays within
+    Invariants: `warm_bytes` is the sum of the warm records' own bytes and of the keyed parts
+    they hold (each once, however many records use it), and stays within
     `warm_budget_bytes` once a park is stored (least recently used records leave RAM); with a
     cold tier every parked record is on disk too (RAM is a cache of the folder), so the newest
     turn of a session survives the process. With `shared`, every record this
@@ -304,16 +372,23 @@ class SessionStore:
         cold_budget_bytes: int = 0,
         codec: Mode = "int8",
         rope: RopeSpec | None = None,
+        part_tokens: int = 0,
     ):
         """`codec`: the delta mode parked sessions are encoded with; any stored mode and
         format version decodes whatever this is, so it may change between restarts. `rope`:
-        the model's RoPE, for the codecs that code keys before it."""
+        the model's RoPE, for the codecs that code keys before it. `part_tokens`: cut
+        sessions into parts of this many cells, which sessions holding the same tokens share
+        in RAM (0: one delta per session; also for codecs that keep a window exact)."""
         self.warm_budget_bytes = warm_budget_bytes
         self.cold = ColdTier(Path(cold_dir).expanduser(), cold_budget_bytes) if cold_dir else None
         self.group = group
         self.codec = codec
         self.rope = rope
         self.shared = shared
+        self.part_tokens = part_tokens if splittable(codec) else 0
+        self._parts = SharedParts()
+        # Part keys of the warm sessions kept as one delta, to find a first session to share with.
+        self._whole_keys: dict[int, SessionRecord] = {}
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
         self.warm_bytes = 0
         self._lock = threading.Lock()
@@ -326,6 +401,8 @@ class SessionStore:
             session_rejects_total=0,
             session_shares_total=0,
             session_cold_write_errors_total=0,
+            session_parts_reused_total=0,
+            session_parts_cuts_total=0,
         )
         self._raw_bytes = 0
         self._coded_bytes = 0
@@ -361,11 +438,10 @@ class SessionStore:
     ) -> None:
         try:
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
-            delta = encode_delta(blob, self.codec, self.group, rope=self.rope)
+            record = self._encode(session_id, blob, fingerprint, tokens, prefix_tokens)
         except Exception:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return
-        record = SessionRecord(session_id, fingerprint, tokens, prefix_tokens, delta)
         if self.shared is not None:
             self.shared.publish(session_id, encode_record(record))
             self.counters["session_shares_total"] += 1
@@ -375,20 +451,109 @@ class SessionStore:
             return
         with self._lock:
             self._raw_bytes += len(blob)
-            self._coded_bytes += len(delta)
+            self._coded_bytes += record.nbytes - 4 * len(tokens)
+            self._hold(record)  # before the older turn lets go: the parts they share stay put
             self._discard(session_id)
             self._warm[session_id] = record
-            self.warm_bytes += record.nbytes
             self.counters["session_parks_total"] += 1
             demote = self._over_budget()
         for old in demote:
             self._demote(old)
 
+    def _encode(
+        self,
+        session_id: str,
+        blob: bytes,
+        fingerprint: bytes,
+        tokens: tuple[int, ...],
+        prefix_tokens: int,
+    ) -> SessionRecord:
+        """The record of a private state: one delta, unless another warm session holds some of
+        the same parts; then parts, taking those held warm already as they are (another
+        session's, or an earlier turn's) and cutting the other session into parts too.
+        A session that shares nothing pays no part's decoding cost."""
+        whole = functools.partial(SessionRecord, session_id, fingerprint, tokens, prefix_tokens)
+        if not self.part_tokens:
+            return whole(self._encode_cells(blob))
+        try:
+            state = parse_seq_state(blob)
+        except StateFormatError:  # a cache layout the parser does not know: one delta still works
+            return whole(self._encode_cells(blob))
+        ends = part_ends(prefix_tokens, end_position(state), self.part_tokens)
+        keys = tuple(part_keys(fingerprint, prefix_tokens, self.part_tokens, tokens, ends))
+        with self._lock:
+            held = any(self._parts.get(k) is not None for k in keys)
+            others = {self._whole_keys[k].session_id for k in keys if k in self._whole_keys}
+        others.discard(session_id)  # an earlier turn of this session is no other session
+        if not held and not others:
+            return whole(self._encode_cells(blob), keys=keys)
+        for other in others:
+            self._cut_into_parts(other)
+        parts, last = self._encode_parts(state, prefix_tokens, keys, ends)
+        return whole(last, parts)
+
+    def _encode_cells(self, blob: bytes) -> bytes:
+        return encode_delta(blob, self.codec, self.group, rope=self.rope)
+
+    def _encode_parts(
+        self, state, prefix_tokens: int, keys: tuple[int, ...], ends: list[int]
+    ) -> tuple[tuple[KeyedPart, ...], bytes]:
+        parts, start = [], prefix_tokens
+        for key, end in zip(keys, ends, strict=True):
+            with self._lock:
+                delta = self._parts.get(key)
+            if delta is None:
+                delta = self._encode_cells(cut(state, start, end))
+            else:
+                self.counters["session_parts_reused_total"] += 1
+            parts.append(KeyedPart(key, delta))
+            start = end
+        return tuple(parts), self._encode_cells(cut(state, start))
+
+    def _cut_into_parts(self, session_id: str) -> None:
+        """Store a warm session kept as one delta in parts, now that another session holds
+        some of its tokens (re-coded from its decoded cells: int8 codes its own output again
+        to the same values)."""
+        with self._lock:
+            record = self._warm.get(session_id)
+        if record is None or record.parts or not record.keys:
+            return
+        try:
+            state = parse_seq_state(record.decode())
+            ends = part_ends(record.prefix_tokens, end_position(state), self.part_tokens)
+            parts, last = self._encode_parts(state, record.prefix_tokens, record.keys, ends)
+        except (DeltaError, StateFormatError):
+            log.warning("session %s could not be cut into parts; kept as it is", session_id)
+            return
+        cut_record = dataclasses.replace(record, delta=last, parts=parts, keys=())
+        with self._lock:
+            if self._warm.get(session_id) is not record:  # taken or replaced meanwhile
+                return
+            self._hold(cut_record)
+            self._let_go(record)
+            self._warm[session_id] = cut_record  # keeps its place in the LRU order
+        self.counters["session_parts_cuts_total"] += 1
+
+    def _hold(self, record: SessionRecord) -> None:
+        """Count a record into the warm tier (under the lock)."""
+        added = sum(self._parts.acquire(p.key, p.delta) for p in record.parts)
+        self.warm_bytes += record.own_bytes + added
+        for key in record.keys:
+            self._whole_keys[key] = record
+
+    def _let_go(self, record: SessionRecord) -> None:
+        """Count a record out of the warm tier (under the lock)."""
+        freed = sum(self._parts.release(p.key) for p in record.parts)
+        self.warm_bytes -= record.own_bytes + freed
+        for key in record.keys:
+            if self._whole_keys.get(key) is record:
+                del self._whole_keys[key]
+
     def _over_budget(self) -> list[SessionRecord]:
         out = []
         while self.warm_bytes > self.warm_budget_bytes and self._warm:
             _, old = self._warm.popitem(last=False)
-            self.warm_bytes -= old.nbytes
+            self._let_go(old)
             out.append(old)
         return out
 
@@ -409,7 +574,7 @@ class SessionStore:
     def _discard(self, session_id: str) -> None:
         old = self._warm.pop(session_id, None)
         if old is not None:
-            self.warm_bytes -= old.nbytes
+            self._let_go(old)
 
     def put_back(self, record: SessionRecord) -> None:
         """A taken session whose request ended without keeping a newer turn (cancelled,
@@ -418,7 +583,7 @@ class SessionStore:
             if self._closed or record.session_id in self._warm:
                 return
             self._warm[record.session_id] = record
-            self.warm_bytes += record.nbytes
+            self._hold(record)
             demote = self._over_budget()
         for old in demote:
             self._demote(old)
@@ -440,7 +605,7 @@ class SessionStore:
         with self._lock:
             record = self._warm.pop(session_id, None)
             if record is not None:
-                self.warm_bytes -= record.nbytes
+                self._let_go(record)
         tier = "warm"
         try:
             if record is None and self.cold is not None:
@@ -454,8 +619,8 @@ class SessionStore:
                 return None
             if record.session_id != session_id:
                 raise SessionRecordError(f"record names session {record.session_id!r}")
-            blob = decode_delta(record.delta)
-        except (SessionRecordError, DeltaError, OSError) as exc:
+            blob = record.decode()
+        except (SessionRecordError, DeltaError, StateFormatError, OSError) as exc:
             self.counters["session_rejects_total"] += 1
             log.warning("session %s not resumable, dropped, recomputing: %s", session_id, exc)
             if tier == "cold" and not isinstance(exc, OSError):
@@ -479,6 +644,8 @@ class SessionStore:
                 "sessions_cold": cold_sessions,
                 "session_cold_evictions_total": self.cold.evictions_total if self.cold else 0,
                 "warm_bytes": self.warm_bytes,
+                "warm_shared_parts": len(self._parts),
+                "warm_bytes_saved": self._parts.saved_bytes,
                 "cold_bytes": cold_bytes,
                 "delta_compression_ratio": ratio,
             }

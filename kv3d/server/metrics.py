@@ -188,6 +188,19 @@ _ENGINE_SERIES = (
         "Stored sessions refused by validation (recomputed).",
     ),
     (
+        "session_parts_reused_total",
+        "kv3d_session_parts_reused",
+        "counter",
+        "Parts of parked sessions found in RAM already (another session's, or an earlier "
+        "turn's): kept once, not encoded again.",
+    ),
+    (
+        "warm_bytes_saved",
+        "kv3d_session_warm_bytes_saved",
+        "gauge",
+        "RAM the warm tier saves by keeping parts that several sessions hold once.",
+    ),
+    (
         "delta_compression_ratio",
         "kv3d_delta_compression_ratio",
         "max",

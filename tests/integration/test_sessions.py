@@ -267,3 +267,34 @@ def test_a_hot_session_resumes_hot_even_when_a_shared_copy_exists(tok):
     assert second.session_tier is None  # but the exact hot cells were used, not the copy
     history = first.usage.prompt_tokens + first.usage.completion_tokens
     assert second.usage.cached_tokens >= history - 32
+
+
+def test_branches_of_a_conversation_store_their_common_cells_once(tok):
+    # Two conversations with the same long first turn that part at their second question (an
+    # edited message, a regenerate under a new id): the parts of the first turn are kept once
+    # in the warm tier, and the second branch, resumed on parts the first one coded, goes on
+    # as recomputing it does.
+    notes = "Please read these notes and then answer. " + SYSTEM * 4
+    turn1 = [("user", notes)]
+    cfg = config()
+    cfg.cache.session_part_tokens = 128
+    with Engine.from_config(cfg) as engine:
+        answer, _, _ = run(engine, request(tok, turn1, "branch-a"))
+        engine.sessions.flush()
+        trunk = turn1 + [("assistant", answer)]
+        branch_a = trunk + [("user", "And how do I check that it works?")]
+        branch_b = trunk + [("user", "Which port does it use by default?")]
+        run(engine, request(tok, branch_a, "branch-a", 4))
+        engine.sessions.flush()
+        run(engine, request(tok, branch_b, "branch-b", 4))
+        engine.sessions.flush()
+        stats = engine.stats()
+        assert stats.session_parts_reused_total >= 2  # b took a's (a was cut into parts for b)
+        assert stats.warm_bytes_saved > 0 and stats.warm_shared_parts >= 2
+        turn3 = branch_b + [("assistant", "Port 8080."), ("user", "Thanks. Anything else?")]
+        _, lps, third = run(engine, request(tok, turn3, "branch-b", 1, top_logprobs=5))
+    assert third.session_tier == "warm" and third.usage.cached_tokens > 300
+    with Engine.from_config(config(enabled=False)) as plain:  # recompute everything
+        _, ref_lps, _ = run(plain, request(tok, turn3, "branch-b", 1, top_logprobs=5))
+    assert lps[0].token_id == ref_lps[0].token_id
+    assert abs(lps[0].logprob - ref_lps[0].logprob) < 0.5

@@ -1,0 +1,210 @@
+"""Collaborative blocks: idle sessions' deltas cut into parts, parts held by several sessions
+stored once (synthetic sequence states; the real model's in tests/integration)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from kv3d.engine.blockstore import SharedParts, part_ends, part_keys
+from kv3d.engine.codec import decode_delta, encode_delta
+from kv3d.engine.statefmt import (
+    CacheSection,
+    SeqState,
+    StateFormatError,
+    StreamState,
+    build_seq_state,
+    cells_from,
+    join_cells,
+    parse_seq_state,
+)
+from kv3d.engine.tiers import (
+    ColdTier,
+    KeyedPart,
+    SessionRecord,
+    SessionRecordError,
+    SessionStore,
+    decode_record,
+    encode_record,
+)
+from tests.unit.test_codec import f16_layer
+
+FP = b"f" * 16
+CHANNELS = 64
+
+
+def cell_values(start: int, n: int, branch: int) -> np.ndarray:
+    """(n, CHANNELS) values of the cells at positions [start, start + n): the same for every
+    branch below position 40, the branch's own above it."""
+    rows = []
+    for pos in range(start, start + n):
+        seed = pos if pos < 40 else 1000 * (branch + 1) + pos
+        rows.append(np.random.default_rng(seed).normal(0, 2, CHANNELS))
+    return np.array(rows)
+
+
+def state(start: int, n: int, branch: int = 0, v_trans: bool = False, sections: int = 1):
+    stream = StreamState(
+        cell_positions=np.arange(start, start + n, dtype=np.int32),
+        cell_seq_ids=tuple((branch,) for _ in range(n)),
+        cell_ext=None,
+        v_trans=v_trans,
+        k_layers=tuple(f16_layer(cell_values(start, n, branch) * (i + 1)) for i in range(2)),
+        v_layers=tuple(
+            f16_layer(cell_values(start, n, branch) / (i + 1), transposed=v_trans) for i in range(2)
+        ),
+    )
+    return SeqState(branch, tuple(CacheSection((stream,)) for _ in range(sections)))
+
+
+@pytest.mark.parametrize("v_trans", [False, True])
+@pytest.mark.parametrize("sections", [1, 2])
+def test_joining_cut_cells_gives_back_the_state(v_trans, sections):
+    whole = state(8, 50, v_trans=v_trans, sections=sections)
+    cuts = [cells_from(whole, a, b) for a, b in [(8, 24), (24, 40), (40, None)]]
+    assert build_seq_state(join_cells(cuts)) == build_seq_state(whole)
+
+
+def test_parts_of_another_layout_do_not_join():
+    with pytest.raises(StateFormatError):
+        join_cells([state(0, 4, v_trans=False), state(4, 4, v_trans=True)])
+    with pytest.raises(StateFormatError):
+        join_cells([state(0, 4), state(4, 4, sections=2)])
+
+
+def test_parts_end_every_part_and_leave_the_newest_cells_to_the_last():
+    assert part_ends(10, 80, 32) == [42, 74]
+    assert part_ends(10, 74, 32) == [42]  # a whole last part is still the session's own
+    assert part_ends(10, 42, 32) == []
+    assert part_ends(10, 500, 0) == []
+
+
+def test_a_part_key_names_every_token_before_it_and_where_it_starts():
+    tokens = list(range(100, 200))
+    keys = part_keys(FP, 10, 32, tokens, [42, 74])
+    assert keys == part_keys(FP, 10, 32, tokens + [7, 8], [42, 74])  # later tokens: same
+    edited = tokens.copy()
+    edited[50] = 5  # in the second part only
+    edited_keys = part_keys(FP, 10, 32, edited, [42, 74])
+    assert edited_keys[0] == keys[0] and edited_keys[1] != keys[1]
+    earlier = tokens.copy()
+    earlier[3] = 5  # inside the family prefix: every part differs
+    assert not set(part_keys(FP, 10, 32, earlier, [42, 74])) & set(keys)
+    assert part_keys(FP, 11, 32, tokens, [43, 75])[0] != keys[0]  # another family prefix
+    assert part_keys(FP, 10, 16, tokens, [26, 42])[1] != keys[0]  # same end, other part size
+    assert part_keys(b"g" * 16, 10, 32, tokens, [42, 74])[0] != keys[0]  # another model
+
+
+def test_shared_parts_are_held_while_a_record_uses_them():
+    parts = SharedParts()
+    assert parts.acquire(1, b"x" * 10) == 10
+    assert parts.acquire(1, b"x" * 10) == 0 and parts.saved_bytes == 10
+    assert parts.release(1) == 0 and parts.get(1) == b"x" * 10
+    assert parts.release(1) == 10 and parts.get(1) is None
+    assert parts.nbytes == 0 and parts.saved_bytes == 0 and parts.release(1) == 0
+
+
+def park(store: SessionStore, sid: str, branch: int, n: int = 90, prefix: int = 8) -> bytes:
+    blob = build_seq_state(state(prefix, n - prefix, branch))
+    tokens = tuple(range(n)) if branch == 0 else tuple(range(40)) + (branch,) * (n - 40)
+    store.park(sid, FP, tokens, prefix, blob)
+    store.flush()
+    return blob
+
+
+def test_branches_of_a_conversation_share_the_parts_they_hold_alike():
+    store = SessionStore(1 << 30, part_tokens=16)
+    blobs = {"a": park(store, "a", 0)}
+    assert not store._warm["a"].parts  # nothing shared yet: one delta, no part to decode
+    blobs |= {sid: park(store, sid, b) for sid, b in [("b", 1), ("c", 2)]}
+    # Cells [8, 40) are the same tokens in all three: two parts of 16, stored once; "a" was
+    # cut into parts when "b" came.
+    assert store.counters["session_parts_cuts_total"] == 1
+    assert store.counters["session_parts_reused_total"] == 4
+    stats = store.stats()
+    assert stats["warm_shared_parts"] == 2 + 3 * 3  # [8,40) once, [40,88) per branch
+    assert stats["warm_bytes_saved"] == 2 * sum(len(p.delta) for p in store._warm["a"].parts[:2])
+    assert store.warm_bytes + stats["warm_bytes_saved"] == sum(
+        r.nbytes for r in store._warm.values()
+    )
+    for sid, blob in blobs.items():
+        resumed = store.take(sid).result()
+        assert resumed is not None
+        # Parts decode to what one delta decodes to: int8 codes each cell on its own.
+        assert bytes(resumed.blob) == bytes(decode_delta(encode_delta(blob)))
+    assert store.warm_bytes == 0 and store.stats()["warm_shared_parts"] == 0
+
+
+def test_a_session_that_shares_nothing_stays_one_delta_turn_after_turn():
+    store = SessionStore(1 << 30, part_tokens=16)
+    park(store, "a", 0, n=60)
+    park(store, "a", 0, n=90)  # the same conversation, one turn on
+    assert not store._warm["a"].parts and store.counters["session_parts_cuts_total"] == 0
+    park(store, "b", 1)  # a branch: "a" is cut into parts, "b" takes [8, 40) from it
+    park(store, "a", 0, n=100)  # a's next turn takes its own parts up to 88 again
+    assert store.counters["session_parts_reused_total"] == 2 + 5
+    assert store.stats()["sessions_warm"] == 2
+    assert store.stats()["warm_shared_parts"] == 5 + 3  # a's [8, 88), b's own [40, 88)
+
+
+def test_the_warm_budget_counts_a_shared_part_once(tmp_path):
+    one = SessionStore(1 << 30, part_tokens=16)
+    park(one, "a", 0)
+    budget = one.warm_bytes * 2  # room for a second branch only if [8, 40) is not paid twice
+    store = SessionStore(budget, str(tmp_path), part_tokens=16)
+    park(store, "a", 0)
+    park(store, "b", 1)
+    assert store.stats()["sessions_warm"] == 2 and store.warm_bytes <= budget
+
+
+def test_cold_files_and_shared_records_hold_every_part(tmp_path):
+    store = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
+    park(store, "a", 0)
+    blob = park(store, "b", 1)
+    cold = ColdTier(tmp_path).take("b")
+    assert len(cold.parts) == 5 and all(p.delta for p in cold.parts)  # ends 24, 40, ... 88
+    fresh = SessionStore(1 << 30, str(tmp_path), part_tokens=16)  # after a restart
+    assert bytes(fresh.take("b").result().blob) == bytes(decode_delta(encode_delta(blob)))
+
+
+@pytest.mark.parametrize("codec", ["int4", "int4p"])
+def test_low_bit_codecs_are_not_cut_into_parts(codec):
+    store = SessionStore(1 << 30, codec=codec, part_tokens=16)
+    park(store, "a", 0)
+    park(store, "b", 1)
+    assert store.part_tokens == 0 and not store._warm["b"].parts
+
+
+def test_a_record_of_parts_is_read_back_and_its_damage_is_refused():
+    record = SessionRecord(
+        "s", FP, tuple(range(9)), 2, b"last", (KeyedPart(7, b"one"), KeyedPart(8, b"two"))
+    )
+    data = encode_record(record)
+    assert data[8:10] == b"\x02\x00" and decode_record(data) == record
+    plain = SessionRecord("s", FP, tuple(range(9)), 2, b"last")
+    assert encode_record(plain)[8:10] == b"\x01\x00"  # a record of one delta: as before
+    assert decode_record(encode_record(plain)) == plain
+    with pytest.raises(SessionRecordError):
+        decode_record(data[:-1])
+    # A part table that overruns the record, with a checksum that agrees with it.
+    head = 8 + 2 + 2 + 16 + 4 * 3 + 8 + 4
+    body = bytearray(data[head:])
+    table_at = 1 + 4 * 9  # id, tokens
+    struct.pack_into("<Q", body, table_at + 4 + 8, 1 << 40)
+    bad = bytearray(data[:head]) + body
+    struct.pack_into("<I", bad, head - 4, zlib.crc32(bytes(body)))
+    with pytest.raises(SessionRecordError):
+        decode_record(bytes(bad))
+
+
+def test_parts_that_do_not_join_are_a_miss_not_a_crash():
+    store = SessionStore(1 << 30)
+    a = encode_delta(build_seq_state(state(8, 16, v_trans=False)))
+    b = encode_delta(build_seq_state(state(24, 16, v_trans=True)))
+    store._warm["s"] = SessionRecord("s", FP, tuple(range(40)), 8, b, (KeyedPart(1, a),))
+    assert store.take("s").result() is None
+    assert store.counters["session_rejects_total"] == 1
+    assert parse_seq_state(decode_delta(a)).n_cells == 16
