@@ -7,7 +7,9 @@ first user turn. Each parked session used to store its own copy of that KV.
 
 A session's private cells [prefix, n) are cut into parts of `part_tokens` cells, at positions
 prefix + k * part_tokens; every part but the last is keyed by a hash of the model fingerprint,
-the prefix length, the part size and every token up to the part's end. One key means the same
+a scope (the engine's: the session's first block key, salted per `cache_salt` as every block
+key is, so that tenants under different salts share nothing), the prefix length, the part size
+and every token up to the part's end. One key means the same
 tokens at the same positions after the same prefix, hence the same KV up to the engine's own
 noise (two sessions may have computed those tokens in other chunks, which moves values as much
 as a different batch split does, and no more). The warm tier keeps one copy of a keyed part,

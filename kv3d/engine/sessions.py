@@ -322,12 +322,23 @@ class Sessions:
         if self._keep_hot(admission, progress, history, request, key, prompt_logits):
             if self.store.writes_behind and parkable(key):  # to the shared tier, disk
                 shared, blob = self._private_state(progress.slot, admission)
-                self.store.park(key, self.fingerprint, history, shared, blob, local=False)
+                scope = self._scope(history, request)
+                self.store.park(
+                    key, self.fingerprint, history, shared, blob, local=False, scope=scope
+                )
             return
         if not parkable(key):
             return
         shared, blob = self._private_state(progress.slot, admission)
-        self.store.park(key, self.fingerprint, history, shared, blob)
+        scope = self._scope(history, request)
+        self.store.park(key, self.fingerprint, history, shared, blob, scope=scope)
+
+    def _scope(self, history: tuple[int, ...], request: GenerationRequest) -> bytes:
+        """What a session's stored parts are keyed under: its first block's key, salted with
+        the request's `cache_salt` as every block key is, so that sessions under different
+        salts never share a part (nor learn, from timing, that another holds their tokens)."""
+        blocks = self.reuse.blocks_for(history + (0,), request.family_tokens, request.cache_salt)
+        return _block_scope(blocks)
 
     def _key_to_keep(self, request: GenerationRequest, history: tuple[int, ...]) -> str | None:
         if request.session_id:
@@ -419,7 +430,12 @@ class Sessions:
         started = time.perf_counter()
         blob = PrivateCells(self._memory.seq_state(prefix.seq_id), prefix.parent_tokens)
         self.store.park(
-            prefix.session_key, self.fingerprint, prefix.tokens, prefix.parent_tokens, blob
+            prefix.session_key,
+            self.fingerprint,
+            prefix.tokens,
+            prefix.parent_tokens,
+            blob,
+            scope=_block_scope(prefix.blocks),  # the same blocks `_scope` computes, kept
         )
         self.rent.demoted(time.perf_counter() - started, prefix.owned_cells)
 
@@ -433,6 +449,10 @@ class Sessions:
                 except Exception:
                     log.exception("could not demote session %s", prefix.session_key)
         self.store.close()
+
+
+def _block_scope(blocks) -> bytes:
+    return blocks[0].key.to_bytes(8, "little") if blocks else b""
 
 
 class NoSessions:

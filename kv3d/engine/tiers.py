@@ -424,21 +424,31 @@ class SessionStore:
         blob: bytes,
         *,
         local: bool = True,
+        scope: bytes = b"",
     ) -> None:
         """Encode an idle session's delta and keep it warm here (and in the shared tier, and
         on disk with a cold tier). `local=False`: the session stays hot here, so only write it
-        behind (shared tier, disk), so that it outlives this replica."""
+        behind (shared tier, disk), so that it outlives this replica. `scope`: only sessions
+        parked under the same scope share parts (the engine passes a key salted per
+        `cache_salt`)."""
         if local or self.writes_behind:
             self._pool.submit(
-                self._encode_and_put, session_id, fingerprint, tokens, prefix_tokens, blob, local
+                self._encode_and_put,
+                session_id,
+                fingerprint,
+                tokens,
+                prefix_tokens,
+                blob,
+                local,
+                scope,
             )
 
     def _encode_and_put(
-        self, session_id, fingerprint, tokens, prefix_tokens, blob, local: bool = True
+        self, session_id, fingerprint, tokens, prefix_tokens, blob, local=True, scope=b""
     ) -> None:
         try:
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
-            record = self._encode(session_id, blob, fingerprint, tokens, prefix_tokens)
+            record = self._encode(session_id, blob, fingerprint, tokens, prefix_tokens, scope)
         except Exception:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return
@@ -467,6 +477,7 @@ class SessionStore:
         fingerprint: bytes,
         tokens: tuple[int, ...],
         prefix_tokens: int,
+        scope: bytes = b"",
     ) -> SessionRecord:
         """The record of a private state: one delta, unless another warm session holds some of
         the same parts; then parts, taking those held warm already as they are (another
@@ -480,7 +491,8 @@ class SessionStore:
         except StateFormatError:  # a cache layout the parser does not know: one delta still works
             return whole(self._encode_cells(blob))
         ends = part_ends(prefix_tokens, end_position(state), self.part_tokens)
-        keys = tuple(part_keys(fingerprint, prefix_tokens, self.part_tokens, tokens, ends))
+        seed = fingerprint + scope
+        keys = tuple(part_keys(seed, prefix_tokens, self.part_tokens, tokens, ends))
         with self._lock:
             held = any(self._parts.get(k) is not None for k in keys)
             others = {self._whole_keys[k].session_id for k in keys if k in self._whole_keys}
@@ -522,8 +534,8 @@ class SessionStore:
             state = parse_seq_state(record.decode())
             ends = part_ends(record.prefix_tokens, end_position(state), self.part_tokens)
             parts, last = self._encode_parts(state, record.prefix_tokens, record.keys, ends)
-        except (DeltaError, StateFormatError):
-            log.warning("session %s could not be cut into parts; kept as it is", session_id)
+        except Exception:  # the session it was to share with is parked either way
+            log.exception("session %s could not be cut into parts; kept as it is", session_id)
             return
         cut_record = dataclasses.replace(record, delta=last, parts=parts, keys=())
         with self._lock:

@@ -107,10 +107,12 @@ def test_shared_parts_are_held_while_a_record_uses_them():
     assert parts.nbytes == 0 and parts.saved_bytes == 0 and parts.release(1) == 0
 
 
-def park(store: SessionStore, sid: str, branch: int, n: int = 90, prefix: int = 8) -> bytes:
+def park(
+    store: SessionStore, sid: str, branch: int, n: int = 90, prefix: int = 8, scope=b""
+) -> bytes:
     blob = build_seq_state(state(prefix, n - prefix, branch))
     tokens = tuple(range(n)) if branch == 0 else tuple(range(40)) + (branch,) * (n - 40)
-    store.park(sid, FP, tokens, prefix, blob)
+    store.park(sid, FP, tokens, prefix, blob, scope=scope)
     store.flush()
     return blob
 
@@ -148,6 +150,17 @@ def test_a_session_that_shares_nothing_stays_one_delta_turn_after_turn():
     assert store.counters["session_parts_reused_total"] == 2 + 5
     assert store.stats()["sessions_warm"] == 2
     assert store.stats()["warm_shared_parts"] == 5 + 3  # a's [8, 88), b's own [40, 88)
+
+
+def test_sessions_under_other_scopes_share_no_part():
+    store = SessionStore(1 << 30, part_tokens=16)
+    park(store, "a", 0, scope=b"salt-1")
+    park(store, "b", 1, scope=b"salt-2")
+    assert store.counters["session_parts_reused_total"] == 0
+    assert not store._warm["a"].parts and not store._warm["b"].parts
+    park(store, "c", 2, scope=b"salt-2")  # c finds b, under its own salt: both cut now
+    assert store.counters["session_parts_reused_total"] == 2
+    assert store._warm["b"].parts and not store._warm["a"].parts
 
 
 def test_the_warm_budget_counts_a_shared_part_once(tmp_path):
