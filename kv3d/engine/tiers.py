@@ -90,8 +90,8 @@ class SessionRecord:
     prefix_tokens: int  # cells [0, prefix_tokens) come back from the shared family prefix
     delta: bytes
     parts: tuple[KeyedPart, ...] = ()
-    # A record kept as one delta: the keys its parts would have, so that another session that
-    # holds some of them can find it (never stored: a record read back has none).
+    # The keys of the parts `delta` could be cut into, so that another session that holds
+    # some of them can find it (never stored: a record read back has none).
     keys: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -387,8 +387,9 @@ class SessionStore:
         self.shared = shared
         self.part_tokens = part_tokens if splittable(codec) else 0
         self._parts = SharedParts()
-        # Part keys of the warm sessions kept as one delta, to find a first session to share with.
-        self._whole_keys: dict[int, SessionRecord] = {}
+        # The keys of the parts warm records could still be cut into (`SessionRecord.keys`):
+        # how a session finds another that holds the same tokens before either is cut.
+        self._uncut: dict[int, SessionRecord] = {}
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
         self.warm_bytes = 0
         self._lock = threading.Lock()
@@ -480,9 +481,10 @@ class SessionStore:
         scope: bytes = b"",
     ) -> SessionRecord:
         """The record of a private state: one delta, unless another warm session holds some of
-        the same parts; then parts, taking those held warm already as they are (another
-        session's, or an earlier turn's) and cutting the other session into parts too.
-        A session that shares nothing pays no part's decoding cost."""
+        the same parts; then keyed parts as far as the last part another session holds
+        (taking those held warm already as they are, and cutting the other session there
+        too), and one delta for the rest. A session pays decoding for the parts it shares,
+        and no more."""
         whole = functools.partial(SessionRecord, session_id, fingerprint, tokens, prefix_tokens)
         if not self.part_tokens:
             return whole(self._encode_cells(blob))
@@ -494,23 +496,30 @@ class SessionStore:
         seed = fingerprint + scope
         keys = tuple(part_keys(seed, prefix_tokens, self.part_tokens, tokens, ends))
         with self._lock:
-            held = any(self._parts.get(k) is not None for k in keys)
-            others = {self._whole_keys[k].session_id for k in keys if k in self._whole_keys}
-        others.discard(session_id)  # an earlier turn of this session is no other session
-        if not held and not others:
+            uncut = {k: self._uncut[k].session_id for k in keys if k in self._uncut}
+            others = set(uncut.values()) - {session_id}  # an earlier turn is no other session
+            shared = [
+                i
+                for i, k in enumerate(keys)
+                if self._parts.get(k) is not None or uncut.get(k, session_id) != session_id
+            ]
+        if not shared:
             return whole(self._encode_cells(blob), keys=keys)
         for other in others:
-            self._cut_into_parts(other)
-        parts, last = self._encode_parts(state, prefix_tokens, keys, ends)
-        return whole(last, parts)
+            self._cut_into_parts(other, set(keys))
+        n = shared[-1] + 1
+        parts, rest = self._encode_parts(state, prefix_tokens, keys[:n], ends[:n])
+        return whole(rest, parts, keys=keys[n:])
 
     def _encode_cells(self, blob: bytes) -> bytes:
         return encode_delta(blob, self.codec, self.group, rope=self.rope)
 
     def _encode_parts(
-        self, state, prefix_tokens: int, keys: tuple[int, ...], ends: list[int]
+        self, state, start: int, keys: tuple[int, ...], ends: list[int]
     ) -> tuple[tuple[KeyedPart, ...], bytes]:
-        parts, start = [], prefix_tokens
+        """Parts of `state` for cells [start, ends[-1]) (one per key), and the delta of the
+        cells after them."""
+        parts = []
         for key, end in zip(keys, ends, strict=True):
             with self._lock:
                 delta = self._parts.get(key)
@@ -522,22 +531,30 @@ class SessionStore:
             start = end
         return tuple(parts), self._encode_cells(cut(state, start))
 
-    def _cut_into_parts(self, session_id: str) -> None:
-        """Store a warm session kept as one delta in parts, now that another session holds
-        some of its tokens (re-coded from its decoded cells: int8 codes its own output again
-        to the same values)."""
+    def _cut_into_parts(self, session_id: str, wanted: set[int]) -> None:
+        """Cut a warm session's last delta into parts as far as its last key in `wanted`, now
+        that another session holds those tokens too (re-coded from its decoded cells: int8
+        codes its own output again to the same values)."""
         with self._lock:
             record = self._warm.get(session_id)
-        if record is None or record.parts or not record.keys:
+        if record is None:
+            return
+        n = 1 + max((i for i, k in enumerate(record.keys) if k in wanted), default=-1)
+        if n == 0:
             return
         try:
-            state = parse_seq_state(record.decode())
-            ends = part_ends(record.prefix_tokens, end_position(state), self.part_tokens)
-            parts, last = self._encode_parts(state, record.prefix_tokens, record.keys, ends)
+            start = record.prefix_tokens + len(record.parts) * self.part_tokens
+            state = parse_seq_state(decode_parts([record.delta]))
+            ends = part_ends(start, end_position(state), self.part_tokens)
+            if len(ends) != len(record.keys):
+                raise StateFormatError(f"{len(ends)} part ends for {len(record.keys)} keys")
+            parts, rest = self._encode_parts(state, start, record.keys[:n], ends[:n])
         except Exception:  # the session it was to share with is parked either way
             log.exception("session %s could not be cut into parts; kept as it is", session_id)
             return
-        cut_record = dataclasses.replace(record, delta=last, parts=parts, keys=())
+        cut_record = dataclasses.replace(
+            record, delta=rest, parts=record.parts + parts, keys=record.keys[n:]
+        )
         with self._lock:
             if self._warm.get(session_id) is not record:  # taken or replaced meanwhile
                 return
@@ -551,15 +568,15 @@ class SessionStore:
         added = sum(self._parts.acquire(p.key, p.delta) for p in record.parts)
         self.warm_bytes += record.own_bytes + added
         for key in record.keys:
-            self._whole_keys[key] = record
+            self._uncut[key] = record
 
     def _let_go(self, record: SessionRecord) -> None:
         """Count a record out of the warm tier (under the lock)."""
         freed = sum(self._parts.release(p.key) for p in record.parts)
         self.warm_bytes -= record.own_bytes + freed
         for key in record.keys:
-            if self._whole_keys.get(key) is record:
-                del self._whole_keys[key]
+            if self._uncut.get(key) is record:
+                del self._uncut[key]
 
     def _over_budget(self) -> list[SessionRecord]:
         out = []

@@ -36,26 +36,27 @@ FP = b"f" * 16
 CHANNELS = 64
 
 
-def cell_values(start: int, n: int, branch: int) -> np.ndarray:
+def cell_values(start: int, n: int, branch: int, fork: int = 40) -> np.ndarray:
     """(n, CHANNELS) values of the cells at positions [start, start + n): the same for every
-    branch below position 40, the branch's own above it."""
+    branch below position `fork`, the branch's own from it."""
     rows = []
     for pos in range(start, start + n):
-        seed = pos if pos < 40 else 1000 * (branch + 1) + pos
+        seed = pos if pos < fork or branch == 0 else 1000 * (branch + 1) + pos
         rows.append(np.random.default_rng(seed).normal(0, 2, CHANNELS))
     return np.array(rows)
 
 
-def state(start: int, n: int, branch: int = 0, v_trans: bool = False, sections: int = 1):
+def state(
+    start: int, n: int, branch: int = 0, v_trans: bool = False, sections: int = 1, fork: int = 40
+):
+    values = cell_values(start, n, branch, fork)
     stream = StreamState(
         cell_positions=np.arange(start, start + n, dtype=np.int32),
         cell_seq_ids=tuple((branch,) for _ in range(n)),
         cell_ext=None,
         v_trans=v_trans,
-        k_layers=tuple(f16_layer(cell_values(start, n, branch) * (i + 1)) for i in range(2)),
-        v_layers=tuple(
-            f16_layer(cell_values(start, n, branch) / (i + 1), transposed=v_trans) for i in range(2)
-        ),
+        k_layers=tuple(f16_layer(values * (i + 1)) for i in range(2)),
+        v_layers=tuple(f16_layer(values / (i + 1), transposed=v_trans) for i in range(2)),
     )
     return SeqState(branch, tuple(CacheSection((stream,)) for _ in range(sections)))
 
@@ -108,10 +109,17 @@ def test_shared_parts_are_held_while_a_record_uses_them():
 
 
 def park(
-    store: SessionStore, sid: str, branch: int, n: int = 90, prefix: int = 8, scope=b""
+    store: SessionStore,
+    sid: str,
+    branch: int,
+    n: int = 90,
+    prefix: int = 8,
+    scope=b"",
+    fork: int = 40,
 ) -> bytes:
-    blob = build_seq_state(state(prefix, n - prefix, branch))
-    tokens = tuple(range(n)) if branch == 0 else tuple(range(40)) + (branch,) * (n - 40)
+    """Park a session whose tokens and cells are branch 0's below `fork`, its own from it."""
+    blob = build_seq_state(state(prefix, n - prefix, branch, fork=fork))
+    tokens = tuple(range(n)) if branch == 0 else tuple(range(fork)) + (branch,) * (n - fork)
     store.park(sid, FP, tokens, prefix, blob, scope=scope)
     store.flush()
     return blob
@@ -123,11 +131,12 @@ def test_branches_of_a_conversation_share_the_parts_they_hold_alike():
     assert not store._warm["a"].parts  # nothing shared yet: one delta, no part to decode
     blobs |= {sid: park(store, sid, b) for sid, b in [("b", 1), ("c", 2)]}
     # Cells [8, 40) are the same tokens in all three: two parts of 16, stored once; "a" was
-    # cut into parts when "b" came.
+    # cut there when "b" came; the rest of each is one delta of its own.
     assert store.counters["session_parts_cuts_total"] == 1
     assert store.counters["session_parts_reused_total"] == 4
+    assert all(len(r.parts) == 2 for r in store._warm.values())
     stats = store.stats()
-    assert stats["warm_shared_parts"] == 2 + 3 * 3  # [8,40) once, [40,88) per branch
+    assert stats["warm_shared_parts"] == 2
     assert stats["warm_bytes_saved"] == 2 * sum(len(p.delta) for p in store._warm["a"].parts[:2])
     assert store.warm_bytes + stats["warm_bytes_saved"] == sum(
         r.nbytes for r in store._warm.values()
@@ -145,11 +154,23 @@ def test_a_session_that_shares_nothing_stays_one_delta_turn_after_turn():
     park(store, "a", 0, n=60)
     park(store, "a", 0, n=90)  # the same conversation, one turn on
     assert not store._warm["a"].parts and store.counters["session_parts_cuts_total"] == 0
-    park(store, "b", 1)  # a branch: "a" is cut into parts, "b" takes [8, 40) from it
-    park(store, "a", 0, n=100)  # a's next turn takes its own parts up to 88 again
-    assert store.counters["session_parts_reused_total"] == 2 + 5
-    assert store.stats()["sessions_warm"] == 2
-    assert store.stats()["warm_shared_parts"] == 5 + 3  # a's [8, 88), b's own [40, 88)
+    park(store, "b", 1)  # a branch: "a" is cut at 40, "b" takes [8, 40) from it
+    park(store, "a", 0, n=100)  # a's next turn takes its parts again, codes the rest anew
+    assert store.counters["session_parts_reused_total"] == 2 + 2
+    assert [len(store._warm[s].parts) for s in "ab"] == [2, 2]
+    assert store.stats()["sessions_warm"] == 2 and store.stats()["warm_shared_parts"] == 2
+
+
+def test_a_later_branch_that_shares_more_cuts_the_first_session_further():
+    store = SessionStore(1 << 30, part_tokens=16)
+    blob_a = park(store, "a", 0)
+    park(store, "b", 1)  # shares [8, 40): a is cut at 40
+    park(store, "c", 2, fork=72)  # shares [8, 72) with a: a is cut again, at 72
+    assert [len(store._warm[s].parts) for s in "abc"] == [4, 2, 4]
+    assert store.counters["session_parts_cuts_total"] == 2
+    assert store.counters["session_parts_reused_total"] == 2 + 4
+    assert store.stats()["warm_shared_parts"] == 4
+    assert bytes(store.take("a").result().blob) == bytes(decode_delta(encode_delta(blob_a)))
 
 
 def test_sessions_under_other_scopes_share_no_part():
@@ -178,7 +199,7 @@ def test_cold_files_and_shared_records_hold_every_part(tmp_path):
     park(store, "a", 0)
     blob = park(store, "b", 1)
     cold = ColdTier(tmp_path).take("b")
-    assert len(cold.parts) == 5 and all(p.delta for p in cold.parts)  # ends 24, 40, ... 88
+    assert len(cold.parts) == 2 and all(p.delta for p in cold.parts)  # [8, 24), [24, 40)
     fresh = SessionStore(1 << 30, str(tmp_path), part_tokens=16)  # after a restart
     assert bytes(fresh.take("b").result().blob) == bytes(decode_delta(encode_delta(blob)))
 
