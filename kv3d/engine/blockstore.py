@@ -41,7 +41,9 @@ from kv3d.engine.statefmt import (
     with_seq_id,
 )
 
-KEY_BYTES = 8
+# 128 bits: a part is found by its key alone (no tokens to confirm it, unlike a prefix block),
+# so a collision must be out of reach, not only rare.
+KEY_BYTES = 16
 _SEED = struct.Struct("<II")  # prefix tokens, part tokens
 
 

@@ -19,7 +19,7 @@ written to a temp file then renamed:
     | u32 prefix_tokens | u32 id_bytes | u64 delta_bytes | u32 crc32 of everything after it
     | session id (utf-8) | i32 tokens[n_tokens] | delta_bytes of deltas
 Version 1: the deltas are one delta, of cells [prefix_tokens, n). Version 2 (a session cut into
-parts): u32 n_parts | n_parts x (u64 key, u64 part_bytes) | the parts' deltas | the last
+parts): u32 n_parts | n_parts x (16-byte key, u64 part_bytes) | the parts' deltas | the last
 part's delta. Both are read.
 """
 
@@ -61,7 +61,7 @@ MAGIC = b"KV3DSESS"
 VERSION = 1  # one delta
 PARTS_VERSION = 2  # keyed parts, then the last part
 _HEADER = struct.Struct("<8sHH16sIIIQI")
-_PART = struct.Struct("<QQ")  # key, part bytes
+_PART = struct.Struct("<16sQ")  # key (128 bits), part bytes
 _U32 = struct.Struct("<I")
 SUFFIX = ".kv3d"
 TEMP_SUFFIX = ".tmp"
@@ -121,7 +121,7 @@ def encode_record(record: SessionRecord) -> bytes:
     deltas = [record.delta]
     if record.parts:
         table = [_U32.pack(len(record.parts))]
-        table += [_PART.pack(p.key, len(p.delta)) for p in record.parts]
+        table += [_PART.pack(p.key.to_bytes(16, "little"), len(p.delta)) for p in record.parts]
         deltas = table + [p.delta for p in record.parts] + deltas
     stored = b"".join(deltas)
     body = sid + np.asarray(record.tokens, dtype="<i4").tobytes() + stored
@@ -148,7 +148,8 @@ def _read_parts(stored: memoryview) -> tuple[tuple[KeyedPart, ...], bytes]:
         raise SessionRecordError(f"session record claims {n} parts")
     parts = []
     for i in range(n):
-        key, nbytes = _PART.unpack_from(stored, _U32.size + i * _PART.size)
+        raw_key, nbytes = _PART.unpack_from(stored, _U32.size + i * _PART.size)
+        key = int.from_bytes(raw_key, "little")
         if at + nbytes >= len(stored):  # the last part follows the keyed ones, never empty
             raise SessionRecordError("session record's parts overrun it")
         parts.append(KeyedPart(key, bytes(stored[at : at + nbytes])))

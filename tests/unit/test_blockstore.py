@@ -227,7 +227,7 @@ def test_a_record_of_parts_is_read_back_and_its_damage_is_refused():
     head = 8 + 2 + 2 + 16 + 4 * 3 + 8 + 4
     body = bytearray(data[head:])
     table_at = 1 + 4 * 9  # id, tokens
-    struct.pack_into("<Q", body, table_at + 4 + 8, 1 << 40)
+    struct.pack_into("<Q", body, table_at + 4 + 16, 1 << 40)
     bad = bytearray(data[:head]) + body
     struct.pack_into("<I", bad, head - 4, zlib.crc32(bytes(body)))
     with pytest.raises(SessionRecordError):
