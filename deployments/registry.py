@@ -24,16 +24,23 @@ log = logging.getLogger(__name__)
 
 # The actor is detached and outlives a redeploy: its name carries the version of its calls, so
 # that new replicas never call an older registry with arguments it does not take.
-REGISTRY_VERSION = 2
+REGISTRY_VERSION = 3  # 3: sessions published with their parts, each part kept once
 REGISTRY_NAME = f"kv3d-snapshot-registry-v{REGISTRY_VERSION}"
-LEGACY_REGISTRY_NAMES = ("kv3d-snapshot-registry",)
+LEGACY_REGISTRY_NAMES = ("kv3d-snapshot-registry", "kv3d-snapshot-registry-v2")
 REGISTRY_NAMESPACE = "kv3d"
 CALL_TIMEOUT_S = 2.0
 
 
 class SnapshotRegistry:
+    """Invariant: a session record is listed with the keys of the parts it was published with
+    (`_parts_of`), and each part is held once whatever number of records use it. A part is
+    touched whenever a record that uses it is published or looked up, after the record, so the
+    LRU order drops parts after the records that use them (a part missing all the same, under
+    pressure, makes its records a miss: recomputed)."""
+
     def __init__(self, budget_bytes: int):
         self._catalog = SnapshotCatalog(budget_bytes)
+        self._parts_of: dict[tuple, tuple[int, ...]] = {}
 
     def publish(
         self,
@@ -65,19 +72,54 @@ class SnapshotRegistry:
         entry = self._catalog.lookup(fingerprint, block_keys)
         return None if entry is None else (entry.n_tokens, [entry.handle])
 
-    def publish_session(self, session_id: str, fingerprint: bytes, record: bytes) -> bool:
-        """Keep a session's encoded record (the newest turn replaces the older)."""
+    def publish_session(
+        self,
+        session_id: str,
+        fingerprint: bytes,
+        record: bytes,
+        parts: dict[int, bytes] | None = None,
+    ) -> bool:
+        """Keep a session's encoded record (the newest turn replaces the older) and the deltas
+        of its keyed parts, each once by key: a part already held is only touched."""
         key = _session_key(fingerprint, session_id)
         ref = ray.put(pa.py_buffer(record))
-        if self._catalog.add(CatalogEntry(key, fingerprint, 0, len(record), (), ref)) is None:
+        if not self._add(CatalogEntry(key, fingerprint, 0, len(record), (), ref)):
             log.warning("session record (%d bytes) exceeds the whole budget", len(record))
             return False
+        parts = parts or {}
+        self._parts_of[key] = tuple(parts)
+        for part_key, delta in parts.items():
+            held = _part_key(fingerprint, part_key)
+            if held in self._catalog:
+                self._catalog.touch(held)
+                continue
+            ref = ray.put(pa.py_buffer(delta))
+            if not self._add(CatalogEntry(held, fingerprint, 0, len(delta), (), ref)):
+                return False
         return True
 
     def lookup_session(self, session_id: str, fingerprint: bytes) -> list | None:
-        """[ref] of the session's record, or None."""
-        entry = self._catalog.get(_session_key(fingerprint, session_id))
-        return None if entry is None else [entry.handle]
+        """[ref of the record, {part key: ref}] of the session, or None (also when one of its
+        parts is gone)."""
+        key = _session_key(fingerprint, session_id)
+        entry = self._catalog.get(key)
+        if entry is None:
+            return None
+        refs = {}
+        for part_key in self._parts_of.get(key, ()):
+            part = self._catalog.get(_part_key(fingerprint, part_key))
+            if part is None:
+                return None
+            refs[part_key] = part.handle
+        return [entry.handle, refs]
+
+    def _add(self, entry: CatalogEntry) -> bool:
+        evicted = self._catalog.add(entry)
+        if evicted is None:
+            return False
+        for old in evicted:
+            self._parts_of.pop(old.key, None)
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Figures of every tenant: the API shows each caller only its own `families`."""
@@ -87,6 +129,10 @@ class SnapshotRegistry:
 def _session_key(fingerprint: bytes, session_id: str) -> tuple[str, bytes, str]:
     # Never equal to a snapshot's int key; a session of one model is invisible to another.
     return ("session", fingerprint, session_id)
+
+
+def _part_key(fingerprint: bytes, part_key: int) -> tuple[str, bytes, int]:
+    return ("part", fingerprint, part_key)
 
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -176,11 +222,11 @@ class SessionClient:
         self._fingerprint = fingerprint
         self._pending: list = []
 
-    def publish(self, session_id: str, record: bytes) -> None:
-        ref = self._registry.publish_session.remote(session_id, self._fingerprint, record)
+    def publish(self, session_id: str, record: bytes, parts: dict[int, bytes]) -> None:
+        ref = self._registry.publish_session.remote(session_id, self._fingerprint, record, parts)
         self._pending = [r for r in self._pending if not _done(r)] + [ref]
 
-    def fetch(self, session_id: str) -> bytes | None:
+    def fetch(self, session_id: str) -> tuple[bytes, dict[int, bytes]] | None:
         try:
             found = ray.get(
                 self._registry.lookup_session.remote(session_id, self._fingerprint),
@@ -188,7 +234,10 @@ class SessionClient:
             )
             if found is None:
                 return None
-            return ray.get(found[0], timeout=CALL_TIMEOUT_S)
+            record_ref, part_refs = found
+            keys = list(part_refs)
+            values = ray.get([record_ref, *(part_refs[k] for k in keys)], timeout=CALL_TIMEOUT_S)
+            return values[0], dict(zip(keys, values[1:], strict=True))
         except Exception as exc:  # registry gone or slow: recompute instead
             log.warning("shared session fetch failed, recomputing: %s", exc)
             return None

@@ -118,8 +118,10 @@ class SnapshotCatalog:
     def stats(self) -> dict[str, Any]:
         """Figures of every tenant (the API shows each caller only its own `families`)."""
         families = self.families()
+        kinds = [e.key[0] for e in self._entries.values() if isinstance(e.key, tuple)]
         return {
-            "sessions": len(self) - len(families),
+            "sessions": kinds.count("session"),
+            "session_parts": kinds.count("part"),  # parts of session records, each held once
             "snapshots": len(families),
             "bytes": self.total_bytes,
             "budget_bytes": self.budget_bytes,

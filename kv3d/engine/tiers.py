@@ -20,7 +20,8 @@ written to a temp file then renamed:
     | session id (utf-8) | i32 tokens[n_tokens] | delta_bytes of deltas
 Version 1: the deltas are one delta, of cells [prefix_tokens, n). Version 2 (a session cut into
 parts): u32 n_parts | n_parts x (16-byte key, u64 part_bytes) | the parts' deltas | the last
-part's delta. Both are read.
+part's delta. Version 3, the shared tier's (which keeps every part once, by its key, beside
+the records): as version 2 without the parts' deltas. All three are read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"KV3DSESS"
 VERSION = 1  # one delta
 PARTS_VERSION = 2  # keyed parts, then the last part
+APART_VERSION = 3  # keyed parts by key only (stored apart), then the last part
 _HEADER = struct.Struct("<8sHH16sIIIQI")
 _PART = struct.Struct("<16sQ")  # key (128 bits), part bytes
 _U32 = struct.Struct("<I")
@@ -116,18 +119,23 @@ class Resumable:
     decode_s: float
 
 
-def encode_record(record: SessionRecord) -> bytes:
+def encode_record(record: SessionRecord, *, parts_apart: bool = False) -> bytes:
+    """The record's bytes; `parts_apart`: without its parts' deltas, which the caller stores
+    by key (`decode_record` then needs them back)."""
     sid = record.session_id.encode("utf-8")
     deltas = [record.delta]
+    version = VERSION
     if record.parts:
         table = [_U32.pack(len(record.parts))]
         table += [_PART.pack(p.key.to_bytes(16, "little"), len(p.delta)) for p in record.parts]
-        deltas = table + [p.delta for p in record.parts] + deltas
+        inline = [] if parts_apart else [p.delta for p in record.parts]
+        deltas = table + inline + deltas
+        version = APART_VERSION if parts_apart else PARTS_VERSION
     stored = b"".join(deltas)
     body = sid + np.asarray(record.tokens, dtype="<i4").tobytes() + stored
     head = _HEADER.pack(
         MAGIC,
-        PARTS_VERSION if record.parts else VERSION,
+        version,
         0,
         record.fingerprint,
         len(record.tokens),
@@ -139,7 +147,10 @@ def encode_record(record: SessionRecord) -> bytes:
     return head + body
 
 
-def _read_parts(stored: memoryview) -> tuple[tuple[KeyedPart, ...], bytes]:
+def _read_parts(
+    stored: memoryview, apart: Mapping[int, bytes] | None
+) -> tuple[tuple[KeyedPart, ...], bytes]:
+    """(parts, last delta); `apart`: the parts' deltas by key, for a record stored without them."""
     if len(stored) < _U32.size:
         raise SessionRecordError("session record's part table is truncated")
     (n,) = _U32.unpack_from(stored)
@@ -150,16 +161,25 @@ def _read_parts(stored: memoryview) -> tuple[tuple[KeyedPart, ...], bytes]:
     for i in range(n):
         raw_key, nbytes = _PART.unpack_from(stored, _U32.size + i * _PART.size)
         key = int.from_bytes(raw_key, "little")
+        if apart is not None:
+            delta = apart.get(key)
+            if delta is None or len(delta) != nbytes:
+                raise SessionRecordError("a part of the session is missing or of another size")
+            parts.append(KeyedPart(key, bytes(delta)))
+            continue
         if at + nbytes >= len(stored):  # the last part follows the keyed ones, never empty
             raise SessionRecordError("session record's parts overrun it")
         parts.append(KeyedPart(key, bytes(stored[at : at + nbytes])))
         at += nbytes
+    if at >= len(stored):
+        raise SessionRecordError("session record has no last part")
     return tuple(parts), bytes(stored[at:])
 
 
-def decode_record(data) -> SessionRecord:
-    """Parse a stored session record (any bytes-like object). Every field is checked: anything
-    off raises `SessionRecordError`, and only that. The delta inside is checked by
+def decode_record(data, parts: Mapping[int, bytes] | None = None) -> SessionRecord:
+    """Parse a stored session record (any bytes-like object; `parts`: the deltas of a record
+    stored without them, by key). Every field is checked: anything off raises
+    `SessionRecordError`, and only that. The deltas inside are checked by
     `SessionRecord.decode` when the session is resumed."""
     view = byte_view(data, SessionRecordError, "a session record")
     if len(view) < _HEADER.size:
@@ -167,7 +187,7 @@ def decode_record(data) -> SessionRecord:
     magic, version, reserved, fp, n_tokens, prefix, id_bytes, delta_bytes, crc = (
         _HEADER.unpack_from(view)
     )
-    if magic != MAGIC or version not in (VERSION, PARTS_VERSION) or reserved != 0:
+    if magic != MAGIC or version not in (VERSION, PARTS_VERSION, APART_VERSION) or reserved != 0:
         raise SessionRecordError("not a KV3D session file of a version this build reads")
     body = view[_HEADER.size :]
     if len(body) != id_bytes + 4 * n_tokens + delta_bytes or zlib.crc32(body) != crc:
@@ -186,8 +206,15 @@ def decode_record(data) -> SessionRecord:
     if tokens.min() < 0:
         raise SessionRecordError("session history holds a negative token id")
     stored = body[id_bytes + 4 * n_tokens :]
-    parts, delta = _read_parts(stored) if version == PARTS_VERSION else ((), bytes(stored))
-    return SessionRecord(sid, bytes(fp), tuple(tokens.tolist()), prefix, delta, parts)
+    if version == VERSION:
+        keyed, delta = (), bytes(stored)
+    elif version == PARTS_VERSION:
+        keyed, delta = _read_parts(stored, None)
+    elif parts is None:
+        raise SessionRecordError("session record stored without its parts, none given")
+    else:
+        keyed, delta = _read_parts(stored, parts)
+    return SessionRecord(sid, bytes(fp), tuple(tokens.tolist()), prefix, delta, keyed)
 
 
 class ColdTier:
@@ -342,11 +369,14 @@ def _process_alive(pid: int) -> bool:
 class SharedSessions(Protocol):
     """A warm tier every replica reaches (the Ray object store behind the registry actor).
 
-    Both calls run on the store's worker thread and may block briefly; neither raises."""
+    A record comes with the deltas of its keyed parts (`encode_record(..., parts_apart=True)`),
+    which the tier keeps once by key, however many records use them. Both calls run on the
+    store's worker thread and may block briefly; neither raises."""
 
-    def publish(self, session_id: str, record: bytes) -> None: ...
+    def publish(self, session_id: str, record: bytes, parts: dict[int, bytes]) -> None: ...
 
-    def fetch(self, session_id: str) -> bytes | None: ...
+    def fetch(self, session_id: str) -> tuple[bytes, dict[int, bytes]] | None:
+        """(record, its parts' deltas by key), or None when the session or a part is gone."""
 
     def flush(self) -> None: ...
 
@@ -455,7 +485,8 @@ class SessionStore:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return
         if self.shared is not None:
-            self.shared.publish(session_id, encode_record(record))
+            apart = encode_record(record, parts_apart=True)
+            self.shared.publish(session_id, apart, {p.key: p.delta for p in record.parts})
             self.counters["session_shares_total"] += 1
         if self.cold is not None:
             self._write_behind(record)
@@ -643,8 +674,8 @@ class SessionStore:
                 record = self.cold.take(session_id)
             if record is None and self.shared is not None:
                 tier = "shared"
-                data = self.shared.fetch(session_id)
-                record = decode_record(data) if data is not None else None
+                found = self.shared.fetch(session_id)
+                record = decode_record(*found) if found is not None else None
             if record is None:
                 return None
             if record.session_id != session_id:

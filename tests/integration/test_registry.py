@@ -7,7 +7,7 @@ import uuid
 import pyarrow as pa
 import pytest
 
-from deployments.registry import SnapshotRegistry
+from deployments.registry import SessionClient, SnapshotRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,28 @@ def test_budget_evicts_least_recently_used_and_stats_follow(ray_instance, regist
     assert ray.get(registry.lookup.remote(FP, [1])) is None
     assert ray.get(registry.lookup.remote(FP, [3])) is not None
     assert not ray.get(registry.publish.remote(9, FP, 1, [9], bytes(2000)))  # over budget
+
+
+def test_sessions_share_their_parts_in_the_object_store(ray_instance, registry):
+    ray = ray_instance
+    client = SessionClient(registry, FP)
+    client.publish("a", b"record-a" * 10, {11: b"p" * 100, 12: b"q" * 100})
+    client.publish("b", b"record-b" * 10, {11: b"p" * 100})
+    client.flush()
+    stats = ray.get(registry.stats.remote())
+    assert stats["sessions"] == 2 and stats["session_parts"] == 2
+    assert stats["bytes"] == 80 + 80 + 200  # part 11 held once
+    record, parts = client.fetch("b")
+    assert bytes(record) == b"record-b" * 10 and {k: bytes(v) for k, v in parts.items()} == {
+        11: b"p" * 100
+    }
+    assert client.fetch("nobody") is None
+    # Under pressure the least recently used go first (a's record), and records go before the
+    # parts they use (each touched after its record).
+    client.publish("c", b"c" * 700, {})
+    client.flush()
+    assert client.fetch("a") is None
+    assert client.fetch("b") is not None and client.fetch("c") is not None
 
 
 def test_engine_figures_reach_ray_metrics(ray_instance, smollm2_path):

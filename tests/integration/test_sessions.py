@@ -249,8 +249,8 @@ def test_a_hot_session_resumes_hot_even_when_a_shared_copy_exists(tok):
         def __init__(self):
             self.records = {}
 
-        def publish(self, session_id, record):
-            self.records[session_id] = record
+        def publish(self, session_id, record, parts):
+            self.records[session_id] = (record, parts)
 
         def fetch(self, session_id):
             return self.records.get(session_id)

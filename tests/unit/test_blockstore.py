@@ -31,6 +31,7 @@ from kv3d.engine.tiers import (
     encode_record,
 )
 from tests.unit.test_codec import f16_layer
+from tests.unit.test_tiers import DictShare
 
 FP = b"f" * 16
 CHANNELS = 64
@@ -242,3 +243,24 @@ def test_parts_that_do_not_join_are_a_miss_not_a_crash():
     assert store.take("s").result() is None
     assert store.counters["session_rejects_total"] == 1
     assert parse_seq_state(decode_delta(a)).n_cells == 16
+
+
+def test_the_shared_tier_keeps_a_part_once_and_another_replica_resumes_both_branches():
+    share = DictShare()
+    here = SessionStore(1 << 30, part_tokens=16, shared=share)
+    blobs = {"a": park(here, "a", 0), "b": park(here, "b", 1)}
+    # "a" was published whole, then "b" came: "b" went out as a record of 2 parts by key.
+    assert decode_record(share.records["b"], share.parts).parts
+    assert len(share.parts) == 2
+    here.park("a", FP, tuple(range(90)), 8, build_seq_state(state(8, 82)))  # a's next turn
+    here.flush()
+    assert len(share.parts) == 2  # a's record now names the same two parts
+    with pytest.raises(SessionRecordError):
+        decode_record(share.records["b"])  # stored without its parts: never read alone
+    elsewhere = SessionStore(1 << 30, part_tokens=16, shared=share)
+    for sid, blob in blobs.items():
+        resumed = elsewhere.take(sid).result()
+        assert resumed.tier == "shared"
+        assert bytes(resumed.blob) == bytes(decode_delta(encode_delta(blob)))
+    del share.parts[next(iter(share.parts))]  # a part gone: the session is a miss
+    assert elsewhere.take("b").result() is None

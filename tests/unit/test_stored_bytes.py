@@ -318,11 +318,11 @@ class OneRecordShare:
     def __init__(self, data: bytes):
         self.data = data
 
-    def publish(self, session_id: str, record: bytes) -> None:
+    def publish(self, session_id: str, record: bytes, parts: dict[int, bytes]) -> None:
         pass
 
-    def fetch(self, session_id: str) -> bytes | None:
-        return self.data
+    def fetch(self, session_id: str) -> tuple[bytes, dict[int, bytes]] | None:
+        return self.data, {}
 
     def flush(self) -> None:
         pass

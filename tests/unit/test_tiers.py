@@ -110,16 +110,26 @@ def test_warm_budget_demotes_least_recently_used_to_cold(tmp_path):
 
 
 class DictShare:
-    """An in-memory stand-in for the registry-backed shared tier."""
+    """An in-memory stand-in for the registry-backed shared tier: records by id, their parts
+    once by key."""
 
     def __init__(self):
         self.records: dict[str, bytes] = {}
+        self.parts: dict[int, bytes] = {}
+        self.part_keys: dict[str, tuple[int, ...]] = {}
 
-    def publish(self, session_id: str, record: bytes) -> None:
+    def publish(self, session_id: str, record: bytes, parts: dict[int, bytes]) -> None:
         self.records[session_id] = record
+        self.part_keys[session_id] = tuple(parts)
+        self.parts.update(parts)
 
-    def fetch(self, session_id: str) -> bytes | None:
-        return self.records.get(session_id)
+    def fetch(self, session_id: str) -> tuple[bytes, dict[int, bytes]] | None:
+        if session_id not in self.records:
+            return None
+        keys = self.part_keys.get(session_id, ())
+        if any(k not in self.parts for k in keys):
+            return None
+        return self.records[session_id], {k: self.parts[k] for k in keys}
 
     def flush(self) -> None:
         pass
