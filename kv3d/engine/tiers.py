@@ -11,7 +11,7 @@ and decoded ahead of its admission. Nothing here can make output wrong: a record
 check is dropped and the session's prompt is recomputed.
 
 Sessions that hold the same tokens past their family prefix share the parts of their deltas
-that cover them in the warm tier (`kv3d.engine.blockstore`, `cache.session_part_tokens`).
+that cover them, kept once in each tier (`kv3d.engine.blockstore`, `cache.session_part_tokens`).
 
 Session record format (little-endian), the cold tier's files and the shared tier's values,
 written to a temp file then renamed:
@@ -20,8 +20,12 @@ written to a temp file then renamed:
     | session id (utf-8) | i32 tokens[n_tokens] | delta_bytes of deltas
 Version 1: the deltas are one delta, of cells [prefix_tokens, n). Version 2 (a session cut into
 parts): u32 n_parts | n_parts x (16-byte key, u64 part_bytes) | the parts' deltas | the last
-part's delta. Version 3, the shared tier's (which keeps every part once, by its key, beside
-the records): as version 2 without the parts' deltas. All three are read.
+part's delta. Version 3, the shared and cold tiers' (which keep every part once, by its key,
+beside the records): as version 2 without the parts' deltas. All three are read.
+
+Cold part file, version 1, named by its key ("<32 hex digits>.kv3dpart"):
+    magic "KV3DPART" | u16 version | u16 reserved | 16-byte key | u64 delta_bytes
+    | u32 crc32 of the delta | delta
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +70,11 @@ _HEADER = struct.Struct("<8sHH16sIIIQI")
 _PART = struct.Struct("<16sQ")  # key (128 bits), part bytes
 _U32 = struct.Struct("<I")
 SUFFIX = ".kv3d"
+PART_SUFFIX = ".kv3dpart"
 TEMP_SUFFIX = ".tmp"
+PART_MAGIC = b"KV3DPART"
+PART_FILE_VERSION = 1
+_PART_FILE_HEADER = struct.Struct("<8sHH16sQI")
 
 
 class SessionRecordError(ValueError):
@@ -147,8 +154,14 @@ def encode_record(record: SessionRecord, *, parts_apart: bool = False) -> bytes:
     return head + body
 
 
+class PartSource(Protocol):
+    """Where the deltas of a record's parts stored apart come from (a dict will do)."""
+
+    def get(self, key: int) -> bytes | None: ...
+
+
 def _read_parts(
-    stored: memoryview, apart: Mapping[int, bytes] | None
+    stored: memoryview, apart: PartSource | None
 ) -> tuple[tuple[KeyedPart, ...], bytes]:
     """(parts, last delta); `apart`: the parts' deltas by key, for a record stored without them."""
     if len(stored) < _U32.size:
@@ -176,7 +189,7 @@ def _read_parts(
     return tuple(parts), bytes(stored[at:])
 
 
-def decode_record(data, parts: Mapping[int, bytes] | None = None) -> SessionRecord:
+def decode_record(data, parts: PartSource | None = None) -> SessionRecord:
     """Parse a stored session record (any bytes-like object; `parts`: the deltas of a record
     stored without them, by key). Every field is checked: anything off raises
     `SessionRecordError`, and only that. The deltas inside are checked by
@@ -223,9 +236,11 @@ class ColdTier:
     Invariants: a file is named by a hash of its session id (never a path a client chose) and
     appears whole or not at all (written to a temp file, then renamed); links are not followed
     and a file's own contents are checked before use; after every `put` the folder holds at most
-    `budget_bytes` of session files, the least recently written removed first. The folder is the
-    index: what other replicas wrote is seen at once, and nothing is remembered that a restart
-    or another replica could make stale.
+    `budget_bytes` of session and part files, the least recently written removed first. The
+    folder is the index: what other replicas wrote is seen at once, and nothing is remembered
+    that a restart or another replica could make stale. A session's keyed parts are files of
+    their own, one per key whoever wrote it, touched after every record that uses them (so the
+    budget removes records before their parts); a record whose part is gone is a miss.
     """
 
     TOTALS_TTL_S = 1.0  # figures are read often (metrics); a folder scan at most this often
@@ -248,9 +263,22 @@ class ColdTier:
         return self.folder / self._name(session_id)
 
     def put(self, record: SessionRecord) -> int:
-        """Write (or replace) a session's file, then evict down to the budget."""
+        """Write (or replace) a session's file and the parts it names that are not on disk
+        yet, then evict down to the budget."""
         path = self._path(record.session_id)
-        data = encode_record(record)
+        data = encode_record(record, parts_apart=bool(record.parts))
+        part_paths = [self._part_path(p.key) for p in record.parts]
+        for part, part_path in zip(record.parts, part_paths, strict=True):
+            if not self._touch(part_path):
+                self._write(part_path, _encode_part_file(part))
+        self._write(path, data)
+        for part_path in part_paths:  # newer than the record: the budget removes it first
+            self._touch(part_path)
+        if self.budget_bytes:
+            self._evict_to_budget(keep={path.name, *(p.name for p in part_paths)})
+        return len(data)
+
+    def _write(self, path: Path, data: bytes) -> None:
         # Hidden, and named by its writer, so that a crash's leftovers can be told apart.
         tmp = self.folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
         try:
@@ -262,9 +290,35 @@ class ColdTier:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        if self.budget_bytes:
-            self._evict_to_budget(keep=path.name)
-        return len(data)
+
+    def _part_path(self, key: int) -> Path:
+        return self.folder / f"{key:032x}{PART_SUFFIX}"
+
+    def _touch(self, path: Path) -> bool:
+        """Mark a file as just written; False when it is not there (or is a link)."""
+        if path.is_symlink():
+            return False
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def get(self, key: int) -> bytes | None:
+        """A part's delta (`PartSource`), or None when its file is missing or fails its checks
+        (then it is removed)."""
+        path = self._part_path(key)
+        if path.is_symlink() or not path.is_file():
+            return None
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        delta = _decode_part_file(data, key)
+        if delta is None:
+            log.warning("part file %s fails its checks; removed", path.name)
+            path.unlink(missing_ok=True)
+        return delta
 
     def take(self, session_id: str) -> SessionRecord | None:
         """The session's record, or None when no file holds it. The file stays: it is the
@@ -277,7 +331,7 @@ class ColdTier:
             data = path.read_bytes()
         except FileNotFoundError:  # evicted or replaced between the check and the read
             return None
-        record = decode_record(data)
+        record = decode_record(data, self)
         if record.session_id != session_id:
             raise SessionRecordError("session file holds another session")
         return record
@@ -298,17 +352,17 @@ class ColdTier:
             if time.monotonic() - read_at < self.TOTALS_TTL_S:
                 return n, size
         files = self._files()
-        n, size = len(files), sum(f[2] for f in files)
+        n, size = sum(f[1].endswith(SUFFIX) for f in files), sum(f[2] for f in files)
         with self._lock:
             self._totals = (time.monotonic(), n, size)
         return n, size
 
     def _files(self) -> list[tuple[float, str, int]]:
-        """(mtime, name, bytes) of every session file, oldest first."""
+        """(mtime, name, bytes) of every session and part file, oldest first."""
         out = []
         with os.scandir(self.folder) as it:
             for e in it:
-                if not e.name.endswith(SUFFIX) or e.name.startswith("."):
+                if not e.name.endswith((SUFFIX, PART_SUFFIX)) or e.name.startswith("."):
                     continue
                 try:
                     if not e.is_file(follow_symlinks=False):
@@ -320,13 +374,13 @@ class ColdTier:
         out.sort()
         return out
 
-    def _evict_to_budget(self, keep: str) -> None:
+    def _evict_to_budget(self, keep: set[str]) -> None:
         files = self._files()
         total = sum(f[2] for f in files)
         for _, name, size in files:
             if total <= self.budget_bytes:
                 break
-            if name == keep:  # the file just written stays, even alone over the budget
+            if name in keep:  # the files just written stay, even alone over the budget
                 continue
             try:
                 (self.folder / name).unlink()
@@ -352,6 +406,31 @@ class ColdTier:
                 if old or not _process_alive(pid):
                     Path(e.path).unlink(missing_ok=True)
                     log.info("removed %s, left by a write that did not finish", e.name)
+
+
+def _encode_part_file(part: KeyedPart) -> bytes:
+    head = _PART_FILE_HEADER.pack(
+        PART_MAGIC,
+        PART_FILE_VERSION,
+        0,
+        part.key.to_bytes(16, "little"),
+        len(part.delta),
+        zlib.crc32(part.delta),
+    )
+    return head + part.delta
+
+
+def _decode_part_file(data: bytes, key: int) -> bytes | None:
+    """The delta of a part file that is whole and holds the part `key`; else None."""
+    if len(data) < _PART_FILE_HEADER.size:
+        return None
+    magic, version, reserved, raw_key, nbytes, crc = _PART_FILE_HEADER.unpack_from(data)
+    delta = data[_PART_FILE_HEADER.size :]
+    if (magic, version, reserved) != (PART_MAGIC, PART_FILE_VERSION, 0):
+        return None
+    if int.from_bytes(raw_key, "little") != key or len(delta) != nbytes:
+        return None
+    return delta if zlib.crc32(delta) == crc else None
 
 
 def _process_alive(pid: int) -> bool:

@@ -195,7 +195,7 @@ def test_the_warm_budget_counts_a_shared_part_once(tmp_path):
     assert store.stats()["sessions_warm"] == 2 and store.warm_bytes <= budget
 
 
-def test_cold_files_and_shared_records_hold_every_part(tmp_path):
+def test_a_session_in_parts_comes_back_from_the_cold_folder_after_a_restart(tmp_path):
     store = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
     park(store, "a", 0)
     blob = park(store, "b", 1)
@@ -203,6 +203,34 @@ def test_cold_files_and_shared_records_hold_every_part(tmp_path):
     assert len(cold.parts) == 2 and all(p.delta for p in cold.parts)  # [8, 24), [24, 40)
     fresh = SessionStore(1 << 30, str(tmp_path), part_tokens=16)  # after a restart
     assert bytes(fresh.take("b").result().blob) == bytes(decode_delta(encode_delta(blob)))
+
+
+def test_the_cold_folder_keeps_a_part_once_and_a_record_without_its_part_is_a_miss(tmp_path):
+    store = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
+    park(store, "a", 0)
+    park(store, "b", 1)
+    park(store, "c", 2)
+    part_files = sorted(tmp_path.glob("*.kv3dpart"))
+    assert len(part_files) == 2  # [8, 24) and [24, 40), written by b, named again by c
+    assert store.cold.totals()[0] == 3  # sessions, not part files
+    fresh = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
+    assert fresh.take("c").result().tier == "cold"
+    part_files[0].write_bytes(part_files[0].read_bytes()[:-1] + b"?")  # damaged
+    assert fresh.take("b").result() is None  # a miss: recomputed, never wrong
+    assert not part_files[0].exists() and not fresh.cold.exists("b")
+
+
+def test_the_cold_budget_removes_records_before_the_parts_they_name(tmp_path):
+    store = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
+    park(store, "a", 0)
+    park(store, "b", 1)
+    one_record = max(p.stat().st_size for p in tmp_path.glob("*.kv3d"))
+    parts = sum(p.stat().st_size for p in tmp_path.glob("*.kv3dpart"))
+    store.cold.budget_bytes = 2 * one_record + parts + 1
+    park(store, "c", 2)  # one record too many: the oldest record goes, not a part
+    assert len(list(tmp_path.glob("*.kv3dpart"))) == 2
+    assert store.cold.totals()[0] == 2
+    assert store.take("c").result() is not None
 
 
 @pytest.mark.parametrize("codec", ["int4", "int4p"])
