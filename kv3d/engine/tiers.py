@@ -563,12 +563,7 @@ class SessionStore:
         except Exception:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return
-        if self.shared is not None:
-            apart = encode_record(record, parts_apart=True)
-            self.shared.publish(session_id, apart, {p.key: p.delta for p in record.parts})
-            self.counters["session_shares_total"] += 1
-        if self.cold is not None:
-            self._write_behind(record)
+        self._store_behind(record)
         if not local:
             return
         with self._lock:
@@ -673,6 +668,7 @@ class SessionStore:
             self._let_go(record)
             self._warm[session_id] = cut_record  # keeps its place in the LRU order
         self.counters["session_parts_cuts_total"] += 1
+        self._store_behind(cut_record)  # the cold and shared copies name the parts too
 
     def _hold(self, record: SessionRecord) -> None:
         """Count a record into the warm tier (under the lock)."""
@@ -696,6 +692,15 @@ class SessionStore:
             self._let_go(old)
             out.append(old)
         return out
+
+    def _store_behind(self, record: SessionRecord) -> None:
+        """Publish a record to the shared tier and write it to the cold folder, where set."""
+        if self.shared is not None:
+            apart = encode_record(record, parts_apart=True)
+            self.shared.publish(record.session_id, apart, {p.key: p.delta for p in record.parts})
+            self.counters["session_shares_total"] += 1
+        if self.cold is not None:
+            self._write_behind(record)
 
     def _write_behind(self, record: SessionRecord) -> None:
         """Every turn goes to disk as it is parked, not only when it leaves RAM: a session

@@ -213,6 +213,8 @@ def test_the_cold_folder_keeps_a_part_once_and_a_record_without_its_part_is_a_mi
     part_files = sorted(tmp_path.glob("*.kv3dpart"))
     assert len(part_files) == 2  # [8, 24) and [24, 40), written by b, named again by c
     assert store.cold.totals()[0] == 3  # sessions, not part files
+    # a's file was written whole, then again when b's arrival cut it: all three name parts.
+    assert {p.read_bytes()[8:10] for p in tmp_path.glob("*.kv3d")} == {b"\x03\x00"}
     fresh = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
     assert fresh.take("c").result().tier == "cold"
     part_files[0].write_bytes(part_files[0].read_bytes()[:-1] + b"?")  # damaged
