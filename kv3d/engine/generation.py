@@ -107,7 +107,7 @@ class Finished:
     replica_id: str | None = None  # the engine that ran it
     snapshot_restore_s: float | None = None  # set when the prefix came from a snapshot
     session_resume_s: float | None = None  # set when a stored session was resumed
-    session_tier: str | None = None  # where it was resumed from: warm | cold
+    session_tier: str | None = None  # resumed from: warm | cold | shared | parts (others')
     index: int = 0  # the choice that finished (requests with n > 1)
     final: bool = True  # False while other choices of the request are still running
 
@@ -169,6 +169,7 @@ class EngineStats:
     warm_bytes_saved: int = 0  # bytes those parts would take again, each session its own copy
     session_parts_reused_total: int = 0  # parts found warm when a session was parked
     session_parts_cuts_total: int = 0  # warm sessions cut into parts when another shared them
+    session_part_resumes_total: int = 0  # new conversations started on other sessions' parts
     cold_bytes: int = 0
     delta_compression_ratio: float = 0.0
     kv_bytes_used: int = 0  # KV bytes of running sequences and hot prefixes (the hot tier)

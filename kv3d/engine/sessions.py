@@ -43,7 +43,7 @@ from kv3d.engine.rent import IdleRent
 from kv3d.engine.reuse import Admission, PrefixReuse
 from kv3d.engine.scheduler import Pending, SeqProgress
 from kv3d.engine.statefmt import build_seq_state, cells_from, parse_seq_state
-from kv3d.engine.tiers import Resumable, SessionStore, SharedSessions
+from kv3d.engine.tiers import PARTS_TIER, Resumable, SessionStore, SharedSessions
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class Sessions:
         self.fingerprint = reuse.fingerprint
         self.rent = rent if rent is not None else IdleRent()
         self.rent_demotions = 0
+        self.part_resumes = 0  # new conversations started on other sessions' parts
         self._memory = reuse.cache.ctx
         reuse.cache.on_evict = self.demote
         # A session that goes idle during a step starts paying rent after that step's charge
@@ -135,9 +136,16 @@ class Sessions:
         """Start fetching and decoding the stored session `request` continues (None when there
         is none, or it is still hot here: the hot cells are exact and need no fetch)."""
         key = self._key_to_resume(request, blocks)
-        if key is None or key in hot:
+        if key is not None and key in hot:
             return None
-        return self.store.take(key)
+        if key is not None and (self.store.shared is not None or self.store.holds(key)):
+            return self.store.take(key)
+        if request.family_tokens is None:
+            return None  # where its cells would start is not known before admission
+        # A new conversation: as much of its prompt as warm sessions hold in parts.
+        return self.store.take_parts(
+            self.fingerprint, _block_scope(blocks), request.prompt_tokens, request.family_tokens
+        )
 
     def put_back(self, pending: Pending) -> None:
         """`pending` ends without keeping a newer turn (cancelled, rejected, failed): the
@@ -151,14 +159,18 @@ class Sessions:
         if future.cancelled() or future.exception() is not None:
             return
         resumable: Resumable | None = future.result()
-        if resumable is not None:
+        if resumable is not None and resumable.tier != PARTS_TIER:  # parts never left
             self.store.put_back(resumable.record)
 
     def recent_ids(self, limit: int) -> list[str]:
         return self.store.recent_ids(limit)
 
     def stats(self) -> dict[str, float]:
-        return {**self.store.stats(), "session_rent_demotions_total": self.rent_demotions}
+        return {
+            **self.store.stats(),
+            "session_rent_demotions_total": self.rent_demotions,
+            "session_part_resumes_total": self.part_resumes,
+        }
 
     def set_shared(self, shared: SharedSessions) -> None:
         self.store.shared = shared
@@ -188,10 +200,16 @@ class Sessions:
         of it are hot. A stored session to resume shares its family prefix when that is hot,
         and nothing when its resume is deferred; never more than admission then shares."""
         resumable = self._resumable(pending)
-        if resumable is None:
+        if resumable is None or self._hot_is_better(resumable, hot_tokens):
             return hot_tokens
         family = resumable.record.prefix_tokens
         return family if hot_tokens >= family else 0
+
+    @staticmethod
+    def _hot_is_better(resumable: Resumable, hot_tokens: int) -> bool:
+        """Parts of other sessions are taken only where the hot cache holds less of the
+        prompt (its cells are exact and need no restore)."""
+        return resumable.tier == PARTS_TIER and hot_tokens >= len(resumable.record.tokens)
 
     def resume(self, pending: Pending, progress: SeqProgress) -> Admission | None:
         """Put the request's stored session back into its sequence; None when there is none
@@ -202,7 +220,7 @@ class Sessions:
         if hot is not None and hot.prefix.session_key is not None:
             return None  # still hot here: exact cells beat any stored copy
         resumable = self._resumable(pending)
-        if resumable is None:
+        if resumable is None or self._hot_is_better(resumable, hot.n_tokens if hot else 0):
             return None
         started = time.perf_counter()
         record = resumable.record
@@ -233,6 +251,8 @@ class Sessions:
         admission.resume_s = resumable.decode_s + time.perf_counter() - started
         admission.resume_tier = resumable.tier
         self.rent.resumed(admission.resume_s, common - p)
+        if resumable.tier == PARTS_TIER:
+            self.part_resumes += 1
         return admission
 
     def _resumable(self, pending: Pending) -> Resumable | None:
@@ -274,6 +294,8 @@ class Sessions:
         admission.resume_s = resumable.decode_s + time.perf_counter() - started
         admission.resume_tier = resumable.tier
         self.rent.resumed(admission.resume_s, common - p)
+        if resumable.tier == PARTS_TIER:
+            self.part_resumes += 1
 
     def _defer(
         self, resumable: Resumable, blocks: list[Block], progress: SeqProgress, tenant: str

@@ -118,6 +118,9 @@ class SessionRecord:
         return decode_parts([p.delta for p in self.parts] + [self.delta])
 
 
+PARTS_TIER = "parts"  # a Resumable made of other sessions' parts, not a session of its own
+
+
 @dataclass(frozen=True, slots=True)
 class Resumable:
     record: SessionRecord
@@ -744,6 +747,52 @@ class SessionStore:
     def take(self, session_id: str) -> Future:
         """Start fetching and decoding a session: a Future of `Resumable` or None."""
         return self._pool.submit(self._take_now, session_id)
+
+    def take_parts(
+        self, fingerprint: bytes, scope: bytes, prompt: tuple[int, ...], prefix_tokens: int
+    ) -> Future | None:
+        """Start decoding the parts that warm sessions hold of `prompt` (all but its last
+        token), unbroken from the family prefix `prefix_tokens` on: a Future of a `Resumable`
+        from tier "parts" (its record is nobody's; the parts stay where they are), or of None.
+        A warm session kept as one delta that holds them is cut into parts first. None at once
+        when no warm session holds the first part. `scope` as `park`'s."""
+        if not self.part_tokens:
+            return None
+        ends = part_ends(prefix_tokens, len(prompt), self.part_tokens)
+        keys = part_keys(fingerprint + scope, prefix_tokens, self.part_tokens, prompt, ends)
+        with self._lock:
+            if not keys or (self._parts.get(keys[0]) is None and keys[0] not in self._uncut):
+                return None
+        return self._pool.submit(self._take_parts_now, fingerprint, prompt, prefix_tokens, keys)
+
+    def _take_parts_now(
+        self, fingerprint: bytes, prompt: tuple[int, ...], prefix_tokens: int, keys: list[int]
+    ) -> Resumable | None:
+        started = time.perf_counter()
+        with self._lock:
+            holders = {self._uncut[k].session_id for k in keys if k in self._uncut}
+        for holder in holders:
+            self._cut_into_parts(holder, set(keys))
+        found = []
+        with self._lock:
+            for key in keys:
+                delta = self._parts.get(key)
+                if delta is None:
+                    break
+                found.append(KeyedPart(key, delta))
+        if not found:
+            return None
+        end = prefix_tokens + len(found) * self.part_tokens
+        last = found.pop()
+        record = SessionRecord(
+            "", fingerprint, tuple(prompt[:end]), prefix_tokens, last.delta, tuple(found)
+        )
+        try:
+            blob = record.decode()
+        except (DeltaError, StateFormatError) as exc:
+            log.warning("parts not decoded, recomputing: %s", exc)
+            return None
+        return Resumable(record, blob, PARTS_TIER, time.perf_counter() - started)
 
     def _take_now(self, session_id: str) -> Resumable | None:
         started = time.perf_counter()

@@ -195,6 +195,12 @@ _ENGINE_SERIES = (
         "turn's): kept once, not encoded again.",
     ),
     (
+        "session_part_resumes_total",
+        "kv3d_session_part_resumes",
+        "counter",
+        "New conversations that started on parts other sessions stored (not recomputed).",
+    ),
+    (
         "warm_bytes_saved",
         "kv3d_session_warm_bytes_saved",
         "gauge",

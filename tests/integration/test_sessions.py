@@ -298,3 +298,27 @@ def test_branches_of_a_conversation_store_their_common_cells_once(tok):
         _, ref_lps, _ = run(plain, request(tok, turn3, "branch-b", 1, top_logprobs=5))
     assert lps[0].token_id == ref_lps[0].token_id
     assert abs(lps[0].logprob - ref_lps[0].logprob) < 0.5
+
+
+def test_a_new_conversation_starts_on_the_parts_its_siblings_stored(tok):
+    # Conversations parked warm (max_hot=1: none stays hot) with the same first turn, each
+    # under its own id: a later one restores the parts of that turn its siblings stored
+    # instead of computing them, and goes on as recomputing does.
+    notes = "Please read these notes and then answer. " + SYSTEM * 4
+    turn1 = [("user", notes), ("assistant", "I have read them."), ("user", "Ready?")]
+    cfg = config()
+    cfg.cache.session_part_tokens = 128
+    with Engine.from_config(cfg) as engine:
+        for sid, question in (("sib-a", "How do I start it?"), ("sib-b", "How do I stop it?")):
+            run(engine, request(tok, turn1 + [("assistant", "Yes."), ("user", question)], sid, 4))
+            engine.sessions.flush()
+        third = turn1 + [("assistant", "Yes."), ("user", "Which port does it use?")]
+        _, lps, end = run(engine, request(tok, third, "sib-c", 1, top_logprobs=5))
+        stats = engine.stats()
+    # sib-b already started on parts of sib-a's (cut at its lookup), sib-c on them again.
+    assert end.session_tier == "parts" and stats.session_part_resumes_total == 2
+    assert end.usage.cached_tokens >= 256  # two parts of 128 past the family prefix, at least
+    with Engine.from_config(config(enabled=False)) as plain:  # recompute everything
+        _, ref_lps, _ = run(plain, request(tok, third, "sib-c", 1, top_logprobs=5))
+    assert lps[0].token_id == ref_lps[0].token_id
+    assert abs(lps[0].logprob - ref_lps[0].logprob) < 0.5

@@ -294,3 +294,20 @@ def test_the_shared_tier_keeps_a_part_once_and_another_replica_resumes_both_bran
         assert bytes(resumed.blob) == bytes(decode_delta(encode_delta(blob)))
     del share.parts[next(iter(share.parts))]  # a part gone: the session is a miss
     assert elsewhere.take("b").result() is None
+
+
+def test_a_new_conversation_takes_the_parts_warm_sessions_hold_of_its_prompt():
+    store = SessionStore(1 << 30, part_tokens=16)
+    park(store, "a", 0)
+    park(store, "b", 1)  # [8, 24) and [24, 40) are now parts
+    prompt = tuple(range(40)) + (7,) * 20  # a third branch: the same 40 tokens, then its own
+    resumed = store.take_parts(FP, b"", prompt, 8).result()
+    assert resumed.tier == "parts" and resumed.record.tokens == prompt[:40]
+    expected = decode_delta(encode_delta(build_seq_state(cells_from(state(8, 82), 8, 40))))
+    assert parse_seq_state(resumed.blob).n_cells == 32
+    assert bytes(resumed.blob)[8:] == bytes(expected)[8:]  # the cells; seq ids aside
+    assert store.stats()["warm_shared_parts"] == 2  # taken from, not taken away
+    assert store.take_parts(FP, b"other scope", prompt, 8) is None
+    assert store.take_parts(FP, b"", (5,) + prompt[1:], 8) is None  # differs in the prefix
+    assert store.take_parts(FP, b"", prompt[:30], 8).result().record.tokens == prompt[:24]
+    assert store.take_parts(FP, b"", prompt[:24], 8) is None  # its last token is computed

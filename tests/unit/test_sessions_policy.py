@@ -207,8 +207,8 @@ def test_new_named_conversations_of_one_family_wait_for_the_first_to_compute_it(
     h = Harness(store=store)
     first = h.submit(request("a", TURN1, session_id="new-1"))
     second = h.submit(request("b", TURN2, session_id="new-2"))
-    second.session.exception(timeout=10)  # the engine looks only once the lookup is done
-    assert not second.resuming
+    # Nothing stored under its id, no part of its prompt either: nothing is even fetched.
+    assert second.session is None and not second.resuming
     progress, _ = h.admit(first)
     assert h.reuse.should_wait(second)
     h.prefill(progress, upto=len(FAMILY))
@@ -340,7 +340,7 @@ def test_a_session_request_with_nothing_stored_is_admitted_on_its_shared_cells(s
     first, _ = h.admit(h.submit(request("a", TURN1, "chat-a")))
     h.prefill(first)
     pending = h.submit(request("b", TURN1, "chat-b"))  # a new conversation: nothing stored
-    assert pending.session is not None  # its lookup is still made off the step thread
+    assert pending.session is None  # nothing under its id, no part of its prompt: no fetch
     shared = h.sessions.shared_cells(pending, h.reuse.cells_already_hot(pending))
     assert shared == len(FAMILY)
     assert h.scheduler.can_admit(pending, shared)
