@@ -307,6 +307,10 @@ class ColdTier:
             return False
         return True
 
+    def has_part(self, key: int) -> bool:
+        path = self._part_path(key)
+        return path.is_file() and not path.is_symlink()
+
     def get(self, key: int) -> bytes | None:
         """A part's delta (`PartSource`), or None when its file is missing or fails its checks
         (then it is removed)."""
@@ -751,18 +755,23 @@ class SessionStore:
     def take_parts(
         self, fingerprint: bytes, scope: bytes, prompt: tuple[int, ...], prefix_tokens: int
     ) -> Future | None:
-        """Start decoding the parts that warm sessions hold of `prompt` (all but its last
+        """Start decoding the parts that stored sessions hold of `prompt` (all but its last
         token), unbroken from the family prefix `prefix_tokens` on: a Future of a `Resumable`
         from tier "parts" (its record is nobody's; the parts stay where they are), or of None.
-        A warm session kept as one delta that holds them is cut into parts first. None at once
-        when no warm session holds the first part. `scope` as `park`'s."""
+        Parts are read from RAM, else from the cold folder (which other replicas of the node
+        and earlier runs wrote too); a warm session kept as one delta that holds them is cut
+        into parts first. None at once when no tier holds the first part. `scope` as
+        `park`'s."""
         if not self.part_tokens:
             return None
         ends = part_ends(prefix_tokens, len(prompt), self.part_tokens)
         keys = part_keys(fingerprint + scope, prefix_tokens, self.part_tokens, prompt, ends)
+        if not keys:
+            return None
         with self._lock:
-            if not keys or (self._parts.get(keys[0]) is None and keys[0] not in self._uncut):
-                return None
+            warm = self._parts.get(keys[0]) is not None or keys[0] in self._uncut
+        if not warm and not (self.cold is not None and self.cold.has_part(keys[0])):
+            return None
         return self._pool.submit(self._take_parts_now, fingerprint, prompt, prefix_tokens, keys)
 
     def _take_parts_now(
@@ -774,12 +783,14 @@ class SessionStore:
         for holder in holders:
             self._cut_into_parts(holder, set(keys))
         found = []
-        with self._lock:
-            for key in keys:
+        for key in keys:
+            with self._lock:
                 delta = self._parts.get(key)
-                if delta is None:
-                    break
-                found.append(KeyedPart(key, delta))
+            if delta is None and self.cold is not None:
+                delta = self.cold.get(key)
+            if delta is None:
+                break
+            found.append(KeyedPart(key, delta))
         if not found:
             return None
         end = prefix_tokens + len(found) * self.part_tokens

@@ -311,3 +311,14 @@ def test_a_new_conversation_takes_the_parts_warm_sessions_hold_of_its_prompt():
     assert store.take_parts(FP, b"", (5,) + prompt[1:], 8) is None  # differs in the prefix
     assert store.take_parts(FP, b"", prompt[:30], 8).result().record.tokens == prompt[:24]
     assert store.take_parts(FP, b"", prompt[:24], 8) is None  # its last token is computed
+
+
+def test_parts_on_disk_start_a_new_conversation_on_another_replica(tmp_path):
+    here = SessionStore(1 << 30, str(tmp_path), part_tokens=16)
+    park(here, "a", 0)
+    park(here, "b", 1)  # the parts of [8, 40) are files now
+    there = SessionStore(1 << 30, str(tmp_path), part_tokens=16)  # nothing warm of its own
+    prompt = tuple(range(40)) + (7,) * 20
+    resumed = there.take_parts(FP, b"", prompt, 8).result()
+    assert resumed.tier == "parts" and resumed.record.tokens == prompt[:40]
+    assert there.take_parts(FP, b"", (5,) + prompt[1:], 8) is None
