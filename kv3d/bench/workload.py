@@ -46,7 +46,10 @@ QUESTIONS = (
 class WorkloadSpec:
     """`requests` chat requests in conversations of `turns` turns; `shared_ratio` of the
     conversations open with one of `families` system prompts, the rest with one of their own,
-    each `system_words` words of real text (a few hundred tokens)."""
+    each `system_words` words of real text (a few hundred tokens). With `example_turns`, a
+    family's conversations then go on with that many worked examples (a user question about
+    the text and an answer quoting it, the same for every conversation of the family), as
+    few-shot prompts do: what sessions share past their system prompt."""
 
     requests: int = 1000
     shared_ratio: float = 0.8
@@ -57,6 +60,7 @@ class WorkloadSpec:
     system_words: int = 250
     seed: int = 0
     nonce: str = ""  # marks the run's prompts, so that no earlier run's cache serves them
+    example_turns: int = 0
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.turns < 1 or self.concurrency < 1 or self.families < 1:
@@ -65,6 +69,8 @@ class WorkloadSpec:
             raise ValueError(f"shared_ratio must be within [0, 1], not {self.shared_ratio}")
         if self.max_tokens < 1 or self.system_words < 1:
             raise ValueError("max_tokens and system_words must be at least 1")
+        if self.example_turns < 0:
+            raise ValueError("example_turns must be at least 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,7 @@ class Conversation:
     system: str
     questions: tuple[str, ...]  # the user's message of each turn
     session_id: str
+    examples: tuple[tuple[str, str], ...] = ()  # (question, answer) the family opens with
 
 
 def text_window(words: list[str], start: int, count: int) -> str:
@@ -99,6 +106,16 @@ def plan_conversations(spec: WorkloadSpec) -> list[Conversation]:
         + text_window(words, f * len(words) // spec.families, spec.system_words)
         for f in range(spec.families)
     ]
+    examples = [
+        tuple(
+            (
+                f"Example {e + 1}: {QUESTIONS[e % len(QUESTIONS)]}",
+                text_window(words, (f * 7919 + e * 104729) % len(words), 40),
+            )
+            for e in range(spec.example_turns)
+        )
+        for f in range(spec.families)
+    ]
     plan = []
     for i in range(count):
         family = rng.randrange(spec.families) if i in shared else None
@@ -110,7 +127,8 @@ def plan_conversations(spec: WorkloadSpec) -> list[Conversation]:
         else:
             system = families[family]
         questions = tuple(f"({i}.{t}) {rng.choice(QUESTIONS)}" for t in range(turns[i]))
-        plan.append(Conversation(i, family, system, questions, f"bench-{spec.nonce}-{i}"))
+        opening = examples[family] if family is not None else ()
+        plan.append(Conversation(i, family, system, questions, f"bench-{spec.nonce}-{i}", opening))
     return plan
 
 
@@ -167,6 +185,11 @@ async def _converse(
     """Turn by turn: each appends the answer and the next question. A failed turn ends the
     conversation (its history would be wrong); its later turns count as skipped."""
     messages = [{"role": "system", "content": conv.system}]
+    for question, answer in conv.examples:
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
     headers = {"X-Session-ID": conv.session_id}
     for turn, question in enumerate(conv.questions):
         messages.append({"role": "user", "content": question})

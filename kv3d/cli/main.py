@@ -139,6 +139,7 @@ def _workload_spec(args: argparse.Namespace, default_requests: int = 1000):
             families=args.families,
             system_words=args.system_words,
             seed=args.seed,
+            example_turns=args.example_turns,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -298,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=250,
         metavar="W",
         help="with --requests/--compare: words of real text per system prompt",
+    )
+    bench.add_argument(
+        "--example-turns",
+        type=int,
+        default=0,
+        metavar="E",
+        help="with --requests/--compare: a family's conversations open with E worked examples "
+        "(question and answer, the same across the family) after the system prompt, as "
+        "few-shot prompts do (default 0)",
     )
     bench.add_argument(
         "--no-start",

@@ -101,9 +101,13 @@ def decode_parts(deltas: list[bytes]) -> bytearray:
     not join (another model's, or cut from another cache layout)."""
     if len(deltas) == 1:
         return decode_delta(deltas[0])
-    states = [parse_seq_state(decode_delta(d)) for d in deltas]
-    # Parts coded from another session's cells carry its seq ids; llama.cpp ignores them on
-    # restore, but stamped with the session's own, parts decode to what one delta would.
+    return join_states([parse_seq_state(decode_delta(d)) for d in deltas])
+
+
+def join_states(states: list[SeqState]) -> bytearray:
+    """The blob of `states` (cuts of one sequence, in position order) joined. Parts coded from
+    another session's cells carry its seq ids; llama.cpp ignores them on restore, but stamped
+    with the last state's own, parts decode to what one delta would."""
     own = states[-1]
     joined = with_seq_id(join_cells(states), own.seq_id)
     ids = next((s.cell_seq_ids[0] for sec in own.sections for s in sec.streams if s.n_cells), None)

@@ -52,13 +52,14 @@ from kv3d.engine.blockstore import (
     cut,
     decode_parts,
     end_position,
+    join_states,
     part_ends,
     part_keys,
     splittable,
 )
 from kv3d.engine.codec import DeltaError, Mode, encode_delta
 from kv3d.engine.rope import RopeSpec
-from kv3d.engine.statefmt import StateFormatError, byte_view, parse_seq_state
+from kv3d.engine.statefmt import StateFormatError, byte_view, cells_from, parse_seq_state
 
 log = logging.getLogger(__name__)
 
@@ -777,12 +778,26 @@ class SessionStore:
     def _take_parts_now(
         self, fingerprint: bytes, prompt: tuple[int, ...], prefix_tokens: int, keys: list[int]
     ) -> Resumable | None:
+        """The cells of the parts held, in key order, then of a warm session kept as one delta
+        that holds the next ones: its delta is decoded and the cells cut out (it is cut into
+        parts for storage later, when the new session is parked, off the request's path)."""
         started = time.perf_counter()
-        with self._lock:
-            holders = {self._uncut[k].session_id for k in keys if k in self._uncut}
-        for holder in holders:
-            self._cut_into_parts(holder, set(keys))
-        found = []
+        try:
+            states, n = self._held_part_states(keys)
+            states += self._uncut_states(keys, n, prefix_tokens)
+            if not states:
+                return None
+            blob = join_states(states)
+        except (DeltaError, StateFormatError) as exc:
+            log.warning("parts not decoded, recomputing: %s", exc)
+            return None
+        end = max(end_position(st) for st in states)
+        record = SessionRecord("", fingerprint, tuple(prompt[:end]), prefix_tokens, b"")
+        return Resumable(record, blob, PARTS_TIER, time.perf_counter() - started)
+
+    def _held_part_states(self, keys: list[int]) -> tuple[list, int]:
+        """(decoded states of the parts held for `keys`, unbroken from the first; how many)."""
+        states = []
         for key in keys:
             with self._lock:
                 delta = self._parts.get(key)
@@ -790,20 +805,25 @@ class SessionStore:
                 delta = self.cold.get(key)
             if delta is None:
                 break
-            found.append(KeyedPart(key, delta))
-        if not found:
-            return None
-        end = prefix_tokens + len(found) * self.part_tokens
-        last = found.pop()
-        record = SessionRecord(
-            "", fingerprint, tuple(prompt[:end]), prefix_tokens, last.delta, tuple(found)
-        )
-        try:
-            blob = record.decode()
-        except (DeltaError, StateFormatError) as exc:
-            log.warning("parts not decoded, recomputing: %s", exc)
-            return None
-        return Resumable(record, blob, PARTS_TIER, time.perf_counter() - started)
+            states.append(parse_seq_state(decode_parts([delta])))
+        return states, len(states)
+
+    def _uncut_states(self, keys: list[int], n: int, prefix_tokens: int) -> list:
+        """The cells for keys[n:] (as far as one warm session holds them unbroken) cut out of
+        that session's last delta; [] when none holds keys[n]."""
+        with self._lock:
+            holder = self._uncut.get(keys[n]) if n < len(keys) else None
+        if holder is None:
+            return []
+        at = holder.keys.index(keys[n])
+        count = 0
+        while n + count < len(keys) and at + count < len(holder.keys):
+            if holder.keys[at + count] != keys[n + count]:
+                break
+            count += 1
+        start = prefix_tokens + n * self.part_tokens
+        state = parse_seq_state(decode_parts([holder.delta]))
+        return [cells_from(state, start, start + count * self.part_tokens)]
 
     def _take_now(self, session_id: str) -> Resumable | None:
         started = time.perf_counter()

@@ -72,6 +72,35 @@ def test_families_share_a_system_prompt_and_the_rest_do_not():
     assert "harbour" in " ".join(family_systems) or "mill" in " ".join(family_systems)
 
 
+def test_example_turns_are_a_familys_own_and_open_its_conversations():
+    spec = WorkloadSpec(requests=12, turns=1, shared_ratio=0.5, families=2, example_turns=3)
+    plan = plan_conversations(spec)
+    for c in plan:
+        assert len(c.examples) == (3 if c.family is not None else 0)
+    by_family = {c.family: c.examples for c in plan if c.family is not None}
+    assert all(c.examples == by_family[c.family] for c in plan if c.family is not None)
+    assert len(set(by_family.values())) == len(by_family)  # one set of examples per family
+    sent = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(404)
+        sent.append(json.loads(request.content)["messages"])
+        return _plain_server(request)
+
+    async def go():
+        async with _client(server) as http:
+            return await run_workload(http, "http://x", spec, warmup=False)
+
+    asyncio.run(go())
+    family_opening = [m for m in sent if len(m) == 1 + 2 * 3 + 1]
+    assert family_opening and all(
+        [x["role"] for x in m] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+        for m in family_opening
+    )
+    assert len(sent) == 12
+
+
 def test_questions_and_session_ids_are_unique():
     plan = plan_conversations(SPEC)
     questions = [q for c in plan for q in c.questions]

@@ -322,3 +322,15 @@ def test_parts_on_disk_start_a_new_conversation_on_another_replica(tmp_path):
     resumed = there.take_parts(FP, b"", prompt, 8).result()
     assert resumed.tier == "parts" and resumed.record.tokens == prompt[:40]
     assert there.take_parts(FP, b"", (5,) + prompt[1:], 8) is None
+
+
+def test_a_new_conversation_takes_cells_from_a_sibling_kept_whole_without_cutting_it():
+    store = SessionStore(1 << 30, part_tokens=16)
+    blob_a = park(store, "a", 0)
+    prompt = tuple(range(40)) + (7,) * 20
+    resumed = store.take_parts(FP, b"", prompt, 8).result()
+    assert resumed.tier == "parts" and resumed.record.tokens == prompt[:40]
+    whole = parse_seq_state(decode_delta(encode_delta(blob_a)))
+    expected = build_seq_state(cells_from(whole, 8, 40))
+    assert bytes(resumed.blob) == expected
+    assert not store._warm["a"].parts  # cut for storage only when the new session is parked
