@@ -17,9 +17,11 @@ counted by the records that use it; the last part, the session's newest cells, i
 part found stored when a session is parked is not encoded again.
 
 Parts cost decoding time (each is a codec container of its own: ~1.4 ms a part for int8 on 2
-cores), so a session is cut only once another warm session holds one of its part keys, and only as
-far as the last part they share; until then the rest is one delta, and the store remembers
-the keys it could be cut at (`tiers.SessionStore`).
+cores), so a session is cut only once another warm session holds one of its part keys, and
+only as far as the last part they share; until then the rest is one delta, and the store
+remembers the keys it could be cut at (`tiers.SessionStore`). The keys also find KV for
+computing: a new conversation whose prompt starts with stored parts restores them instead of
+prefilling them (`SessionStore.take_parts`).
 """
 
 from __future__ import annotations
