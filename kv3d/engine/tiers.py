@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -508,6 +508,7 @@ class SessionStore:
         # The keys of the parts warm records could still be cut into (`SessionRecord.keys`):
         # how a session finds another that holds the same tokens before either is cut.
         self._uncut: dict[int, SessionRecord] = {}
+        self._parking: Counter[int] = Counter()  # first part keys of parks not stored yet
         self._warm: OrderedDict[str, SessionRecord] = OrderedDict()
         self.warm_bytes = 0
         self._lock = threading.Lock()
@@ -550,20 +551,48 @@ class SessionStore:
         behind (shared tier, disk), so that it outlives this replica. `scope`: only sessions
         parked under the same scope share parts (the engine passes a key salted per
         `cache_salt`)."""
-        if local or self.writes_behind:
-            self._pool.submit(
-                self._encode_and_put,
-                session_id,
-                fingerprint,
-                tokens,
-                prefix_tokens,
-                blob,
-                local,
-                scope,
-            )
+        if not (local or self.writes_behind):
+            return
+        # The first part key this park may hold, so that a new conversation submitted while it
+        # is still being encoded waits for it rather than miss it (`take_parts`).
+        first = self._first_part_key(fingerprint + scope, tokens, prefix_tokens) if local else None
+        if first is not None:
+            with self._lock:
+                self._parking[first] += 1
+        self._pool.submit(
+            self._encode_and_put,
+            session_id,
+            fingerprint,
+            tokens,
+            prefix_tokens,
+            blob,
+            local,
+            scope,
+            first,
+        )
+
+    def _first_part_key(self, seed: bytes, tokens: tuple[int, ...], prefix_tokens: int):
+        if not self.part_tokens:
+            return None
+        ends = part_ends(prefix_tokens, len(tokens), self.part_tokens)[:1]
+        return part_keys(seed, prefix_tokens, self.part_tokens, tokens, ends)[0] if ends else None
 
     def _encode_and_put(
-        self, session_id, fingerprint, tokens, prefix_tokens, blob, local=True, scope=b""
+        self, session_id, fingerprint, tokens, prefix_tokens, blob, local, scope, first
+    ) -> None:
+        try:
+            self._encode_and_put_now(
+                session_id, fingerprint, tokens, prefix_tokens, blob, local, scope
+            )
+        finally:
+            if first is not None:
+                with self._lock:
+                    self._parking[first] -= 1
+                    if self._parking[first] <= 0:
+                        del self._parking[first]
+
+    def _encode_and_put_now(
+        self, session_id, fingerprint, tokens, prefix_tokens, blob, local, scope
     ) -> None:
         try:
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
@@ -770,7 +799,11 @@ class SessionStore:
         if not keys:
             return None
         with self._lock:
-            warm = self._parts.get(keys[0]) is not None or keys[0] in self._uncut
+            warm = (
+                self._parts.get(keys[0]) is not None
+                or keys[0] in self._uncut
+                or keys[0] in self._parking  # stored once the parks queued before it are
+            )
         if not warm and not (self.cold is not None and self.cold.has_part(keys[0])):
             return None
         return self._pool.submit(self._take_parts_now, fingerprint, prompt, prefix_tokens, keys)

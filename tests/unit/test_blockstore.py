@@ -4,6 +4,7 @@ stored once (synthetic sequence states; the real model's in tests/integration)."
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -334,3 +335,18 @@ def test_a_new_conversation_takes_cells_from_a_sibling_kept_whole_without_cuttin
     expected = build_seq_state(cells_from(whole, 8, 40))
     assert bytes(resumed.blob) == expected
     assert not store._warm["a"].parts  # cut for storage only when the new session is parked
+
+
+def test_a_new_conversation_waits_for_a_sibling_still_being_parked():
+    store = SessionStore(1 << 30, part_tokens=16)
+    gate = threading.Event()
+    store._pool.submit(gate.wait, 10)  # the store's worker is busy: a's park stays queued
+    park_blob = build_seq_state(state(8, 82))
+    store.park("a", FP, tuple(range(90)), 8, park_blob)
+    prompt = tuple(range(40)) + (7,) * 20
+    future = store.take_parts(FP, b"", prompt, 8)
+    assert future is not None and not future.done()  # it runs after a's park, not before
+    gate.set()
+    resumed = future.result(timeout=10)
+    assert resumed.tier == "parts" and resumed.record.tokens == prompt[:40]
+    assert not store._parking  # every queued park counted out
