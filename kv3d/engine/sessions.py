@@ -359,8 +359,9 @@ class Sessions:
         """What a session's stored parts are keyed under: its first block's key, salted with
         the request's `cache_salt` as every block key is, so that sessions under different
         salts never share a part (nor learn, from timing, that another holds their tokens)."""
-        blocks = self.reuse.blocks_for(history + (0,), request.family_tokens, request.cache_salt)
-        return _block_scope(blocks)
+        # Only the first block's key is needed: hash no more of the history than that block.
+        first = history[: self.reuse.settings.block_tokens] + (0,)
+        return _block_scope(self.reuse.blocks_for(first, request.family_tokens, request.cache_salt))
 
     def _key_to_keep(self, request: GenerationRequest, history: tuple[int, ...]) -> str | None:
         if request.session_id:

@@ -789,32 +789,32 @@ class SessionStore:
         token), unbroken from the family prefix `prefix_tokens` on: a Future of a `Resumable`
         from tier "parts" (its record is nobody's; the parts stay where they are), or of None.
         Parts are read from RAM, else from the cold folder (which other replicas of the node
-        and earlier runs wrote too); a warm session kept as one delta that holds them is cut
-        into parts first. None at once when no tier holds the first part. `scope` as
-        `park`'s."""
-        if not self.part_tokens:
-            return None
-        ends = part_ends(prefix_tokens, len(prompt), self.part_tokens)
-        keys = part_keys(fingerprint + scope, prefix_tokens, self.part_tokens, prompt, ends)
-        if not keys:
+        and earlier runs wrote too), else cut out of a warm session kept as one delta. None at
+        once when no tier holds the first part (the only key hashed on the caller's thread).
+        `scope` as `park`'s."""
+        seed = fingerprint + scope
+        first = self._first_part_key(seed, prompt, prefix_tokens)
+        if first is None:
             return None
         with self._lock:
             warm = (
-                self._parts.get(keys[0]) is not None
-                or keys[0] in self._uncut
-                or keys[0] in self._parking  # stored once the parks queued before it are
+                self._parts.get(first) is not None
+                or first in self._uncut
+                or first in self._parking  # stored once the parks queued before it are
             )
-        if not warm and not (self.cold is not None and self.cold.has_part(keys[0])):
+        if not warm and not (self.cold is not None and self.cold.has_part(first)):
             return None
-        return self._pool.submit(self._take_parts_now, fingerprint, prompt, prefix_tokens, keys)
+        return self._pool.submit(self._take_parts_now, seed, fingerprint, prompt, prefix_tokens)
 
     def _take_parts_now(
-        self, fingerprint: bytes, prompt: tuple[int, ...], prefix_tokens: int, keys: list[int]
+        self, seed: bytes, fingerprint: bytes, prompt: tuple[int, ...], prefix_tokens: int
     ) -> Resumable | None:
         """The cells of the parts held, in key order, then of a warm session kept as one delta
         that holds the next ones: its delta is decoded and the cells cut out (it is cut into
         parts for storage later, when the new session is parked, off the request's path)."""
         started = time.perf_counter()
+        ends = part_ends(prefix_tokens, len(prompt), self.part_tokens)
+        keys = part_keys(seed, prefix_tokens, self.part_tokens, prompt, ends)
         try:
             states, n = self._held_part_states(keys)
             states += self._uncut_states(keys, n, prefix_tokens)
