@@ -177,9 +177,8 @@ LOWBIT_MODES = {
     ),
 }
 
-_pool = ThreadPoolExecutor(
-    max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="kv3d-codec"
-)
+_POOL_WORKERS = max(1, min(8, os.cpu_count() or 1))
+_pool = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="kv3d-codec")
 
 
 class DeltaError(ValueError):
@@ -194,13 +193,20 @@ class _Tensor:
     transposed: bool
     role: int = KEY  # format version 1 does not tell K from V: all of its tensors say KEY
 
+    @property
+    def nbytes(self) -> int:
+        """Its f16 bytes in the blob."""
+        return 2 * self.cells * self.channels
 
-def _layer_tensors(blob: memoryview) -> list[_Tensor]:
-    """Every f16 K/V tensor of `blob` (statefmt tells K layers from V layers), in blob order."""
-    return sorted((t for t, _, _ in _placed_tensors(blob)), key=lambda t: t.offset)
+
+def _layer_tensors(blob: memoryview, *, roles: bool = True) -> list[_Tensor]:
+    """Every f16 K/V tensor of `blob` (statefmt tells K layers from V layers; `roles` False:
+    every tensor says KEY, as format version 1 does), in blob order."""
+    placed = _placed_tensors(blob, roles=roles)
+    return sorted((t for t, _, _ in placed), key=lambda t: t.offset)
 
 
-def _placed_tensors(blob: memoryview):
+def _placed_tensors(blob: memoryview, *, roles: bool = True):
     """(tensor, cache section index, its cells' positions) for every f16 K/V tensor."""
     state = parse_seq_state(blob)
     base = np.frombuffer(blob, dtype=np.uint8).__array_interface__["data"][0]
@@ -208,9 +214,9 @@ def _placed_tensors(blob: memoryview):
         for stream in section.streams:
             for role, layers in ((KEY, stream.k_layers), (VALUE, stream.v_layers)):
                 for layer in layers:
-                    t = _describe(layer, stream.n_cells, base)
+                    t = _describe(layer, stream.n_cells, base, role if roles else KEY)
                     if t is not None:
-                        yield replace(t, role=role), index, stream.cell_positions
+                        yield t, index, stream.cell_positions
 
 
 def _lowbit_placed(blob: memoryview, value_group: int) -> list:
@@ -224,7 +230,7 @@ def _lowbit_placed(blob: memoryview, value_group: int) -> list:
 
 def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
     """Where the f16 K/V tensors of `blob` sit whose channels split into whole groups (v1)."""
-    return [replace(t, role=KEY) for t in _layer_tensors(blob) if t.channels % group == 0]
+    return [t for t in _layer_tensors(blob, roles=False) if t.channels % group == 0]
 
 
 def _lowbit_tensors(blob: memoryview, value_group: int) -> list[_Tensor]:
@@ -232,7 +238,7 @@ def _lowbit_tensors(blob: memoryview, value_group: int) -> list[_Tensor]:
     return [t for t, _, _ in _lowbit_placed(blob, value_group)]
 
 
-def _describe(layer: LayerTensor, n_cells: int, base: int) -> _Tensor | None:
+def _describe(layer: LayerTensor, n_cells: int, base: int, role: int) -> _Tensor | None:
     if layer.type_id != GGML_TYPE_F16 or n_cells == 0:
         return None
     odd = layer.el_size != 2 if layer.transposed else layer.row_bytes % 2 != 0
@@ -240,8 +246,8 @@ def _describe(layer: LayerTensor, n_cells: int, base: int) -> _Tensor | None:
         return None  # not laid out as f16 elements whatever its type says: kept verbatim
     offset = layer.data.__array_interface__["data"][0] - base
     if layer.transposed:
-        return _Tensor(offset, n_cells, layer.n_embd_v_gqa, True)
-    return _Tensor(offset, n_cells, layer.row_bytes // 2, False)
+        return _Tensor(offset, n_cells, layer.n_embd_v_gqa, True, role)
+    return _Tensor(offset, n_cells, layer.row_bytes // 2, False, role)
 
 
 def _as_cells(raw: np.ndarray, t: _Tensor) -> np.ndarray:
@@ -295,6 +301,11 @@ def _quantize(x16: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     np.rint(x, out=x)
     np.clip(x, -127, 127, out=x)
     return scales, x.astype(np.int8).reshape(cells, channels)
+
+
+def _dequantize_share(jobs: list) -> None:
+    for dest, coded in jobs:
+        _dequantize_into(dest, *coded.arrays)
 
 
 def _dequantize_into(out16: np.ndarray, scales: np.ndarray, q: np.ndarray, group: int) -> None:
@@ -351,16 +362,67 @@ def decode_delta(buf) -> bytearray:
     before use, and the blob it rebuilds must parse as the state the tensor table describes:
     anything off raises `DeltaError` (and only that)."""
     view = byte_view(buf, DeltaError, "a delta")
+    if len(view) >= _HEADER.size and _HEADER.unpack_from(view)[:2] == (MAGIC, LOWBIT_VERSION):
+        return _decode_lowbit(view)
+    opened = open_delta(view)
+    raw = np.frombuffer(opened.skeleton, dtype=np.uint8)
+    dequantize_into(
+        [(_as_cells(raw[t.offset : t.offset + t.nbytes], t), coded) for t, coded in opened.coded]
+    )
+    return opened.skeleton
+
+
+@dataclass(slots=True)
+class CodedTensor:
+    """One int8-coded tensor of a delta: what `dequantize_into` turns into f16 cells."""
+
+    scales: np.ndarray  # (cells, channels / group) f16, checked when read (`arrays`)
+    q: np.ndarray  # (cells, channels) int8
+    group: int
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """What a dequantizer reads, its scales checked first: a scale no encoder writes
+        (negative, too large, NaN) raises `DeltaError` before this tensor is written (on the
+        codec's workers, where the check costs no serial time; the blob is then dropped)."""
+        if not ((self.scales >= 0) & (self.scales <= _MAX_SCALE)).all():  # NaN fails both
+            raise DeltaError("delta has a scale no encoder writes (negative, too large, NaN)")
+        return self.scales, self.q, self.group
+
+
+@dataclass(slots=True)
+class OpenedDelta:
+    """A checked int8 or f16 delta before its tensors are dequantized.
+
+    Invariant: `skeleton` parses as the sequence state the delta stands for, with the bytes of
+    every tensor in `coded` not written yet (zero, or undefined when opened as `scratch`; an
+    f16 delta: the whole blob, nothing coded); each entry of `coded` names its place in
+    `skeleton` by the `_Tensor` the table gave."""
+
+    skeleton: bytearray | np.ndarray
+    coded: list  # [(_Tensor, CodedTensor)], in blob order
+
+
+def open_delta(buf, *, scratch: bool = False) -> OpenedDelta:
+    """Check an int8 or f16 delta and lay out its blob, leaving the coded tensors to the
+    caller (who may dequantize them somewhere else: `blockstore.decode_parts` writes parts
+    straight into the joined blob). Raises `DeltaError` for anything off, and for low-bit
+    deltas (whose decoders need the whole tensor).
+
+    `scratch`: the skeleton is only read (its metadata and verbatim tensors), never handed to
+    llama.cpp: it is laid out in memory that is not zeroed first (the coded tensors' pages are
+    then never touched) or, for an f16 delta, is a read-only view of `buf`."""
+    view = byte_view(buf, DeltaError, "a delta")
     if len(view) < _HEADER.size:
         raise DeltaError("delta shorter than its header")
     magic, version, mode, _, group, _, n, crc, blob_bytes, payload_bytes = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise DeltaError("not a KV3D delta (bad magic)")
-    if version == LOWBIT_VERSION:
-        return _decode_lowbit(view)
     if version != VERSION:
         raise DeltaError(
             f"delta format version {version}; this build reads {VERSION} and {LOWBIT_VERSION}"
+            if version != LOWBIT_VERSION
+            else "a low-bit delta is decoded whole (decode_delta)"
         )
     payload = view[_HEADER.size :]
     if len(payload) != payload_bytes:
@@ -370,14 +432,28 @@ def decode_delta(buf) -> bytearray:
     if mode == MODES["f16"]:
         if n != 0 or blob_bytes != len(payload):
             raise DeltaError("an f16 delta holds its blob verbatim and no tensor table")
-        out = bytearray(payload)
+        out = np.frombuffer(payload, np.uint8) if scratch else bytearray(payload)
         _check_rebuilt(out, [])
-        return out
+        return OpenedDelta(out, [])
     if mode != MODES["int8"]:
         raise DeltaError(f"unknown delta mode {mode}")
     if group == 0:
         raise DeltaError("int8 delta with a group of 0 channels")
-    return _decode_int8(payload, n, group, blob_bytes)
+    return _open_int8(payload, n, group, blob_bytes, scratch)
+
+
+def dequantize_into(jobs: list) -> None:
+    """Write each (destination f16 (cells, channels) view, `CodedTensor`) of `jobs`, on the
+    codec's thread pool (NumPy) or its device (CuPy)."""
+    codec = backend()
+    if isinstance(codec, NumpyCodec):
+        # One task per worker, not per tensor: a session in parts has hundreds of small
+        # tensors, and a task's hand-off costs about what dequantizing a small one does.
+        shares = [jobs[i::_POOL_WORKERS] for i in range(min(_POOL_WORKERS, len(jobs)))]
+        list(_pool.map(_dequantize_share, shares))
+    else:
+        for dest, c in jobs:
+            dest[...] = codec.dequantize(*c.arrays)
 
 
 def _read_table(payload: memoryview, n: int, group: int, blob_bytes: int) -> list[_Tensor]:
@@ -463,32 +539,25 @@ def _gaps(raw: np.ndarray, tensors: list[_Tensor]) -> list[bytes]:
     return gaps
 
 
-def _decode_int8(payload: memoryview, n: int, group: int, blob_bytes: int) -> bytearray:
+def _open_int8(
+    payload: memoryview, n: int, group: int, blob_bytes: int, scratch: bool
+) -> OpenedDelta:
     tensors = _read_table(payload, n, group, blob_bytes)  # bounds blob_bytes by the payload
     at = n * _ENTRY.itemsize
-    out = bytearray(blob_bytes)
+    out = np.empty(blob_bytes, np.uint8) if scratch else bytearray(blob_bytes)
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
     at = _fill_verbatim(out_raw, src, at, tensors)
     _check_rebuilt(out, tensors, lambda b: _f16_tensors(b, group))
-    jobs = []
+    coded = []
     for t in tensors:
         n_scales = t.cells * (t.channels // group)
         scales = src[at : at + 2 * n_scales].view(np.float16).reshape(t.cells, -1)
         at += 2 * n_scales
         q = src[at : at + t.cells * t.channels].view(np.int8).reshape(t.cells, t.channels)
         at += t.cells * t.channels
-        if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # NaN fails both
-            raise DeltaError("delta has a scale no encoder writes (negative, too large, NaN)")
-        dest = _as_cells(out_raw[t.offset : t.offset + 2 * t.cells * t.channels], t)
-        jobs.append((dest, scales, q))
-    codec = backend()
-    if isinstance(codec, NumpyCodec):
-        list(_pool.map(lambda job: _dequantize_into(job[0], job[1], job[2], group), jobs))
-    else:
-        for dest, scales, q in jobs:
-            dest[...] = codec.dequantize(scales, q, group)
-    return out
+        coded.append((t, CodedTensor(scales, q, group)))
+    return OpenedDelta(out, coded)
 
 
 # --- format version 2: low-bit modes ---------------------------------------------------------

@@ -77,6 +77,15 @@ class LayerTensor:
             return self.data.reshape(n_cells, self.row_bytes)
         return self.data.reshape(self.n_embd_v_gqa, n_cells * self.el_size)
 
+    def cell_rows(self, n_cells: int, start: int, count: int, data=None) -> np.ndarray:
+        """`rows(n_cells)` of the cells [start, start + count) only, a view of `data` (another
+        flat buffer laid out as this layer) or of the layer's own."""
+        data = self.data if data is None else data
+        if self.row_bytes is not None:
+            return data.reshape(n_cells, self.row_bytes)[start : start + count]
+        rows = data.reshape(self.n_embd_v_gqa, n_cells * self.el_size)
+        return rows[:, start * self.el_size : (start + count) * self.el_size]
+
 
 @dataclass(frozen=True, slots=True)
 class StreamState:
@@ -212,12 +221,14 @@ def _stream_from(stream: StreamState, pos_from: int, pos_to: int | None = None) 
     )
 
 
-def join_cells(states: list[SeqState]) -> SeqState:
+def join_cells(states: list[SeqState], *, copy_data: bool = True) -> SeqState:
     """The cells of `states` (cuts of one sequence at disjoint positions, in position order)
     as one state, stream by stream: the inverse of cutting a state with `cells_from`.
 
     The parts must come from the same model and cache layout (same sections, streams and layer
-    types); anything else raises `StateFormatError`."""
+    types); anything else raises `StateFormatError`. `copy_data` False leaves the joined
+    layers' data uninitialised: the layout of a joined blob (`layout_blob`) whose tensors the
+    caller writes in place (`blockstore.decode_parts` decodes each part straight into it)."""
     if not states:
         raise StateFormatError("nothing to join")
     first = states[0]
@@ -230,12 +241,12 @@ def join_cells(states: list[SeqState]) -> SeqState:
             parts = [s.sections[i].streams[j] for s in states if j < len(s.sections[i].streams)]
             if len(parts) != len(states):
                 raise StateFormatError("parts disagree on the number of streams")
-            streams.append(_join_streams(parts))
+            streams.append(_join_streams(parts, copy_data))
         sections.append(CacheSection(tuple(streams)))
     return dataclasses.replace(first, sections=tuple(sections))
 
 
-def _join_streams(parts: list[StreamState]) -> StreamState:
+def _join_streams(parts: list[StreamState], copy_data: bool = True) -> StreamState:
     parts = [p for p in parts if p.n_cells]
     if len(parts) <= 1:
         return parts[0] if parts else StreamState(np.empty(0, np.int32), (), None, False, (), ())
@@ -258,6 +269,9 @@ def _join_streams(parts: list[StreamState]) -> StreamState:
             for x in layers
         ):
             raise StateFormatError("parts disagree on a layer's type or width")
+        if not copy_data:
+            total = sum(x.data.nbytes for x in layers)
+            return dataclasses.replace(one, data=np.empty(total, np.uint8))
         if not one.transposed:
             return dataclasses.replace(one, data=np.concatenate([x.data for x in layers]))
         rows = [x.rows(n) for x, n in zip(layers, counts, strict=True)]  # (channels, cells x el)
@@ -440,6 +454,23 @@ def build_seq_state(state: SeqState, *, seq_id: int | None = None) -> bytes:
         return b"".join(_state_chunks(state))
     except (struct.error, OverflowError) as err:  # a value that does not fit its field
         raise StateFormatError(f"cannot encode state: {err}") from err
+
+
+def layout_blob(state: SeqState) -> tuple[bytearray, dict[int, np.ndarray]]:
+    """The blob `build_seq_state(state)` would give, with every layer's data left zero, and
+    for each layer (by `id` of its `data`) a flat view of where its data lie in that blob."""
+    chunks = list(_state_chunks(state))
+    blob = bytearray(sum(memoryview(c).nbytes for c in chunks))
+    raw = np.frombuffer(blob, np.uint8)
+    places, at = {}, 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        if isinstance(chunk, memoryview):  # a layer's data: left for the caller
+            places[id(chunk.obj)] = raw[at : at + view.nbytes]
+        else:
+            raw[at : at + view.nbytes] = np.frombuffer(chunk, np.uint8)
+        at += view.nbytes
+    return blob, places
 
 
 def _state_chunks(state: SeqState) -> Iterator[bytes | memoryview]:

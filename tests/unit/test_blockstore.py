@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from kv3d.engine.blockstore import SharedParts, part_ends, part_keys
-from kv3d.engine.codec import decode_delta, encode_delta
+from kv3d.engine.blockstore import SharedParts, decode_parts, join_states, part_ends, part_keys
+from kv3d.engine.codec import DeltaError, decode_delta, encode_delta
 from kv3d.engine.statefmt import (
     CacheSection,
     SeqState,
@@ -69,6 +69,53 @@ def test_joining_cut_cells_gives_back_the_state(v_trans, sections):
     whole = state(8, 50, v_trans=v_trans, sections=sections)
     cuts = [cells_from(whole, a, b) for a, b in [(8, 24), (24, 40), (40, None)]]
     assert build_seq_state(join_cells(cuts)) == build_seq_state(whole)
+
+
+def with_verbatim_layer(whole: SeqState) -> SeqState:
+    """`whole` with a K layer 40 channels wide, not whole groups of 32: the int8 codec keeps
+    it verbatim, so the parts carry coded and verbatim tensors side by side."""
+    rng = np.random.default_rng(7)
+
+    def add(stream: StreamState) -> StreamState:
+        odd = f16_layer(rng.normal(0, 1, (stream.n_cells, 40)))
+        return StreamState(
+            stream.cell_positions,
+            stream.cell_seq_ids,
+            None,
+            stream.v_trans,
+            stream.k_layers + (odd,),
+            stream.v_layers + (stream.v_layers[0],),
+        )
+
+    return SeqState(
+        whole.seq_id,
+        tuple(CacheSection(tuple(add(s) for s in sec.streams)) for sec in whole.sections),
+    )
+
+
+@pytest.mark.parametrize("mode", ["int8", "f16"])
+@pytest.mark.parametrize("v_trans", [False, True])
+@pytest.mark.parametrize("sections", [1, 2])
+def test_parts_decode_in_place_to_what_the_whole_delta_decodes_to(mode, v_trans, sections):
+    whole = with_verbatim_layer(state(8, 50, v_trans=v_trans, sections=sections))
+    cuts = [cells_from(whole, a, b) for a, b in [(8, 24), (24, 40), (40, None)]]
+    parts = [encode_delta(build_seq_state(c), mode) for c in cuts]
+    expected = decode_delta(encode_delta(build_seq_state(whole), mode))
+    assert bytes(decode_parts(parts)) == bytes(expected)
+    decoded = [parse_seq_state(decode_delta(p)) for p in parts]
+    assert bytes(join_states(decoded)) == bytes(expected)  # the path that joins parsed parts
+
+
+def test_a_damaged_part_fails_the_whole_decode():
+    whole = state(8, 50)
+    cuts = [cells_from(whole, a, b) for a, b in [(8, 30), (30, None)]]
+    parts = [encode_delta(build_seq_state(c)) for c in cuts]
+    damaged = bytearray(parts[0])
+    damaged[-3] ^= 0x40
+    with pytest.raises(DeltaError):
+        decode_parts([bytes(damaged), parts[1]])
+    with pytest.raises(StateFormatError):
+        decode_parts([parts[0], encode_delta(build_seq_state(state(30, 8, v_trans=True)))])
 
 
 def test_parts_of_another_layout_do_not_join():
