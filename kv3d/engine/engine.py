@@ -58,7 +58,7 @@ from kv3d.engine.logprobs import log_softmax_top, token_logprob
 from kv3d.engine.modelfile import cache_fingerprint
 from kv3d.engine.pacing import StepPacer
 from kv3d.engine.rent import IdleRent
-from kv3d.engine.reuse import Admission, NoReuse, PrefixReuse, Publish
+from kv3d.engine.reuse import Admission, NoReuse, PrefixReuse, Publish, SnapshotSource
 from kv3d.engine.safemode import SafeMode
 from kv3d.engine.scheduler import (
     Chunk,
@@ -366,6 +366,13 @@ class Engine:
         if self.settings.reuse.snapshots:
             self.reuse.set_publish(publish)
 
+    def set_snapshot_source(self, source: SnapshotSource) -> None:
+        """A RAM store of snapshots the step thread reads at admission (must not block): a
+        request whose family prefix was hot when it was submitted, and was evicted while it
+        waited, restores the family from there instead of computing it again."""
+        if self.settings.reuse.snapshots:
+            self.reuse.set_snapshot_source(source)
+
     def routing_view(self, max_warm_sessions: int = 1024) -> CacheView:
         """What this replica can serve best: hot prefixes and sessions it can resume locally
         (hot, or the most recent warm ones). Refreshed after each engine step."""
@@ -588,6 +595,10 @@ class Engine:
             if not pending.ready:
                 continue  # never wait on the read here: it is admitted once it is done
             try:
+                refetch = self.sessions.refetch(pending)
+                if refetch is not None:  # its session left the cache while it waited
+                    refetch.add_done_callback(self._wake_up)
+                    continue
                 # One at a time: a request admitted now may start computing a prefix that the
                 # next one should then wait for.
                 if self.reuse.should_wait(pending):

@@ -219,6 +219,11 @@ class PrefixCache:
                 best = PrefixMatch(prefix, n)
         return best
 
+    def session(self, key: str) -> HotPrefix | None:
+        """The current hot turn of session `key`, if it is hot here."""
+        prefix = self._sessions.get(key)
+        return prefix if prefix is not None and not prefix.superseded else None
+
     def peek(self, blocks: Sequence[Block]) -> int:
         """Tokens hot for `blocks` by key alone (no token check); safe from any thread."""
         n = 0

@@ -39,6 +39,9 @@ from kv3d.engine.view import CacheView
 log = logging.getLogger(__name__)
 
 Publish = Callable[[SnapshotMeta, bytes], None]  # (what it is, the encoded snapshot)
+# The deepest stored snapshot for these block keys, or None; called on the engine thread, so it
+# must answer from memory at once (never a network or object-store round trip).
+SnapshotSource = Callable[[list[int]], object | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,8 @@ class PrefixReuse:
         self.settings = settings
         self.fingerprint = fingerprint
         self.publish = publish
+        # A store of snapshots readable on the engine thread (a RAM catalog): see `late_snapshot`.
+        self.snapshot_source: SnapshotSource | None = None
         self.counters = dict(
             prefix_lookups_total=0,
             prefix_hits_total=0,
@@ -215,6 +220,17 @@ class PrefixReuse:
         hot = self.cache.peek(blocks)
         return any(b.key in self._in_flight and b.end_tokens > hot for b in blocks)
 
+    def late_snapshot(self, pending: Pending) -> None:
+        """Look up a snapshot for `pending` at admission, when it came without one: its family
+        prefix was hot when it was submitted (so nobody fetched one) and was evicted while it
+        waited. Without this, a burst that overflows the cache recomputes whole families."""
+        if pending.snapshot is not None or self.snapshot_source is None:
+            return
+        min_tokens = self.settings.snapshot_min_tokens
+        keys = [b.key for b in self.blocks_of(pending) if b.end_tokens >= min_tokens]
+        if keys:
+            pending.snapshot = self.snapshot_source(keys)
+
     def match(self, pending: Pending) -> PrefixMatch | None:
         req = pending.request
         return self.cache.match(self.blocks_of(pending), req.prompt_tokens, req.session_id)
@@ -227,6 +243,8 @@ class PrefixReuse:
             return Admission()
         match = self.match(pending)
         restore_s = None
+        if match is None:
+            self.late_snapshot(pending)
         if match is None and pending.snapshot is not None:
             match, restore_s = self.restore_snapshot(
                 pending.snapshot, pending.request.prompt_tokens, pending.request.tenant
@@ -346,6 +364,9 @@ class PrefixReuse:
     def set_publish(self, publish: Publish | None) -> None:
         self.publish = publish
 
+    def set_snapshot_source(self, source: SnapshotSource | None) -> None:
+        self.snapshot_source = source
+
     def check_invariants(self) -> None:
         self.cache.check_invariants()
         assert all(n > 0 for n in self._in_flight.values()), "a family computed by nobody"
@@ -443,6 +464,9 @@ class NoReuse:
         pass
 
     def set_publish(self, publish: Publish | None) -> None:
+        pass
+
+    def set_snapshot_source(self, source: SnapshotSource | None) -> None:
         pass
 
     def check_invariants(self) -> None:

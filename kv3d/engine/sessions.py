@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 
 import numpy as np
@@ -53,6 +54,9 @@ IDLE_FROM_NEXT_STEP = math.inf
 # Most idle sessions demoted for rent after one step: each costs the step thread a state export,
 # and a burst of them would stall the running streams for one long step.
 MAX_RENT_DEMOTIONS_PER_STEP = 2
+# Sessions demoted here that a request submitted while they were hot may still come for
+# (`refetch`): the newest this many are remembered.
+RECENT_DEMOTIONS = 4096
 
 
 # An auto session whose history goes less than a block past its family prefix: no block of a
@@ -123,6 +127,8 @@ class Sessions:
         self.rent = rent if rent is not None else IdleRent()
         self.rent_demotions = 0
         self.part_resumes = 0  # new conversations started on other sessions' parts
+        self.refetches = 0  # requests whose session left the cache while they waited
+        self._demoted: OrderedDict[str, None] = OrderedDict()  # newest last
         self._memory = reuse.cache.ctx
         reuse.cache.on_evict = self.demote
         # A session that goes idle during a step starts paying rent after that step's charge
@@ -146,6 +152,21 @@ class Sessions:
         return self.store.take_parts(
             self.fingerprint, _block_scope(blocks), request.prompt_tokens, request.family_tokens
         )
+
+    def refetch(self, pending: Pending) -> Future | None:
+        """A waiting request whose session was hot when it was submitted (so nothing was
+        fetched for it) and has since been demoted to the store (evicted for room, or its rent
+        paid): start fetching it now, and return the Future the request must wait for. None
+        when there is nothing to fetch. Engine thread."""
+        if pending.session is not None:
+            return None
+        key = self._key_to_resume(pending.request, pending.blocks or [])
+        if key is None or key not in self._demoted or self.reuse.cache.session(key) is not None:
+            return None
+        del self._demoted[key]  # one fetch: whatever it finds, the request then goes
+        self.refetches += 1
+        pending.session = self.store.take(key)
+        return pending.session
 
     def put_back(self, pending: Pending) -> None:
         """`pending` ends without keeping a newer turn (cancelled, rejected, failed): the
@@ -231,6 +252,8 @@ class Sessions:
             return None
         family = None
         if p > 0:
+            if hot is None or hot.n_tokens < p:
+                self.reuse.late_snapshot(pending)
             if (hot is None or hot.n_tokens < p) and pending.snapshot is not None:
                 restored, _ = self.reuse.restore_snapshot(
                     pending.snapshot, prompt, pending.request.tenant
@@ -452,6 +475,10 @@ class Sessions:
             return
         started = time.perf_counter()
         blob = PrivateCells(self._memory.seq_state(prefix.seq_id), prefix.parent_tokens)
+        self._demoted[prefix.session_key] = None
+        self._demoted.move_to_end(prefix.session_key)
+        if len(self._demoted) > RECENT_DEMOTIONS:
+            self._demoted.popitem(last=False)
         self.store.park(
             prefix.session_key,
             self.fingerprint,
@@ -482,6 +509,9 @@ class NoSessions:
     """Sessions off (reuse off, or safe mode): nothing is kept, parked or resumed."""
 
     def take_for(self, request, blocks, hot) -> None:
+        return None
+
+    def refetch(self, pending: Pending) -> None:
         return None
 
     def put_back(self, pending: Pending) -> None:

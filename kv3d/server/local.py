@@ -66,6 +66,7 @@ def build_local_app(config: KV3DConfig, engine: Engine):
     if config.prefix.enabled and config.prefix.snapshots and not engine.safe_mode:
         snapshots = LocalSnapshots(config.cache.ram_warm_mb * MIB, engine.fingerprint)
         engine.set_snapshot_sink(snapshots.publish)
+        engine.set_snapshot_source(snapshots.fetch)
     backend = LocalBackend(
         engine, snapshots, stream_interval_s=config.server.stream_interval_s("process")
     )

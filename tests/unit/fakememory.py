@@ -108,6 +108,7 @@ class Harness:
         block_tokens=8,
         auto_sessions=False,
         publish=None,
+        snapshot_source=None,
     ):
         from kv3d.engine.budget import KVBudget
         from kv3d.engine.reuse import PrefixReuse, ReuseSettings
@@ -122,6 +123,7 @@ class Harness:
         self.reuse = PrefixReuse(
             self.memory, self.budget, holder_ids, settings, fingerprint, publish
         )
+        self.reuse.set_snapshot_source(snapshot_source)
         self.sessions = (
             Sessions(self.reuse, store, auto=auto_sessions) if store is not None else NoSessions()
         )
@@ -141,6 +143,7 @@ class Harness:
 
     def admit(self, pending):
         """Admit one waiting request as the engine does; returns (progress, admission)."""
+        self.sessions.refetch(pending)  # its session left the cache since it was submitted
         if pending.session is not None:  # the engine admits it once its session is read
             pending.session.exception(timeout=10)
         shared = self.sessions.shared_cells(pending, self.reuse.cells_already_hot(pending))

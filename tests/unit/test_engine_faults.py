@@ -335,3 +335,23 @@ def test_sessions_never_block_on_a_session_still_being_read(engine):
         assert time.monotonic() - started < 1
     finally:
         timer.cancel()
+
+
+def test_a_session_demoted_while_its_next_turn_waits_is_fetched_for_it(monkeypatch, tmp_path):
+    """Its turn 2 came while it was hot (nothing fetched); room was made before admission."""
+    engine = fake_engine(monkeypatch, max_hot_prefixes=4)
+    try:
+        turn = tuple(range(1, 20))
+        first = submit(engine, request("t1", turn, "chat-1"))
+        run_to_idle(engine)
+        reply = tuple(int(piece[1:]) for piece in first.text.split())
+        assert "chat-1" in engine.reuse.hot_view().sessions
+        second = submit(engine, request("t2", turn + reply + (7, 8, 9), "chat-1"))
+        engine.reuse.evict_idle()  # what making room for other requests does
+        run_to_idle(engine)
+        assert finished(second) and second.end.session_tier == "warm"
+        # Its private history came from the store (the family was computed again: no snapshot
+        # store here); the last reply token never went through the model, so it is not kept.
+        assert second.end.usage.cached_tokens == len(turn + reply) - 1
+    finally:
+        engine.close()

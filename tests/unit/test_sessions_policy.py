@@ -248,6 +248,56 @@ def test_an_evicted_hot_session_is_demoted_to_the_warm_tier(store):
     h.check()
 
 
+def test_a_session_evicted_while_its_next_turn_waits_is_fetched_not_recomputed(store):
+    h = Harness(store=store)
+    cells = first_turn(h)
+    pending = h.submit(second_turn_request())
+    assert pending.session is None  # hot when it came: nothing to fetch
+    h.reuse.evict_idle()  # before its admission, others need the room: session and family go
+    progress, adm = h.admit(pending)
+    assert h.sessions.refetches == 1
+    # No snapshot store here: the family is computed again, the delta goes on top.
+    assert adm.deferred_session is not None and progress.chunk_stop == len(FAMILY)
+    h.prefill(progress, upto=len(FAMILY))
+    history = len(FAMILY + TURN1 + REPLY1)
+    assert adm.resume_tier == "warm" and progress.num_computed_tokens == history
+    assert h.memory.values(progress.slot).keys() == cells.keys()
+    h.check()
+
+
+def local_snapshots():
+    from kv3d.engine.catalog import LocalSnapshots
+
+    return LocalSnapshots(64 << 20, b"f" * 16)
+
+
+def test_a_family_evicted_while_a_resume_waits_comes_back_from_its_snapshot(store):
+    snapshots = local_snapshots()
+    h = Harness(store=store, publish=snapshots.publish, snapshot_source=snapshots.fetch)
+    first_turn(h)
+    pending = h.submit(second_turn_request())
+    h.reuse.evict_idle()
+    progress, adm = h.admit(pending)
+    history = len(FAMILY + TURN1 + REPLY1)
+    assert adm.resume_tier == "warm" and adm.deferred_session is None
+    assert adm.prefix_tokens == len(FAMILY) and progress.num_computed_tokens == history
+    assert h.reuse.counters["snapshot_restores_total"] == 1
+    h.check()
+
+
+def test_a_new_conversation_whose_family_was_evicted_while_it_waited_restores_it(store):
+    snapshots = local_snapshots()
+    h = Harness(store=store, publish=snapshots.publish, snapshot_source=snapshots.fetch)
+    first_turn(h)
+    pending = h.submit(request("t2", (90, 91, 92, 93, 94), "chat-2"))
+    assert pending.snapshot is None  # its family was hot when it came
+    h.reuse.evict_idle()
+    progress, adm = h.admit(pending)
+    assert progress.num_computed_tokens == len(FAMILY) and adm.prefix_tokens == len(FAMILY)
+    assert h.reuse.counters["snapshot_restores_total"] == 1
+    h.check()
+
+
 def test_after_a_restart_the_family_is_recomputed_and_the_delta_goes_on_top(store):
     h = Harness(store=store)
     cells = first_turn(h)
