@@ -170,6 +170,7 @@ class EngineStats:
     session_parts_reused_total: int = 0  # parts found warm when a session was parked
     session_parts_cuts_total: int = 0  # warm sessions cut into parts when another shared them
     session_part_resumes_total: int = 0  # new conversations started on other sessions' parts
+    session_refetches_total: int = 0  # sessions demoted while their next turn waited, fetched
     cold_bytes: int = 0
     delta_compression_ratio: float = 0.0
     kv_bytes_used: int = 0  # KV bytes of running sequences and hot prefixes (the hot tier)

@@ -158,10 +158,13 @@ class Sessions:
         fetched for it) and has since been demoted to the store (evicted for room, or its rent
         paid): start fetching it now, and return the Future the request must wait for. None
         when there is nothing to fetch. Engine thread."""
-        if pending.session is not None:
+        if pending.session is not None or not self._demoted:
             return None
-        key = self._key_to_resume(pending.request, pending.blocks or [])
-        if key is None or key not in self._demoted or self.reuse.cache.session(key) is not None:
+        # Every step, for every waiting request: look only at what was demoted (a dict), not
+        # at the store (a lock, and a file per block for auto sessions with a cold folder).
+        demoted = self._demoted.__contains__
+        key = self._key_to_resume(pending.request, pending.blocks or [], demoted)
+        if key is None or not demoted(key) or self.reuse.cache.session(key) is not None:
             return None
         del self._demoted[key]  # one fetch: whatever it finds, the request then goes
         self.refetches += 1
@@ -191,6 +194,7 @@ class Sessions:
             **self.store.stats(),
             "session_rent_demotions_total": self.rent_demotions,
             "session_part_resumes_total": self.part_resumes,
+            "session_refetches_total": self.refetches,
         }
 
     def set_shared(self, shared: SharedSessions) -> None:
@@ -199,9 +203,12 @@ class Sessions:
     def flush(self) -> None:
         self.store.flush()
 
-    def _key_to_resume(self, request: GenerationRequest, blocks: list[Block]) -> str | None:
+    def _key_to_resume(
+        self, request: GenerationRequest, blocks: list[Block], held=None
+    ) -> str | None:
         """By its id, else (auto sessions) the deepest of its blocks that ended an earlier
-        conversation's history."""
+        conversation's history (`held(key)`: by default, whether the store holds it)."""
+        held = held or self.store.holds
         if request.session_id:
             return request.session_id
         if not self.auto:
@@ -211,7 +218,7 @@ class Sessions:
             if block.end_tokens <= family:
                 break  # what only the family prefix shares is a prefix hit, not a session
             key = auto_session_key(block.key)
-            if self.store.holds(key):
+            if held(key):
                 return key
         return None
 

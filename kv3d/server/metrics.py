@@ -201,6 +201,13 @@ _ENGINE_SERIES = (
         "New conversations that started on parts other sessions stored (not recomputed).",
     ),
     (
+        "session_refetches_total",
+        "kv3d_session_refetches",
+        "counter",
+        "Sessions demoted while their next turn waited for admission, fetched back for it "
+        "(the cache was short of cells).",
+    ),
+    (
         "warm_bytes_saved",
         "kv3d_session_warm_bytes_saved",
         "gauge",

@@ -353,5 +353,6 @@ def test_a_session_demoted_while_its_next_turn_waits_is_fetched_for_it(monkeypat
         # Its private history came from the store (the family was computed again: no snapshot
         # store here); the last reply token never went through the model, so it is not kept.
         assert second.end.usage.cached_tokens == len(turn + reply) - 1
+        assert engine.stats().session_refetches_total == 1
     finally:
         engine.close()
