@@ -13,11 +13,25 @@ from ray import serve
 from deployments.ray_metrics import RayMetricsExporter
 from deployments.registry import SessionClient, SnapshotClient, get_registry
 from kv3d.config import KV3DConfig
+from kv3d.engine.catalog import LocalSnapshots
 from kv3d.engine.engine import MIB, Engine
 from kv3d.engine.generation import EngineStats, GenerationRequest, StreamEvent
+from kv3d.engine.reuse import Publish
 from kv3d.server.routing import ReplicaView, RouteKeys
 
 log = logging.getLogger(__name__)
+
+
+# The replica's own copy of the snapshots it computed takes this share of `cache.ram_warm_mb`.
+OWN_SNAPSHOTS_SHARE = 4
+
+
+def _publish_to(*sinks: Publish) -> Publish:
+    def publish(meta, blob) -> None:
+        for sink in sinks:
+            sink(meta, blob)
+
+    return publish
 
 
 def _replica_id() -> str:
@@ -46,7 +60,13 @@ class ModelReplica:
         if cfg.prefix.enabled and cfg.prefix.snapshots:
             registry = get_registry(cfg.cache.ram_warm_mb * MIB)
             self._snapshots = SnapshotClient(registry, fingerprint)
-            self._engine.set_snapshot_sink(self._snapshots.publish)
+            # The snapshots this replica computed are also kept in its own RAM: a family evicted
+            # while a request waited for admission comes back from there on the step thread,
+            # which never reads the object store (a request fetches from it only when none of
+            # its prefix is hot on arrival).
+            own = LocalSnapshots(cfg.cache.ram_warm_mb * MIB // OWN_SNAPSHOTS_SHARE, fingerprint)
+            self._engine.set_snapshot_sink(_publish_to(own.publish, self._snapshots.publish))
+            self._engine.set_snapshot_source(own.fetch)
         if cfg.prefix.enabled and cfg.cache.share_sessions:
             registry = get_registry(cfg.cache.ram_warm_mb * MIB)
             self._engine.set_session_share(SessionClient(registry, fingerprint))
