@@ -100,7 +100,7 @@ _ENGINE_SERIES = (
         "snapshot_restores_total",
         "kv3d_snapshot_restores",
         "counter",
-        "Prefixes restored from the object store.",
+        "Prefixes restored from a snapshot (object store, or the server's RAM), not computed.",
     ),
     (
         "snapshot_rejects_total",
