@@ -305,7 +305,7 @@ def _quantize(x16: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _dequantize_share(jobs: list) -> None:
     for dest, coded in jobs:
-        _dequantize_into(dest, *coded.arrays)
+        _dequantize_into(dest, *coded.checked())
 
 
 def _dequantize_into(out16: np.ndarray, scales: np.ndarray, q: np.ndarray, group: int) -> None:
@@ -376,12 +376,11 @@ def decode_delta(buf) -> bytearray:
 class CodedTensor:
     """One int8-coded tensor of a delta: what `dequantize_into` turns into f16 cells."""
 
-    scales: np.ndarray  # (cells, channels / group) f16, checked when read (`arrays`)
+    scales: np.ndarray  # (cells, channels / group) f16, checked when read (`checked`)
     q: np.ndarray  # (cells, channels) int8
     group: int
 
-    @property
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def checked(self) -> tuple[np.ndarray, np.ndarray, int]:
         """What a dequantizer reads, its scales checked first: a scale no encoder writes
         (negative, too large, NaN) raises `DeltaError` before this tensor is written (on the
         codec's workers, where the check costs no serial time; the blob is then dropped)."""
@@ -453,7 +452,7 @@ def dequantize_into(jobs: list) -> None:
         list(_pool.map(_dequantize_share, shares))
     else:
         for dest, c in jobs:
-            dest[...] = codec.dequantize(*c.arrays)
+            dest[...] = codec.dequantize(*c.checked())
 
 
 def _read_table(payload: memoryview, n: int, group: int, blob_bytes: int) -> list[_Tensor]:

@@ -474,7 +474,8 @@ def layout_blob(state: SeqState) -> tuple[bytearray, dict[int, np.ndarray]]:
 
 
 def _state_chunks(state: SeqState) -> Iterator[bytes | memoryview]:
-    """The blob as a sequence of pieces; tensor data are yielded as views, not copied."""
+    """The blob as a sequence of pieces; tensor data are yielded as memoryviews of the layers'
+    arrays, not copied, and nothing else is a memoryview (`layout_blob` relies on both)."""
     yield _HEAD.pack(STATE_MAGIC, state.seq_id)
     for section in state.sections:
         yield _U32.pack(len(section.streams))
