@@ -3,8 +3,9 @@
 A unified llama.cpp cache has `total_cells` cells shared by every sequence. KV3D promises them
 in two ways, and this is the only place that counts either:
 
-- **reserved** by a running sequence: what it may still write (its prompt plus `max_tokens`),
-  less the cells it shares from a hot prefix, which are not its own;
+- **reserved** by a running sequence: its prompt's cells and the output cells granted to it so
+  far (a grant at a time as it generates, not all of `max_tokens` at once), less the cells it
+  shares from a hot prefix, which are not its own;
 - **held** by a hot prefix or an idle session kept in the cache (`PrefixCache` reports every
   prefix it adds or drops, so the count never needs re-syncing).
 
@@ -26,7 +27,7 @@ class KVBudget:
     >= 0; `held_cells` >= 0; and `reserved_cells + held_cells <= total_cells`, because a request
     is admitted only when its reservation fits, and a reservation only moves to `held_cells`
     (`unreserve` then `hold`), never grows, except through `reserve_more`, which the caller
-    makes only after freeing the cells.
+    makes only when the cells are free (a grant of output cells, a prefix that went away).
 
     A sequence may hand over more cells than it still reserves: a resumed session turn re-keeps
     the cells it shared from the older turn it supersedes. `unreserve` stops at zero then, and

@@ -1,9 +1,11 @@
 """The batching engine: one llama.cpp context, many sequences, one decode per step.
 
-`Engine.step()` is three moves: admit what fits (the scheduler and the KV budget decide, prefix
-reuse and sessions place cached cells), decode the batch the scheduler plans, then sample and
-stream. A single engine thread runs the steps and is the only code that touches the native
-handles; other threads talk to it through `submit` and `cancel`.
+`Engine.step()` is three moves: grant output cells to the sequences that used theirs and admit
+what fits (the scheduler and the KV budget decide, prefix reuse and sessions place cached cells;
+when the cache runs out, the sequence that arrived last is parked: see `scheduler.py`), decode
+the batch the scheduler plans, then sample and stream. A single engine thread runs the steps
+and is the only code that touches the native handles; other threads talk to it through
+`submit` and `cancel`.
 
 Faults stay with the request that met them: an exception while admitting or advancing one
 request fails that request alone (`Rejected("internal")`), after everything it held (slot,
@@ -25,7 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -93,6 +95,24 @@ class _Live:
     admitted_by: PrefixReuse | NoReuse  # releases what it admitted, even after safe mode
     output_ids: list[int]
     prompt_logits: np.ndarray | None = None  # what its prompt gave: kept with its session
+    parked: _Parked | None = None  # set when it continues a parked sequence
+
+
+@dataclass(slots=True)
+class _Parked:
+    """What a sequence parked for lack of cells takes to its continuation: its sampler (which
+    it owns until the continuation is admitted, or frees when it ends in the queue), its text
+    stream, and what the client is told at the end (the original request's usage and where
+    its prefix came from)."""
+
+    sampler: SamplerChain
+    text: IncrementalText
+    prompt_tokens: int  # of the original request
+    generated_tokens: int  # before this park (and every earlier one)
+    first: Admission  # the first admission's cache figures
+
+    def close(self) -> None:
+        self.sampler.close()
 
 
 class Engine:
@@ -206,6 +226,7 @@ class Engine:
             prompt_tokens_total=0,
             generated_tokens_total=0,
             prefill_tokens_total=0,
+            sequences_parked_total=0,
         )
         log.info(
             "engine ready in %.2fs: %s, %d KV cells (%s), %d slots, %d tokens/sequence, "
@@ -263,6 +284,7 @@ class Engine:
         for slot in list(self._live):
             self._finish(slot, "cancelled")
         for pending in self.scheduler.drain_waiting():
+            _drop_parked(pending)
             pending.emit(Rejected("unavailable", "the engine is shutting down"))
         self.sessions.close()
         self.batch.close()
@@ -347,15 +369,21 @@ class Engine:
             self.cancel(choice_id)
         if choice_ids is not None:
             return
-        pending = self.scheduler.cancel_waiting(request_id)
-        if pending is not None:
-            self.sessions.put_back(pending)
-            usage = Usage(len(pending.request.prompt_tokens), 0)
-            pending.emit(Finished("cancelled", usage, replica_id=self.replica_id))
+        if self._cancel_waiting(request_id):
             return
         with self._wake:
             self._cancelled.add(request_id)
             self._wake.notify()
+
+    def _cancel_waiting(self, request_id: str) -> bool:
+        pending = self.scheduler.cancel_waiting(request_id)
+        if pending is None:
+            return False
+        self.sessions.put_back(pending)
+        usage = _usage_waiting(pending)
+        _drop_parked(pending)
+        pending.emit(Finished("cancelled", usage, replica_id=self.replica_id))
+        return True
 
     def set_session_share(self, shared: SharedSessions) -> None:
         """A warm tier shared with other replicas: every kept session is published there."""
@@ -541,6 +569,7 @@ class Engine:
     def step(self) -> int:
         """Run one scheduler step; returns the number of sequences it decoded."""
         self._apply_cancels()
+        self._grant_output_cells()
         self._admit_waiting()
         decoding = self.scheduler.num_decoding()
         chunks = self.scheduler.plan(self.pacer.prefill_budget(decoding))
@@ -593,6 +622,8 @@ class Engine:
                 self._fail_waiting(head)
         for pending in self.scheduler.waiting():
             if not pending.ready:
+                if pending.parked is not None:
+                    return  # the cells freed for a parked sequence are its to take back
                 continue  # never wait on the read here: it is admitted once it is done
             try:
                 refetch = self.sessions.refetch(pending)
@@ -616,7 +647,71 @@ class Engine:
     def _fail_waiting(self, pending: Pending) -> None:
         log.exception("request %s failed before admission", pending.request.request_id)
         if self.scheduler.remove_waiting(pending):
+            _drop_parked(pending)
             pending.emit(Rejected("internal", "internal error while admitting this request"))
+
+    def _grant_output_cells(self) -> None:
+        """Give each sequence whose next token has no cell its next grant, first arrived
+        first; when no cells are free, even after idle prefixes and sessions made room, park
+        the running sequence that arrived last (possibly the one asking) until there are."""
+        sched = self.scheduler
+        for seq in sched.needs_output_cells():
+            cells = sched.next_grant(seq)
+            if not self.budget.can_admit(cells):
+                self.reuse.make_room(cells)
+            while not self.budget.can_admit(cells) and sched.running.get(seq.slot) is seq:
+                self._guarded_park(sched.newest_running().slot)
+            if sched.running.get(seq.slot) is seq:
+                sched.grant(seq)
+
+    def _guarded_park(self, slot: int) -> None:
+        try:
+            self._park(slot)
+        except Exception:
+            log.exception("could not park the request in slot %d", slot)
+            self._fail(slot, "internal error while parking this request")
+
+    def _park(self, slot: int) -> None:
+        """Take a sequence off the cache to free its cells, and queue its continuation first:
+        its prompt and what it generated become the continuation's prompt, resumed from the
+        session store when it has a key there (else computed again), and it goes on with the
+        same sampler and text stream, so the client sees one uninterrupted stream."""
+        live = self._live[slot]
+        req, progress = live.pending.request, live.progress
+        self._counters["sequences_parked_total"] += 1
+        if progress.generated_tokens == 0:  # nothing sent yet: it starts over
+            self._live.pop(slot)
+            self._give_back(slot, live.admission, live.admitted_by, live.sampler)
+            self.scheduler.requeue_first(live.pending)
+            return
+        before = live.parked
+        parked = _Parked(
+            live.sampler,
+            live.text,
+            before.prompt_tokens if before else len(req.prompt_tokens),
+            progress.generated_tokens + (before.generated_tokens if before else 0),
+            before.first if before else live.admission,
+        )
+        cont = replace(
+            req,
+            prompt_tokens=req.prompt_tokens + tuple(live.output_ids),
+            max_tokens=req.max_tokens - progress.generated_tokens,
+        )
+        blocks = self.prefix_blocks(cont)
+        session = self.sessions.park_running(req, live.admission, progress, live.output_ids)
+        # Nothing below raises: the sequence is off the cache and its continuation queued.
+        self._live.pop(slot)
+        self._give_back(slot, live.admission, live.admitted_by, None)
+        pending = Pending(cont, live.pending.emit, None, session, blocks, parked)
+        pending.arrival = live.pending.arrival
+        self.scheduler.requeue_first(pending)
+        if session is not None:
+            session.add_done_callback(self._wake_up)
+        log.info(
+            "KV cache full: request %s parked after %d tokens, continues when cells free up",
+            req.request_id,
+            parked.generated_tokens,
+        )
 
     def _shared_cells(self, pending: Pending) -> int:
         """Cells a hot prefix will provide `pending` at admission (not reserved for it)."""
@@ -636,30 +731,35 @@ class Engine:
     def _start(self, pending: Pending, progress: SeqProgress) -> None:
         """Set up an admitted request; on any fault, give back what it took and fail it."""
         req = pending.request
-        sampler = admission = None
+        parked: _Parked | None = pending.parked
+        pending.parked = None  # the sampler is this admission's to free from here on
+        sampler = parked.sampler if parked is not None else None
+        admission = None
         try:
-            seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(32)
-            sampler = SamplerChain(
-                model=self.model,
-                params=req.sampling,
-                seed=seed,
-                prompt=req.prompt_tokens,
-                max_tokens=req.max_tokens,
-            )
+            if sampler is None:
+                seed = req.sampling.seed
+                sampler = SamplerChain(
+                    model=self.model,
+                    params=req.sampling,
+                    seed=seed if seed is not None else random.getrandbits(32),
+                    prompt=req.prompt_tokens,
+                    max_tokens=req.max_tokens,
+                )
             # Tokens whose KV reuse places into the slot need no prefill.
             admission = self.sessions.resume(pending, progress)
             if admission is None:
                 admission = self.reuse.admit(pending, progress)
             self.reuse.begin(admission, progress)
-            text = IncrementalText(req.stop)
+            text = parked.text if parked is not None else IncrementalText(req.stop)
         except Exception:
             log.exception("admitting request %s failed", req.request_id)
             self._give_back(progress.slot, admission, self.reuse, sampler)
             pending.emit(Rejected("internal", "internal error while admitting this request"))
             return
-        live = _Live(pending, progress, sampler, text, admission, self.reuse, [])
+        live = _Live(pending, progress, sampler, text, admission, self.reuse, [], parked=parked)
         self._live[progress.slot] = live
-        self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
+        if parked is None:
+            self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
         if progress.num_computed_tokens == len(req.prompt_tokens):
             # A repeat of a prompt kept hot with its logits: nothing to compute, and the
             # first token is drawn from the logits the first request had.
@@ -744,7 +844,10 @@ class Engine:
             return
         for slot, live in list(self._live.items()):
             if live.pending.request.request_id in cancelled:
+                cancelled.discard(live.pending.request.request_id)
                 self._guarded(slot, self._finish, slot, "cancelled")
+        for request_id in cancelled:  # parked back into the queue since it was cancelled
+            self._cancel_waiting(request_id)
 
     def _release(self, slot: int) -> _Live:
         live = self._live.pop(slot)
@@ -787,6 +890,12 @@ class Engine:
         progress = live.progress
         adm = live.admission
         usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, adm.cached_tokens)
+        if live.parked is not None:  # the client asked for the original request
+            p = live.parked
+            adm = p.first
+            usage = Usage(
+                p.prompt_tokens, p.generated_tokens + progress.generated_tokens, adm.cached_tokens
+            )
         tail = live.text.finish() if reason != "cancelled" else ""  # may fail: still live here
         self._release(slot)
         if reason == "cancelled":
@@ -809,6 +918,21 @@ class Engine:
         # The stored session it took is not given back: it may be what failed.
         live = self._release(slot)
         live.pending.emit(Rejected("internal", message))
+
+
+def _drop_parked(pending: Pending) -> None:
+    """Free what a parked sequence's continuation holds when it ends before admission."""
+    parked, pending.parked = pending.parked, None
+    if parked is not None:
+        parked.close()
+
+
+def _usage_waiting(pending: Pending) -> Usage:
+    """A request that ends in the queue: what it had generated before it was parked."""
+    parked = pending.parked
+    if parked is None:
+        return Usage(len(pending.request.prompt_tokens), 0)
+    return Usage(parked.prompt_tokens, parked.generated_tokens, parked.first.cached_tokens)
 
 
 def new_request_id(prefix: str = "req") -> str:

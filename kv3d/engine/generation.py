@@ -139,6 +139,7 @@ class EngineStats:
     generated_tokens_total: int
     prefill_tokens_total: int
     canary_runs_total: int = 0
+    sequences_parked_total: int = 0  # running sequences taken off the cache when it ran out
     prefix_lookups_total: int = 0
     prefix_hits_total: int = 0
     prefix_tokens_reused_total: int = 0

@@ -7,9 +7,20 @@ It never touches llama.cpp; the engine turns its plan into a batch. Policy, in o
    for several steps goes first), within `batch_tokens` and the prompt-token budget the
    engine's pacer sets while others decode (`pacing.py`);
 3. waiting requests are admitted first-come first-served while a slot is free and the KV budget
-   can reserve the cells they may need (prompt + max_tokens, less what a hot prefix provides).
-   A request whose stored session is still being read or decoded is not ready: it keeps its
-   place in the queue, those behind it may go, and it goes first once it is ready.
+   can reserve their prompt's cells (less what a hot prefix provides) and the cells of their
+   first `OUTPUT_CELLS_PER_GRANT` output tokens. A request whose stored session is still being
+   read or decoded is not ready: it keeps its place in the queue, those behind it may go (not
+   behind a parked sequence's continuation: the cells freed for it are its own), and it goes
+   first once it is ready.
+
+A sequence is granted cells for its output as it generates (`needs_output_cells`, `grant`), not
+all of `max_tokens` at admission: most answers end long before `max_tokens` (a request that sets
+none may write up to the whole context), and reserving it would leave cells idle that other
+conversations could run in. When a grant finds no free cells, the engine parks the running
+sequence that arrived last and puts its continuation at the head of the queue
+(`requeue_first`), keeping its place in arrival order: the oldest requests finish first, and a
+continuation comes back only with room for `PARKED_OUTPUT_CELLS` more tokens, so that it is not
+parked again at the next grant.
 
 The engine walks the wait queue (`waiting`), asks prefix reuse what each request shares and
 whether it should wait, and admits with `can_admit`/`admit`; the scheduler asks the `KVBudget`
@@ -29,6 +40,13 @@ from kv3d.engine.generation import GenerationRequest, StreamEvent
 
 Emit = Callable[[StreamEvent], None]
 
+# Output cells a sequence is granted at a time: at admission, and each time it has used them.
+# Small enough that a long answer's unused reservation does not keep others out; large enough
+# that grants are rare (one check per 32 tokens of a stream).
+OUTPUT_CELLS_PER_GRANT = 32
+# Output cells a parked sequence's continuation is admitted with.
+PARKED_OUTPUT_CELLS = 4 * OUTPUT_CELLS_PER_GRANT
+
 
 class QueueFullError(RuntimeError):
     """The wait queue is at its bound; the client should retry later."""
@@ -45,9 +63,25 @@ class Pending:
     snapshot: object | None = None  # a prefix snapshot fetched for this request (bytes-like)
     session: Future | None = None  # a stored session being read and decoded for this request
     blocks: list | None = None  # the prompt's reusable blocks, hashed once at submit
+    # A parked sequence's continuation: what it had generated and the objects it goes on with
+    # (the engine's, opaque here).
+    parked: object | None = None
+    arrival: int = 0  # its place in arrival order (a continuation keeps its request's)
+
+    @property
+    def output_cells_first(self) -> int:
+        """Output cells granted at admission."""
+        grant = OUTPUT_CELLS_PER_GRANT if self.parked is None else PARKED_OUTPUT_CELLS
+        return min(self.request.max_tokens, grant)
 
     @property
     def cells_needed(self) -> int:
+        """Cells to reserve at admission: the prompt's and the first grant of output cells."""
+        return len(self.request.prompt_tokens) + self.output_cells_first
+
+    @property
+    def cells_at_most(self) -> int:
+        """Cells the sequence may hold at its end (prompt + max_tokens)."""
         return len(self.request.prompt_tokens) + self.request.max_tokens
 
     @property
@@ -83,6 +117,9 @@ class SeqProgress:
 
     slot: int
     prompt_tokens: tuple[int, ...]
+    max_tokens: int = 0
+    arrival: int = 0  # the request's place in arrival order: the last to arrive is parked first
+    output_cells: int = 0  # output tokens whose cells are reserved (granted so far)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     pending_token: int | None = None  # sampled, not yet decoded
     generated_tokens: int = 0
@@ -93,6 +130,12 @@ class SeqProgress:
     @property
     def prefilling(self) -> bool:
         return self.num_computed_tokens < len(self.prompt_tokens)
+
+    @property
+    def output_cells_short(self) -> bool:
+        """Whether its next decode writes an output cell beyond its grants (the pending token
+        is output number `generated_tokens`, and its cell is written when it is decoded)."""
+        return self.pending_token is not None and self.generated_tokens > self.output_cells
 
 
 @dataclass
@@ -113,22 +156,35 @@ class Scheduler:
     _waiting: deque[Pending] = field(default_factory=deque)
     _free_slots: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _arrivals: int = 0
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
 
     # --- any thread -------------------------------------------------------------------------
     def enqueue(self, pending: Pending) -> None:
-        if pending.cells_needed > self.budget.total_cells:
+        if pending.cells_at_most > self.budget.total_cells:
             raise RequestTooLargeError(
-                f"prompt + max_tokens = {pending.cells_needed} tokens exceeds this replica's "
+                f"prompt + max_tokens = {pending.cells_at_most} tokens exceeds this replica's "
                 f"{self.budget.total_cells} KV cells"
             )
         with self._lock:
             # Requests that a free slot will take at the next step do not count as queued.
             if len(self._waiting) >= self.max_waiting + len(self._free_slots):
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
+            self._arrivals += 1
+            pending.arrival = self._arrivals
             self._waiting.append(pending)
+
+    def requeue_first(self, pending: Pending) -> None:
+        """Put a parked sequence's continuation back at the head of the queue, behind only the
+        continuations of requests that arrived before it (no bound: it was admitted once)."""
+        with self._lock:
+            at = next(
+                (i for i, p in enumerate(self._waiting) if p.arrival > pending.arrival),
+                len(self._waiting),
+            )
+            self._waiting.insert(at, pending)
 
     def cancel_waiting(self, request_id: str) -> Pending | None:
         with self._lock:
@@ -201,10 +257,32 @@ class Scheduler:
         progress = SeqProgress(
             slot=slot,
             prompt_tokens=pending.request.prompt_tokens,
+            max_tokens=pending.request.max_tokens,
+            arrival=pending.arrival,
+            output_cells=pending.output_cells_first,
             shared_cells_expected=shared_cells,
         )
         self.running[slot] = progress
         return progress
+
+    def needs_output_cells(self) -> list[SeqProgress]:
+        """Running sequences whose next token has no granted cell, first arrived first."""
+        short = [seq for seq in self.running.values() if seq.output_cells_short]
+        return sorted(short, key=lambda seq: seq.arrival)
+
+    def next_grant(self, seq: SeqProgress) -> int:
+        """Cells the sequence's next grant reserves."""
+        return min(OUTPUT_CELLS_PER_GRANT, seq.max_tokens - seq.output_cells)
+
+    def grant(self, seq: SeqProgress) -> None:
+        """Reserve the sequence's next grant of output cells (the caller checked they fit)."""
+        cells = self.next_grant(seq)
+        self.budget.reserve_more(seq.slot, cells)
+        seq.output_cells += cells
+
+    def newest_running(self) -> SeqProgress:
+        """The running sequence that arrived last: the one parked when the cache runs out."""
+        return max(self.running.values(), key=lambda seq: seq.arrival)
 
     def num_decoding(self) -> int:
         """Running sequences that have a generated token to feed back in the next step."""

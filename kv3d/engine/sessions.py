@@ -385,6 +385,27 @@ class Sessions:
         scope = self._scope(history, request)
         self.store.park(key, self.fingerprint, history, shared, blob, scope=scope)
 
+    def park_running(
+        self,
+        request: GenerationRequest,
+        admission: Admission,
+        progress: SeqProgress,
+        output_ids: list[int],
+    ) -> Future | None:
+        """A running sequence gives its cells up (the cache ran out while it generated): store
+        what it computed, as an idle session would be, and return the Future its continuation
+        resumes from (the store's one worker encodes, then reads it back, in that order). None
+        when it has no key to be stored under: the continuation then computes it again."""
+        n = progress.num_computed_tokens
+        history = (request.prompt_tokens + tuple(output_ids))[:n]
+        key = self._key_to_keep(request, history)
+        if key is None or not parkable(key) or n <= admission.prefix_tokens:
+            return None
+        shared, blob = self._private_state(progress.slot, admission)
+        scope = self._scope(history, request)
+        self.store.park(key, self.fingerprint, history, shared, blob, scope=scope)
+        return self.store.take(key)
+
     def _scope(self, history: tuple[int, ...], request: GenerationRequest) -> bytes:
         """What a session's stored parts are keyed under: its first block's key, salted with
         the request's `cache_salt` as every block key is, so that sessions under different
@@ -547,6 +568,9 @@ class NoSessions:
 
     def keep(self, request, admission, progress, output_ids, prompt_logits=None) -> None:
         pass
+
+    def park_running(self, request, admission, progress, output_ids) -> None:
+        return None
 
     def after_step(self, *step) -> None:
         pass

@@ -77,6 +77,13 @@ _ENGINE_SERIES = (
     ),
     ("generated_tokens_total", "kv3d_engine_generated_tokens", "counter", "Tokens generated."),
     (
+        "sequences_parked_total",
+        "kv3d_engine_sequences_parked",
+        "counter",
+        "Running sequences parked because the KV cache ran out while they generated (each "
+        "continues from the session store, or recomputes, once cells free up).",
+    ),
+    (
         "prefix_lookups_total",
         "kv3d_prefix_lookups",
         "counter",

@@ -2,7 +2,13 @@ import pytest
 
 from kv3d.engine.budget import KVBudget
 from kv3d.engine.generation import GenerationRequest
-from kv3d.engine.scheduler import Pending, QueueFullError, RequestTooLargeError, Scheduler
+from kv3d.engine.scheduler import (
+    OUTPUT_CELLS_PER_GRANT,
+    Pending,
+    QueueFullError,
+    RequestTooLargeError,
+    Scheduler,
+)
 
 
 def request(rid: str, prompt_len: int, max_tokens: int = 4) -> Pending:
@@ -173,3 +179,52 @@ def test_a_prompt_passed_over_for_several_steps_goes_first():
     assert chunk.slot == long.slot
     (chunk,) = s.plan()
     assert chunk.slot == short.slot  # served once, the long one waits its turn again
+
+
+def test_output_cells_are_granted_as_the_sequence_generates():
+    s = scheduler(kv_cells_total=1000)
+    s.enqueue(request("long", 10, max_tokens=100))
+    (_, seq), = admit_all(s)
+    assert s.budget.reserved_by(seq.slot) == 10 + OUTPUT_CELLS_PER_GRANT
+    seq.num_computed_tokens, seq.pending_token = 10, 5
+    for generated in range(1, OUTPUT_CELLS_PER_GRANT + 1):
+        seq.generated_tokens = generated
+        assert s.needs_output_cells() == []
+    seq.generated_tokens = OUTPUT_CELLS_PER_GRANT + 1
+    assert s.needs_output_cells() == [seq]
+    s.grant(seq)
+    assert s.budget.reserved_by(seq.slot) == 10 + 2 * OUTPUT_CELLS_PER_GRANT
+    assert s.needs_output_cells() == []
+    # The last grant stops at max_tokens.
+    seq.output_cells = 90
+    seq.generated_tokens = 91
+    assert s.next_grant(seq) == 10
+    s.check_invariants()
+
+
+def test_a_long_max_tokens_does_not_keep_other_requests_out():
+    s = scheduler(kv_cells_total=200)
+    s.enqueue(request("a", 10, max_tokens=150))
+    s.enqueue(request("b", 10, max_tokens=150))
+    assert [p.request.request_id for p, _ in admit_all(s)] == ["a", "b"]
+    with pytest.raises(RequestTooLargeError):
+        s.enqueue(request("too-long", 10, max_tokens=191))
+
+
+def test_a_continuation_goes_back_in_arrival_order_and_newest_is_parked_first():
+    s = scheduler(kv_cells_total=1000, num_slots=3, max_waiting=4)
+    for rid in "abcd":
+        s.enqueue(request(rid, 10))
+    admitted = dict((p.request.request_id, seq) for p, seq in admit_all(s))
+    assert s.newest_running() is admitted["c"]
+
+    def continuation(rid: str) -> Pending:
+        pending = Pending(GenerationRequest(rid, tuple(range(12)), 2), [].append)
+        pending.arrival = s.release(admitted[rid].slot).arrival
+        return pending
+
+    s.requeue_first(continuation("c"))  # parked first, arrived after "a"
+    s.requeue_first(continuation("a"))
+    assert [p.request.request_id for p in s.waiting()] == ["a", "c", "d"]
+    assert s.newest_running() is admitted["b"]
+    s.check_invariants()

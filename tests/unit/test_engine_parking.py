@@ -1,0 +1,118 @@
+"""Output cells granted as sequences generate, and sequences parked when the cache runs out
+(the real `Engine` over the fakes of tests/unit/fakeengine.py): more requests run at once than
+their `max_tokens` would allow, each stream comes out exactly as it would without a park, and
+a request cancelled while parked ends cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+import kv3d.engine.engine as engine_module
+from kv3d.engine.generation import Finished, GenerationRequest, SamplingParams
+from tests.unit.fakeengine import FakeSampler, Stream, fake_engine, run_to_idle
+
+FAMILY = tuple(range(1000, 1040))
+CELLS = 1024  # a budget of 64-byte cells
+MAX_TOKENS = 400  # 4 x (50 + 400) cells: more than CELLS
+
+
+def requests(session_ids: bool) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            f"r{i}",
+            FAMILY + tuple(range(10 * i + 1, 10 * i + 11)),
+            MAX_TOKENS,
+            SamplingParams(temperature=0.0),
+            family_tokens=len(FAMILY),
+            session_id=f"chat-{i}" if session_ids else None,
+        )
+        for i in range(4)
+    ]
+
+
+class Samplers:
+    """Every sampler the engine makes, to check that each is freed once its request ends."""
+
+    def __init__(self, monkeypatch):
+        self.made: list[FakeSampler] = []
+        samplers = self
+
+        class Tracked(FakeSampler):
+            def __init__(self, **kw):
+                super().__init__(**kw)
+                samplers.made.append(self)
+
+        monkeypatch.setattr(engine_module, "SamplerChain", Tracked)
+
+
+def run(engine, reqs) -> tuple[list[Stream], int]:
+    streams = []
+    for req in reqs:
+        streams.append(Stream())
+        engine.submit(req, streams[-1])
+    running_at_once = 0
+    while engine.scheduler.has_work() or engine.scheduler.num_waiting:
+        engine.sessions.flush()  # stored sessions being read are waited for here
+        engine.step()
+        engine.check_invariants()
+        running_at_once = max(running_at_once, len(engine.scheduler.running))
+    return streams, running_at_once
+
+
+@pytest.mark.parametrize("session_ids", [True, False], ids=["resumed", "recomputed"])
+def test_parked_sequences_stream_what_they_would_have_unparked(monkeypatch, session_ids):
+    reference = fake_engine(monkeypatch)  # 2,048 cells: every request fits whole
+    try:
+        expected, _ = run(reference, requests(session_ids))
+    finally:
+        reference.close()
+    assert reference.stats().sequences_parked_total == 0
+
+    engine = fake_engine(monkeypatch, kv_budget_bytes=64 * CELLS)
+    samplers = Samplers(monkeypatch)
+    try:
+        streams, running_at_once = run(engine, requests(session_ids))
+        stats = engine.stats()
+    finally:
+        engine.close()
+    # Reserving prompt + max_tokens, two of the four would have fit at once.
+    assert running_at_once == 4
+    assert stats.sequences_parked_total > 0
+    if session_ids:  # the continuations resumed their stored state; none recomputed it
+        assert stats.session_resumes_total >= stats.sequences_parked_total
+    for got, want in zip(streams, expected, strict=True):
+        assert isinstance(got.end, Finished) and got.end.reason == "length"
+        assert got.text == want.text
+        assert got.end.usage.prompt_tokens == 50
+        assert got.end.usage.completion_tokens == MAX_TOKENS
+    # One sampler per request (a continuation goes on with its request's), all freed.
+    assert len(samplers.made) == 4 and all(s.closed for s in samplers.made)
+
+
+def test_a_request_cancelled_while_parked_ends_with_what_it_generated(monkeypatch):
+    engine = fake_engine(monkeypatch, kv_budget_bytes=64 * CELLS)
+    try:
+        reqs = requests(session_ids=True)
+        streams = []
+        for req in reqs:
+            streams.append(Stream())
+            engine.submit(req, streams[-1])
+        parked = None
+        for _ in range(2000):
+            engine.step()
+            engine.check_invariants()
+            parked = next((p for p in engine.scheduler.waiting() if p.parked), None)
+            if parked is not None:
+                break
+        assert parked is not None, "nothing was parked"
+        rid, state = parked.request.request_id, parked.parked
+        engine.cancel(rid)
+        stream = streams[[r.request_id for r in reqs].index(rid)]
+        assert isinstance(stream.end, Finished) and stream.end.reason == "cancelled"
+        assert stream.end.usage.completion_tokens == state.generated_tokens > 0
+        assert state.sampler.closed
+        run_to_idle(engine)
+        others = [s for s in streams if s is not stream]
+        assert all(s.end.usage.completion_tokens == MAX_TOKENS for s in others)
+    finally:
+        engine.close()
