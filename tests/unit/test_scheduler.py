@@ -184,7 +184,7 @@ def test_a_prompt_passed_over_for_several_steps_goes_first():
 def test_output_cells_are_granted_as_the_sequence_generates():
     s = scheduler(kv_cells_total=1000)
     s.enqueue(request("long", 10, max_tokens=100))
-    (_, seq), = admit_all(s)
+    ((_, seq),) = admit_all(s)
     assert s.budget.reserved_by(seq.slot) == 10 + OUTPUT_CELLS_PER_GRANT
     seq.num_computed_tokens, seq.pending_token = 10, 5
     for generated in range(1, OUTPUT_CELLS_PER_GRANT + 1):
