@@ -62,7 +62,7 @@ class MetricsSample:
     kv_cells_total: int
     sessions_shared: int = 0  # session records in the object store (any replica resumes them)
     object_store_bytes: float = 0.0  # snapshots and shared sessions together
-    kv_cells_reserved: int = 0  # by running sequences, for their prompt and max_tokens
+    kv_cells_reserved: int = 0  # by running sequences: their prompts and output grants
     hot_prefix_cells: int = 0  # owned by hot prefixes and idle sessions
     warm_bytes_saved: float = 0.0  # parts several warm sessions hold, kept once
 
