@@ -283,3 +283,38 @@ def test_only_the_step_thread_keeps_decoding_threads(monkeypatch):
         assert all(not t.is_alive() for t in decoded_on)
         asyncio.run(run(eng, GenerationRequest(new_request_id(), (1, 2, 3), 2, GREEDY)))
         assert decoded_on[-1] is eng._thread
+
+
+def test_sequences_parked_when_the_cache_runs_out_finish_whole(tokenizer):
+    """Four 400-token answers need more cells than a 1,000-cell cache holds: all four start at
+    once (cells are granted as they generate), the last to arrive are parked to the session
+    store when the cache runs out and resume from there, and every stream ends whole."""
+    config = load_config(
+        overrides={
+            "cache": {"gpu_hot_mb": 23},  # ~1,040 cells of 23,040 bytes
+            "server": {"threads": 2},
+            "model": {"context_tokens": 512},
+            "engine": {"max_sequences": 4},
+        }
+    )
+    questions = ["a dragon", "the sea", "a clockmaker", "a lighthouse keeper"]
+    with Engine.from_config(config) as eng:
+        assert eng.kv_cells_total < 4 * 430
+        requests = [
+            req(chat_tokens(tokenizer, f"Tell a long story about {q}."), 400, ignore_eos=True)
+            for q in questions
+        ]
+
+        async def all_of_them():
+            return await asyncio.gather(*(run(eng, r) for r in requests))
+
+        results = asyncio.run(all_of_them())
+        stats = eng.stats()
+    assert stats.max_sequences_in_step == 4  # prompt + max_tokens would have let two in
+    assert stats.sequences_parked_total > 0
+    assert stats.session_resumes_total >= 1  # a continuation resumed its stored state
+    for request, (text, _, end) in zip(requests, results, strict=True):
+        assert isinstance(end, Finished) and end.reason == "length", end
+        assert end.usage.completion_tokens == 400
+        assert end.usage.prompt_tokens == len(request.prompt_tokens)
+        assert len(text) > 400  # ~4 characters a token: no stretch of the answer went missing
