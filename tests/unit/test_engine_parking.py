@@ -116,3 +116,56 @@ def test_a_request_cancelled_while_parked_ends_with_what_it_generated(monkeypatc
         assert all(s.end.usage.completion_tokens == MAX_TOKENS for s in others)
     finally:
         engine.close()
+
+
+def test_a_turn_resumed_hot_and_parked_continues_from_what_it_stored(monkeypatch):
+    """Turn 2 of four conversations resumes each from its hot turn 1 and is parked; its
+    continuation resumes the state it stored (all of turn 2 so far), not the shorter hot turn
+    1 (which would compute turn 2 again)."""
+
+    def conversations(engine) -> list[Stream]:
+        firsts = [
+            GenerationRequest(
+                f"t1-{i}",
+                FAMILY + tuple(range(10 * i + 1, 10 * i + 11)),
+                4,
+                SamplingParams(temperature=0.0),
+                family_tokens=len(FAMILY),
+                session_id=f"chat-{i}",
+            )
+            for i in range(4)
+        ]
+        replies, _ = run(engine, firsts)
+        seconds = [
+            GenerationRequest(
+                f"t2-{i}",
+                first.prompt_tokens + tuple(int(p[1:]) for p in reply.text.split()) + (7, 8),
+                MAX_TOKENS,
+                SamplingParams(temperature=0.0),
+                family_tokens=len(FAMILY),
+                session_id=first.session_id,
+            )
+            for i, (first, reply) in enumerate(zip(firsts, replies, strict=True))
+        ]
+        streams, _ = run(engine, seconds)
+        return streams
+
+    reference = fake_engine(monkeypatch, max_hot_prefixes=8)
+    try:
+        expected = conversations(reference)
+    finally:
+        reference.close()
+    engine = fake_engine(monkeypatch, kv_budget_bytes=64 * CELLS, max_hot_prefixes=8)
+    try:
+        streams = conversations(engine)
+        stats = engine.stats()
+        computed = stats.prefill_tokens_total
+    finally:
+        engine.close()
+    assert stats.sequences_parked_total > 0
+    assert stats.session_resumes_total == stats.sequences_parked_total
+    # Turn 1 computed once (the family, then 10 tokens each), turn 2 its new tokens (its two
+    # and the reply's last, which turn 1 never decoded);
+    # a continuation computes only the token it was about to decode.
+    assert computed == len(FAMILY) + 4 * 10 + 4 * 3 + stats.sequences_parked_total
+    assert [s.text for s in streams] == [s.text for s in expected]
