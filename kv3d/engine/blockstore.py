@@ -46,7 +46,6 @@ from kv3d.engine.statefmt import (
     cells_from,
     join_cells,
     layout_blob,
-    parse_seq_state,
     with_cell_seq_ids,
     with_seq_id,
 )
@@ -116,7 +115,7 @@ def decode_parts(deltas: list[bytes]) -> bytearray:
     if len(deltas) == 1:
         return decode_delta(deltas[0])
     opened = [open_delta(d, scratch=True) for d in deltas]
-    states = [parse_seq_state(o.skeleton) for o in opened]
+    states = [o.state for o in opened]
     shape = _stamped(join_cells(states, copy_data=False), states[-1])
     blob, places = layout_blob(shape)
     jobs = []

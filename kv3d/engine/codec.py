@@ -73,7 +73,13 @@ import numpy as np
 
 from kv3d.engine import f16, lowbit, rope
 from kv3d.engine.rope import RopeSpec
-from kv3d.engine.statefmt import LayerTensor, StateFormatError, byte_view, parse_seq_state
+from kv3d.engine.statefmt import (
+    LayerTensor,
+    SeqState,
+    StateFormatError,
+    byte_view,
+    parse_seq_state,
+)
 
 MAGIC = b"KV3DDLT1"
 VERSION = 1
@@ -199,16 +205,17 @@ class _Tensor:
         return 2 * self.cells * self.channels
 
 
-def _layer_tensors(blob: memoryview, *, roles: bool = True) -> list[_Tensor]:
+def _layer_tensors(blob: memoryview, *, roles: bool = True, state=None) -> list[_Tensor]:
     """Every f16 K/V tensor of `blob` (statefmt tells K layers from V layers; `roles` False:
     every tensor says KEY, as format version 1 does), in blob order."""
-    placed = _placed_tensors(blob, roles=roles)
+    placed = _placed_tensors(blob, roles=roles, state=state)
     return sorted((t for t, _, _ in placed), key=lambda t: t.offset)
 
 
-def _placed_tensors(blob: memoryview, *, roles: bool = True):
-    """(tensor, cache section index, its cells' positions) for every f16 K/V tensor."""
-    state = parse_seq_state(blob)
+def _placed_tensors(blob: memoryview, *, roles: bool = True, state: SeqState | None = None):
+    """(tensor, cache section index, its cells' positions) for every f16 K/V tensor (`state`:
+    `blob` already parsed)."""
+    state = state if state is not None else parse_seq_state(blob)
     base = np.frombuffer(blob, dtype=np.uint8).__array_interface__["data"][0]
     for index, section in enumerate(state.sections):
         for stream in section.streams:
@@ -219,23 +226,27 @@ def _placed_tensors(blob: memoryview, *, roles: bool = True):
                         yield t, index, stream.cell_positions
 
 
-def _lowbit_placed(blob: memoryview, value_group: int) -> list:
+def _lowbit_placed(blob: memoryview, value_group: int, state: SeqState | None = None) -> list:
     """`_lowbit_tensors`' tensors with their cache section index and cells' positions, from
     one parse of the blob: (tensor, section, positions), in blob order."""
     placed = [
-        p for p in _placed_tensors(blob) if p[0].role == KEY or p[0].channels % value_group == 0
+        p
+        for p in _placed_tensors(blob, state=state)
+        if p[0].role == KEY or p[0].channels % value_group == 0
     ]
     return sorted(placed, key=lambda p: p[0].offset)
 
 
-def _f16_tensors(blob: memoryview, group: int) -> list[_Tensor]:
+def _f16_tensors(blob: memoryview, group: int, state: SeqState | None = None) -> list[_Tensor]:
     """Where the f16 K/V tensors of `blob` sit whose channels split into whole groups (v1)."""
-    return [t for t in _layer_tensors(blob, roles=False) if t.channels % group == 0]
+    return [t for t in _layer_tensors(blob, roles=False, state=state) if t.channels % group == 0]
 
 
-def _lowbit_tensors(blob: memoryview, value_group: int) -> list[_Tensor]:
+def _lowbit_tensors(
+    blob: memoryview, value_group: int, state: SeqState | None = None
+) -> list[_Tensor]:
     """The tensors a low-bit delta codes: every f16 K, and f16 V of whole channel groups."""
-    return [t for t, _, _ in _lowbit_placed(blob, value_group)]
+    return [t for t, _, _ in _lowbit_placed(blob, value_group, state)]
 
 
 def _describe(layer: LayerTensor, n_cells: int, base: int, role: int) -> _Tensor | None:
@@ -400,6 +411,7 @@ class OpenedDelta:
 
     skeleton: bytearray | np.ndarray
     coded: list  # [(_Tensor, CodedTensor)], in blob order
+    state: SeqState  # `skeleton` parsed (its tensors are views of it)
 
 
 def open_delta(buf, *, scratch: bool = False) -> OpenedDelta:
@@ -432,8 +444,7 @@ def open_delta(buf, *, scratch: bool = False) -> OpenedDelta:
         if n != 0 or blob_bytes != len(payload):
             raise DeltaError("an f16 delta holds its blob verbatim and no tensor table")
         out = np.frombuffer(payload, np.uint8) if scratch else bytearray(payload)
-        _check_rebuilt(out, [])
-        return OpenedDelta(out, [])
+        return OpenedDelta(out, [], _check_rebuilt(out, []))
     if mode != MODES["int8"]:
         raise DeltaError(f"unknown delta mode {mode}")
     if group == 0:
@@ -501,17 +512,18 @@ def _check_payload_size(
         raise DeltaError(f"delta payload is {len(payload)} bytes; its tensor table says {expected}")
 
 
-def _check_rebuilt(blob: bytearray, tensors: list[_Tensor], find=None) -> None:
-    """The rebuilt bytes must be a sequence state whose coded tensors, as `find` (the
-    encoder's own choice) sees them, are exactly `tensors`; `find` None: no tensors."""
+def _check_rebuilt(blob: bytearray, tensors: list[_Tensor], find=None) -> SeqState:
+    """The rebuilt bytes must be a sequence state whose coded tensors, as `find(blob, state)`
+    (the encoder's own choice) sees them, are exactly `tensors`; `find` None: no tensors.
+    Returns the state, parsed once here (its tensors are views of `blob`)."""
     try:
-        found = find(memoryview(blob)) if find is not None else []
-        if find is None:
-            parse_seq_state(blob)
+        state = parse_seq_state(blob)
     except StateFormatError as exc:
         raise DeltaError(f"delta does not rebuild a sequence state: {exc}") from None
+    found = find(memoryview(blob), state) if find is not None else []
     if found != tensors:
         raise DeltaError("delta tensor table disagrees with the state it rebuilds")
+    return state
 
 
 def _fill_verbatim(out_raw: np.ndarray, src: np.ndarray, at: int, tensors: list[_Tensor]) -> int:
@@ -547,7 +559,7 @@ def _open_int8(
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
     at = _fill_verbatim(out_raw, src, at, tensors)
-    _check_rebuilt(out, tensors, lambda b: _f16_tensors(b, group))
+    state = _check_rebuilt(out, tensors, lambda b, st: _f16_tensors(b, group, st))
     coded = []
     for t in tensors:
         n_scales = t.cells * (t.channels // group)
@@ -556,7 +568,7 @@ def _open_int8(
         q = src[at : at + t.cells * t.channels].view(np.int8).reshape(t.cells, t.channels)
         at += t.cells * t.channels
         coded.append((t, CodedTensor(scales, q, group)))
-    return OpenedDelta(out, coded)
+    return OpenedDelta(out, coded, state)
 
 
 # --- format version 2: low-bit modes ---------------------------------------------------------
@@ -770,7 +782,7 @@ def _decode_lowbit(view: memoryview) -> bytearray:
     out_raw = np.frombuffer(out, dtype=np.uint8)
     src = np.frombuffer(payload, dtype=np.uint8)
     at = _fill_verbatim(out_raw, src, n * _ENTRY_V2.itemsize, tensors)
-    _check_rebuilt(out, tensors, lambda b: _lowbit_tensors(b, spec.value_group_channels))
+    _check_rebuilt(out, tensors, lambda b, st: _lowbit_tensors(b, spec.value_group_channels, st))
     jobs = []
     for t, rotated in zip(tensors, rotations, strict=True):
         size = _lowbit_tensor_bytes(t, spec)
@@ -933,8 +945,8 @@ def _decode_prerope(payload: memoryview, n: int, spec: LowBitSpec, blob_bytes: i
     at = _fill_verbatim(out_raw, src, at, tensors)
     placed: list = []
 
-    def find(blob: memoryview) -> list[_Tensor]:  # one parse: the check and the places
-        placed.extend(_lowbit_placed(blob, spec.value_group_channels))
+    def find(blob: memoryview, state: SeqState) -> list[_Tensor]:  # the check and the places
+        placed.extend(_lowbit_placed(blob, spec.value_group_channels, state))
         return [t for t, _, _ in placed]
 
     _check_rebuilt(out, tensors, find)
