@@ -12,7 +12,7 @@ Claim-table rows (the figures KV3D is held to): most sessions streaming at once 
 per session in the cache while they do (`capacity_phase`, on the contender started again, so
 that what the workload left hot does not count), p95 warm restore of evicted
 ~1k-token sessions (`resume_phase`), logit drift of the int8 session delta
-(kv3d/bench/fidelity.py).
+(kv3d/bench/fidelity.py); and chats that set no `max_tokens` (kv3d/bench/openended.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from kv3d.bench.openended import open_ended_phase
 from kv3d.bench.phases import StreamError, capacity_phase, chat_body, decode_phase, read_chat_stream
 from kv3d.bench.scrape import read_metrics
 from kv3d.bench.workload import WorkloadSpec, latency_stats, run_workload, text_window
@@ -267,6 +268,9 @@ class CompareSettings:
     fidelity_windows: int = 2  # each window costs tens of seconds on 2 cores
     decode_tokens: int = 128  # per stream of the decode probe; 0 skips it
     decode_streams: int = 8
+    open_ended_requests: int = 32  # chats without max_tokens (`openended.py`); 0 skips them
+    open_ended_concurrency: int = 16
+    open_ended_budget_s: float = 120.0
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -277,6 +281,8 @@ class CompareSettings:
             raise ValueError("kv_budget_mb, max_sequences and capacity_sessions must be >= 1")
         if self.decode_tokens < 0 or self.decode_streams < 1:
             raise ValueError("decode_tokens must be >= 0 and decode_streams >= 1")
+        if self.open_ended_requests < 0 or self.open_ended_concurrency < 1:
+            raise ValueError("open_ended_requests must be >= 0 and open_ended_concurrency >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,11 +631,23 @@ async def _measure(
                 progress.close()
         log.info("resume probe: %d sessions", settings.resume_sessions)
         resume = await resume_phase(http, url, sessions=settings.resume_sessions, seed=spec.seed)
+        open_ended = None
+        if settings.open_ended_requests > 0:
+            log.info("open-ended probe: %d chats without max_tokens", settings.open_ended_requests)
+            open_ended = await open_ended_phase(
+                http,
+                url,
+                requests=settings.open_ended_requests,
+                concurrency=settings.open_ended_concurrency,
+                budget_s=settings.open_ended_budget_s,
+                seed=spec.seed,
+            )
     return {
         "kv_cells_total": before.kv_cells_total if before is not None else None,
         "decode": decode,
         "workload": workload,
         "resume": resume,
+        "open_ended": open_ended,
     }
 
 
@@ -911,6 +929,23 @@ def decode_rows(d: dict | None) -> list[tuple[str, str]]:
     ]
 
 
+def open_ended_rows(o: dict | None) -> list[tuple[str, str]]:
+    """(figure, value) rows of one open-ended probe (`open_ended_phase`)."""
+    if not o:
+        return [
+            ("no max_tokens: finished / sent, req/s", "n/a"),
+            ("no max_tokens: TTFT p50 / p95 (ms)", "n/a"),
+        ]
+    done = f"{o['finished']} / {o['requests']}, {fmt(o['requests_per_s'])}"
+    return [
+        ("no max_tokens: finished / sent, req/s", done),
+        (
+            "no max_tokens: TTFT p50 / p95 (ms)",
+            _two(_ms(o["ttft_s"]["p50"]), _ms(o["ttft_s"]["p95"])),
+        ),
+    ]
+
+
 def workload_table(report: dict) -> str:
     title = f"{report['server']} at {report['url']}, {report['wall_s']:.1f}s"
     return render_table(["figure", title], [[k, v] for k, v in workload_rows(report)])
@@ -925,6 +960,7 @@ def comparison_table(report: dict) -> str:
             rows = (
                 decode_rows(entry.get("decode"))
                 + workload_rows(entry["workload"])
+                + open_ended_rows(entry.get("open_ended"))
                 + claim_rows(
                     report["claims"][name], report["ratios"].get(name, {}), report["anchor"]
                 )

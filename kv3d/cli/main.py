@@ -155,6 +155,7 @@ def _compare_servers(args: argparse.Namespace) -> int:
         "resume_sessions": args.resume_sessions,
         "fidelity_windows": args.fidelity_windows,
         "decode_tokens": args.decode_tokens,
+        "open_ended_requests": args.open_ended,
     }
     try:
         settings = CompareSettings(
@@ -360,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="with --compare: tokens per stream of the decode probe (1 stream, 8 streams, "
         "1-token requests), run first on each server (default 128; 0: skip)",
+    )
+    bench.add_argument(
+        "--open-ended",
+        type=int,
+        metavar="N",
+        help="with --compare: N short chats that set no max_tokens (sampled, 16 at once, cut "
+        "after 120 s), as many clients send them (default 32; 0: skip)",
     )
     bench.add_argument(
         "--routers",

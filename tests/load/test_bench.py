@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from kv3d.bench.compare import bench_url, server_answers
+from kv3d.bench.openended import open_ended_phase
 from kv3d.bench.phases import decode_phase, run_bench
 from kv3d.bench.workload import WorkloadSpec, run_workload
 from tests.conftest import free_port
@@ -133,3 +134,16 @@ def test_bench_starts_kv3d_where_nothing_answers():
     assert report["server_started_by_bench"] is True and report["server"] == "kv3d"
     assert report["requests"]["ok"] == 4 and report["requests"]["errors"] == 0
     assert not server_answers(url, timeout_s=1.0)
+
+
+def test_open_ended_probe_gets_whole_answers_without_max_tokens(server_url):
+    async def go():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as http:
+            return await open_ended_phase(
+                http, server_url, requests=4, concurrency=2, budget_s=240.0
+            )
+
+    report = asyncio.run(go())
+    assert (report["finished"], report["cut"], report["errors"]) == (4, 0, 0)
+    assert report["completion_tokens"]["total"] >= 4
+    assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p95"]

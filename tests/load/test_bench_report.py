@@ -353,7 +353,18 @@ def test_workload_and_comparison_tables_show_every_contender():
         "top1": 0.995,
     }
     entries = {
-        "kv3d": {"workload": kv3d, "capacity": capacity, "resume": resume, "error": None},
+        "kv3d": {
+            "workload": kv3d,
+            "capacity": capacity,
+            "resume": resume,
+            "open_ended": {
+                "requests": 32,
+                "finished": 30,
+                "requests_per_s": 2.4,
+                "ttft_s": {"p50": 0.84, "p95": 0.85},
+            },
+            "error": None,
+        },
         "llama-cpp-python": {
             "workload": plain,
             "capacity": {
@@ -387,6 +398,9 @@ def test_workload_and_comparison_tables_show_every_contender():
     header = table.splitlines()[0]
     assert all(name in header for name in entries)
     assert "did not run" in table and "n/a" in table and "40 / 41" in table
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "30 / 32, 2.4" in rows["no max_tokens: finished / sent, req/s"]
+    assert "840 / 850" in rows["no max_tokens: TTFT p50 / p95 (ms)"]
     json.dumps(report)
 
 
