@@ -641,6 +641,7 @@ async def _measure(
                 concurrency=settings.open_ended_concurrency,
                 budget_s=settings.open_ended_budget_s,
                 seed=spec.seed,
+                nonce=spec.nonce,
             )
     return {
         "kv_cells_total": before.kv_cells_total if before is not None else None,
@@ -934,11 +935,13 @@ def open_ended_rows(o: dict | None) -> list[tuple[str, str]]:
     if not o:
         return [
             ("no max_tokens: finished / sent, req/s", "n/a"),
+            ("no max_tokens: completion tokens/s", "n/a"),
             ("no max_tokens: TTFT p50 / p95 (ms)", "n/a"),
         ]
     done = f"{o['finished']} / {o['requests']}, {fmt(o['requests_per_s'])}"
     return [
         ("no max_tokens: finished / sent, req/s", done),
+        ("no max_tokens: completion tokens/s", fmt(o["completion_tokens_per_s"])),
         (
             "no max_tokens: TTFT p50 / p95 (ms)",
             _two(_ms(o["ttft_s"]["p50"]), _ms(o["ttft_s"]["p95"])),

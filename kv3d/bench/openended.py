@@ -6,7 +6,9 @@ at a time whenever its cache is smaller than its slots times the context; this p
 them on any OpenAI-compatible server: requests/s, TTFT and answer lengths. Answers are sampled
 (temperature 0.8, one seed per request) so that they end by themselves at varied lengths: a
 greedy answer from a small model can ramble to the end of the context. Streams still running
-when the time budget is spent are cut and counted, so a run's length is bounded.
+when the time budget is spent are cut and counted, so a run's length is bounded. An answer
+that rambles to the end of the context makes the run's requests/s depend on when it ends:
+completion tokens/s is the steadier figure of throughput.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ async def open_ended_phase(
     concurrency: int = 16,
     budget_s: float = 120.0,
     seed: int = 0,
+    nonce: str = "",
 ) -> dict:
-    """`requests` open-ended chats, `concurrency` at once, within `budget_s` seconds."""
-    nonce = f"{time.time_ns():x}"
+    """`requests` open-ended chats, `concurrency` at once, within `budget_s` seconds. The same
+    `nonce` and `seed` give every server the same prompts (empty: a fresh nonce)."""
+    nonce = nonce or f"{time.time_ns():x}"
     slots = asyncio.Semaphore(concurrency)
     started = time.perf_counter()
     deadline = started + budget_s
@@ -80,6 +84,7 @@ async def open_ended_phase(
         "errors": errors,
         "wall_s": round(wall_s, 2),
         "requests_per_s": round(len(done) / wall_s, 3) if wall_s > 0 else None,
+        "completion_tokens_per_s": round(sum(lengths) / wall_s, 1) if wall_s > 0 else None,
         "ttft_s": latency_stats([r.ttft_s for r in done if r.ttft_s is not None]),
         "completion_tokens": {
             "p50": lengths[len(lengths) // 2] if lengths else None,

@@ -361,6 +361,7 @@ def test_workload_and_comparison_tables_show_every_contender():
                 "requests": 32,
                 "finished": 30,
                 "requests_per_s": 2.4,
+                "completion_tokens_per_s": 183.0,
                 "ttft_s": {"p50": 0.84, "p95": 0.85},
             },
             "error": None,
@@ -401,6 +402,7 @@ def test_workload_and_comparison_tables_show_every_contender():
     rows = {line.split("  ")[0]: line for line in table.splitlines()}
     assert "30 / 32, 2.4" in rows["no max_tokens: finished / sent, req/s"]
     assert "840 / 850" in rows["no max_tokens: TTFT p50 / p95 (ms)"]
+    assert "183" in rows["no max_tokens: completion tokens/s"]
     json.dumps(report)
 
 

@@ -34,13 +34,15 @@ def test_chats_set_no_max_tokens_and_every_answer_is_counted():
         bodies.append(json.loads(request.content))
         return httpx.Response(200, content=_sse(ANSWER))
 
-    report = _run(handler, requests=6, concurrency=2, seed=7)
+    report = _run(handler, requests=6, concurrency=2, seed=7, nonce="run-a")
     assert len(bodies) == 6
+    assert all("run-a" in b["messages"][0]["content"] for b in bodies)
     assert all("max_tokens" not in b and b["stream"] for b in bodies)
     assert sorted(b["seed"] for b in bodies) == list(range(7, 13))
     assert (report["finished"], report["cut"], report["errors"]) == (6, 0, 0)
     assert report["completion_tokens"] == {"p50": 3, "max": 3, "total": 18}
     assert report["ttft_s"]["p50"] is not None and report["requests_per_s"] > 0
+    assert report["completion_tokens_per_s"] > 0
 
 
 def test_streams_still_running_when_the_budget_is_spent_are_cut():
