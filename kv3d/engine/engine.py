@@ -679,9 +679,13 @@ class Engine:
         live = self._live[slot]
         req, progress = live.pending.request, live.progress
         self._counters["sequences_parked_total"] += 1
-        if progress.generated_tokens == 0:  # nothing sent yet: it starts over
+        if progress.generated_tokens == 0:  # nothing generated since it was admitted
             self._live.pop(slot)
-            self._give_back(slot, live.admission, live.admitted_by, live.sampler)
+            # A new request starts over (a new sampler then); a continuation takes its
+            # request's sampler and text stream back to the queue.
+            sampler = live.sampler if live.parked is None else None
+            self._give_back(slot, live.admission, live.admitted_by, sampler)
+            live.pending.parked = live.parked
             self.scheduler.requeue_first(live.pending)
             return
         before = live.parked

@@ -169,3 +169,43 @@ def test_a_turn_resumed_hot_and_parked_continues_from_what_it_stored(monkeypatch
     # a continuation computes only the token it was about to decode.
     assert computed == len(FAMILY) + 4 * 10 + 4 * 3 + stats.sequences_parked_total
     assert [s.text for s in streams] == [s.text for s in expected]
+
+
+def test_a_continuation_parked_again_before_its_next_token_keeps_its_stream(monkeypatch):
+    """A continuation that recomputes its history (no session key) is parked again while it
+    prefills: it goes back to the queue with its request's sampler and text stream."""
+    reference = fake_engine(monkeypatch)
+    try:
+        expected, _ = run(reference, requests(session_ids=False))
+    finally:
+        reference.close()
+    engine = fake_engine(monkeypatch, kv_budget_bytes=64 * CELLS)
+    samplers = Samplers(monkeypatch)
+    try:
+        streams = []
+        for req in requests(session_ids=False):
+            streams.append(Stream())
+            engine.submit(req, streams[-1])
+        parked_again = False
+        for _ in range(5000):
+            if not (engine.scheduler.has_work() or engine.scheduler.num_waiting):
+                break
+            engine.sessions.flush()
+            engine.step()
+            engine.check_invariants()
+            back = [
+                slot
+                for slot, live in engine._live.items()
+                if live.parked is not None and live.progress.generated_tokens == 0
+            ]
+            if back and not parked_again:  # just admitted again, its next token not drawn
+                engine._park(back[0])
+                engine.check_invariants()
+                parked_again = True
+        assert parked_again
+    finally:
+        engine.close()
+    for got, want in zip(streams, expected, strict=True):
+        assert got.text == want.text
+        assert got.end.usage.completion_tokens == MAX_TOKENS
+    assert len(samplers.made) == 4 and all(s.closed for s in samplers.made)
