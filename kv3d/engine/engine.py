@@ -111,6 +111,14 @@ class _Parked:
     generated_tokens: int  # before this park (and every earlier one)
     first: Admission  # the first admission's cache figures
 
+    def usage(self, generated_tokens: int = 0) -> Usage:
+        """What the client is told: its own prompt, and every token of every admission."""
+        return Usage(
+            self.prompt_tokens,
+            self.generated_tokens + generated_tokens,
+            self.first.cached_tokens,
+        )
+
     def close(self) -> None:
         self.sampler.close()
 
@@ -895,11 +903,8 @@ class Engine:
         adm = live.admission
         usage = Usage(len(progress.prompt_tokens), progress.generated_tokens, adm.cached_tokens)
         if live.parked is not None:  # the client asked for the original request
-            p = live.parked
-            adm = p.first
-            usage = Usage(
-                p.prompt_tokens, p.generated_tokens + progress.generated_tokens, adm.cached_tokens
-            )
+            adm = live.parked.first
+            usage = live.parked.usage(progress.generated_tokens)
         tail = live.text.finish() if reason != "cancelled" else ""  # may fail: still live here
         self._release(slot)
         if reason == "cancelled":
@@ -936,7 +941,7 @@ def _usage_waiting(pending: Pending) -> Usage:
     parked = pending.parked
     if parked is None:
         return Usage(len(pending.request.prompt_tokens), 0)
-    return Usage(parked.prompt_tokens, parked.generated_tokens, parked.first.cached_tokens)
+    return parked.usage()
 
 
 def new_request_id(prefix: str = "req") -> str:
