@@ -366,24 +366,15 @@ class Sessions:
     ) -> None:
         """Keep a finished conversation: hot while there is room (with `prompt_logits`, the
         logits its prompt gave, when known), else as a warm int8 delta."""
-        n = progress.num_computed_tokens
-        history = (request.prompt_tokens + tuple(output_ids))[:n]
-        key = self._key_to_keep(request, history)
-        if key is None or n <= admission.prefix_tokens:
+        history, key = self._history_and_key(request, admission, progress, output_ids)
+        if key is None:
             return
         if self._keep_hot(admission, progress, history, request, key, prompt_logits):
             if self.store.writes_behind and parkable(key):  # to the shared tier, disk
-                shared, blob = self._private_state(progress.slot, admission)
-                scope = self._scope(history, request)
-                self.store.park(
-                    key, self.fingerprint, history, shared, blob, local=False, scope=scope
-                )
+                self._park(key, history, request, admission, progress, local=False)
             return
-        if not parkable(key):
-            return
-        shared, blob = self._private_state(progress.slot, admission)
-        scope = self._scope(history, request)
-        self.store.park(key, self.fingerprint, history, shared, blob, scope=scope)
+        if parkable(key):
+            self._park(key, history, request, admission, progress)
 
     def park_running(
         self,
@@ -396,15 +387,41 @@ class Sessions:
         what it computed, as an idle session would be, and return the Future its continuation
         resumes from (the store's one worker encodes, then reads it back, in that order). None
         when it has no key to be stored under: the continuation then computes it again."""
+        history, key = self._history_and_key(request, admission, progress, output_ids)
+        if key is None or not parkable(key):
+            return None
+        self._park(key, history, request, admission, progress)
+        return self.store.take(key)
+
+    def _history_and_key(
+        self,
+        request: GenerationRequest,
+        admission: Admission,
+        progress: SeqProgress,
+        output_ids: list[int],
+    ) -> tuple[tuple[int, ...], str | None]:
+        """The tokens whose KV the sequence holds, and the key to keep them under (None when
+        there is none, or nothing of them is its own)."""
         n = progress.num_computed_tokens
         history = (request.prompt_tokens + tuple(output_ids))[:n]
-        key = self._key_to_keep(request, history)
-        if key is None or not parkable(key) or n <= admission.prefix_tokens:
-            return None
+        if n <= admission.prefix_tokens:
+            return history, None
+        return history, self._key_to_keep(request, history)
+
+    def _park(
+        self,
+        key: str,
+        history: tuple[int, ...],
+        request: GenerationRequest,
+        admission: Admission,
+        progress: SeqProgress,
+        *,
+        local: bool = True,
+    ) -> None:
+        """Hand the sequence's private cells to the store (encoded off the step thread)."""
         shared, blob = self._private_state(progress.slot, admission)
         scope = self._scope(history, request)
-        self.store.park(key, self.fingerprint, history, shared, blob, scope=scope)
-        return self.store.take(key)
+        self.store.park(key, self.fingerprint, history, shared, blob, local=local, scope=scope)
 
     def _scope(self, history: tuple[int, ...], request: GenerationRequest) -> bytes:
         """What a session's stored parts are keyed under: its first block's key, salted with
