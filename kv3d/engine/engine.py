@@ -59,7 +59,7 @@ from kv3d.engine.llama import (
 from kv3d.engine.logprobs import log_softmax_top, token_logprob
 from kv3d.engine.modelfile import cache_fingerprint
 from kv3d.engine.pacing import StepPacer
-from kv3d.engine.rent import IdleRent
+from kv3d.engine.rent import IdleRent, MoveCost
 from kv3d.engine.reuse import Admission, NoReuse, PrefixReuse, Publish, SnapshotSource
 from kv3d.engine.safemode import SafeMode
 from kv3d.engine.scheduler import (
@@ -173,11 +173,11 @@ class Engine:
         self.kv_cells_total = self.ctx.n_ctx_cells
         self._bytes_per_cell = self.model.kv_bytes_per_cell(settings.kv_type)
         self.batch = LlamaBatch(settings.batch_tokens)
-        round_trip_s_per_cell = None
+        round_trips: tuple[tuple[int, float], ...] = ()
         if reuse_on:
             # Not on this thread: only the step thread may keep an OpenMP team (see on_own_thread).
             check = on_own_thread(run_self_check, self.model, self.ctx, self.batch)
-            round_trip_s_per_cell = check.round_trip_s_per_cell
+            round_trips = check.round_trips
             if not check.ok:
                 reuse_on = False
                 self.safe.trip(f"start-up self-check failed: {check.reason}")
@@ -215,9 +215,7 @@ class Engine:
                 self.reuse,
                 store,
                 auto=settings.auto_sessions,
-                rent=IdleRent(
-                    settings.idle_session_rent, round_trip_s_per_cell=round_trip_s_per_cell
-                ),
+                rent=IdleRent(settings.idle_session_rent, round_trip=MoveCost.of(round_trips)),
             )
         self._live: dict[int, _Live] = {}
         self._hot_view = CacheView()

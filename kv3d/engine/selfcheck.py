@@ -20,7 +20,7 @@ import numpy as np
 
 from kv3d.engine.codec import decode_delta, encode_delta
 from kv3d.engine.llama import KVCacheFullError, LlamaBatch, LlamaContext, LlamaModel
-from kv3d.engine.statefmt import build_seq_state, parse_seq_state
+from kv3d.engine.statefmt import SeqState, build_seq_state, join_cells, parse_seq_state, shifted
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ PROBE_TEXT = (
 )
 # KL(exact || int8) of one next-token distribution; the engine's own noise is ~3e-3 on average.
 CODEC_KL_LIMIT = 0.1
+# The second timed round trip moves this many copies of the probe's cells: a move's fixed part
+# (per call, per tensor) and its part per cell come apart only over two sizes.
+ROUND_TRIP_COPIES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +42,10 @@ class SelfCheck:
     # False: the check could not run to the end for lack of KV cells (a full cache is no
     # evidence about the state format): neither a pass nor a failure.
     conclusive: bool = True
-    # What moving a sequence out of the cache and back cost per cell (state export, int8
-    # encode and decode, restore): the price of demoting an idle session, before one is timed.
-    round_trip_s_per_cell: float | None = None
+    # What moving a sequence out of the cache and back cost (state export, int8 encode and
+    # decode, restore), as (cells, seconds) for the probe and for copies of it end to end:
+    # the price of demoting an idle session, before one is timed.
+    round_trips: tuple[tuple[int, float], ...] = ()
 
 
 def run_self_check(
@@ -102,7 +106,26 @@ def _check(
     kl = _kl(expected, _next_logits(ctx, batch, last, len(history), seq_id=restored))
     if not kl <= CODEC_KL_LIMIT:
         return SelfCheck(False, f"the int8 codec moves the next token's distribution (KL {kl:.3g})")
-    return SelfCheck(True, round_trip_s_per_cell=round_trip_s / len(history))
+    copies = ROUND_TRIP_COPIES * len(history)
+    round_trips = ((len(history), round_trip_s), (copies, _round_trip_s(ctx, state, restored)))
+    return SelfCheck(True, round_trips=round_trips)
+
+
+def _round_trip_s(ctx: LlamaContext, state: bytes, seq_id: int) -> float:
+    """Seconds to export, encode, decode and restore `ROUND_TRIP_COPIES` copies of `state`'s
+    cells laid end to end in `seq_id` (their values are only moved, never attended to)."""
+    ctx.seq_remove(seq_id)
+    ctx.set_seq_state(seq_id, build_seq_state(_end_to_end(parse_seq_state(state))))
+    started = time.perf_counter()
+    delta = encode_delta(ctx.seq_state(seq_id), "int8")
+    ctx.seq_remove(seq_id)
+    ctx.set_seq_state(seq_id, decode_delta(delta))
+    return time.perf_counter() - started
+
+
+def _end_to_end(state: SeqState) -> SeqState:
+    n = state.n_cells
+    return join_cells([shifted(state, k * n) for k in range(ROUND_TRIP_COPIES)])
 
 
 def _decode(ctx: LlamaContext, batch: LlamaBatch, tokens: list[int], start: int, seq_id: int):

@@ -501,14 +501,19 @@ class Sessions:
         """Charge the step's rent to the idle sessions, and demote those that have paid their
         price (the longest idle first, a few per step)."""
         self.rent.after_step(decode_tokens, prefill_tokens, cells_used, step_s)
+        for cells, seconds in self.store.take_encode_times():
+            self.rent.encoded(seconds, cells)
         idle = self.reuse.cache.idle_sessions()
         for prefix in idle:
             if prefix.idle_mark == IDLE_FROM_NEXT_STEP:
                 prefix.idle_mark = self.rent.paid_s_per_cell
         demoted = 0
         for prefix in sorted(idle, key=lambda p: p.idle_mark):
-            if demoted == MAX_RENT_DEMOTIONS_PER_STEP or not self.rent.due(prefix.idle_mark):
-                break  # sorted by idle mark: if this one is not due, none after it is
+            if demoted == MAX_RENT_DEMOTIONS_PER_STEP:
+                break
+            if not self.rent.due(prefix.idle_mark, prefix.owned_cells):
+                # Not yet; a longer one idle for less time may be (its fixed price weighs less).
+                continue
             self.reuse.cache.evict(prefix)
             self.rent_demotions += 1
             demoted += 1

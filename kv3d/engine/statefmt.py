@@ -193,6 +193,22 @@ def cells_from(state: SeqState, pos_from: int, pos_to: int | None = None) -> Seq
     )
 
 
+def shifted(state: SeqState, by_positions: int) -> SeqState:
+    """The same cells at positions moved by `by_positions` (the bytes shared, not copied)."""
+    return dataclasses.replace(
+        state,
+        sections=tuple(
+            CacheSection(
+                tuple(
+                    dataclasses.replace(s, cell_positions=s.cell_positions + np.int32(by_positions))
+                    for s in section.streams
+                )
+            )
+            for section in state.sections
+        ),
+    )
+
+
 def _stream_from(stream: StreamState, pos_from: int, pos_to: int | None = None) -> StreamState:
     pos = stream.cell_positions
     keep = np.flatnonzero((pos >= pos_from) & (pos < (pos_to if pos_to is not None else 2**31)))

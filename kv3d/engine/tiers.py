@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +76,8 @@ TEMP_SUFFIX = ".tmp"
 PART_MAGIC = b"KV3DPART"
 PART_FILE_VERSION = 1
 _PART_FILE_HEADER = struct.Struct("<8sHH16sQI")
+# Encode timings kept until the step thread reads them (it does every step).
+ENCODE_TIMES_KEPT = 64
 
 
 class SessionRecordError(ValueError):
@@ -527,6 +529,9 @@ class SessionStore:
         self._raw_bytes = 0
         self._coded_bytes = 0
         self._closed = False
+        # (private cells, seconds) of each session encoded to park it here: part of what a
+        # demotion costs (`IdleRent`), read and cleared by the step thread.
+        self._encode_times: deque[tuple[int, float]] = deque(maxlen=ENCODE_TIMES_KEPT)
 
     @property
     def writes_behind(self) -> bool:
@@ -595,8 +600,10 @@ class SessionStore:
         self, session_id, fingerprint, tokens, prefix_tokens, blob, local, scope
     ) -> None:
         try:
+            started = time.perf_counter()
             blob = bytes(blob)  # a lazy cut of the prefix cells happens here, off the step thread
             record = self._encode(session_id, blob, fingerprint, tokens, prefix_tokens, scope)
+            encode_s = time.perf_counter() - started
         except Exception:
             log.exception("could not encode session %s; it will be recomputed", session_id)
             return
@@ -604,6 +611,7 @@ class SessionStore:
         if not local:
             return
         with self._lock:
+            self._encode_times.append((len(tokens) - prefix_tokens, encode_s))
             self._raw_bytes += len(blob)
             self._coded_bytes += record.nbytes - 4 * len(tokens)
             self._hold(record)  # before the older turn lets go: the parts they share stay put
@@ -892,6 +900,13 @@ class SessionStore:
         return Resumable(record, blob, tier, time.perf_counter() - started)
 
     # --- figures ------------------------------------------------------------------------------
+    def take_encode_times(self) -> list[tuple[int, float]]:
+        """The (private cells, seconds) of the sessions encoded to park here since last asked."""
+        with self._lock:
+            times = list(self._encode_times)
+            self._encode_times.clear()
+        return times
+
     def stats(self) -> dict[str, float]:
         cold_sessions, cold_bytes = self.cold.totals() if self.cold is not None else (0, 0)
         with self._lock:

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from kv3d.engine.llama import ContextParams, LlamaBatch, LlamaContext, LlamaModel
-from kv3d.engine.statefmt import SeqState, build_seq_state, parse_seq_state
+from kv3d.engine.selfcheck import ROUND_TRIP_COPIES, run_self_check
+from kv3d.engine.statefmt import (
+    SeqState,
+    build_seq_state,
+    cells_from,
+    join_cells,
+    parse_seq_state,
+    shifted,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -140,6 +148,33 @@ def test_smollm2_blob_layout_and_round_trip(smollm2):
 def test_smollm2_rebuilt_blob_restores_into_another_sequence(smollm2):
     blob, _ = export(smollm2)
     restore_gives_identical_logits(smollm2, blob)
+
+
+def test_copies_shifted_end_to_end_restore_at_their_positions(smollm2):
+    blob, n = export(smollm2)
+    state = parse_seq_state(blob)
+    copies = join_cells([shifted(state, k * n) for k in range(3)])
+    assert_cells(copies, range(3 * n), seq_id=0)
+    with LlamaContext(smollm2, PARAMS) as ctx:
+        ctx.set_seq_state(1, build_seq_state(copies))
+        assert ctx.seq_pos_max(1) == 3 * n - 1
+        again = parse_seq_state(ctx.seq_state(1))
+    (original,) = state.sections[0].streams
+    for k in range(3):
+        (copy,) = cells_from(again, k * n, (k + 1) * n).sections[0].streams
+        assert copy.cell_positions.tolist() == list(range(k * n, (k + 1) * n))
+        mine, theirs = copy.k_layers + copy.v_layers, original.k_layers + original.v_layers
+        layers = zip(mine, theirs, strict=True)
+        assert all(np.array_equal(got.data, want.data) for got, want in layers)
+
+
+def test_the_self_check_times_a_short_and_an_eightfold_round_trip_and_leaves_no_cells(smollm2):
+    with LlamaContext(smollm2, PARAMS) as ctx, LlamaBatch(64) as batch:
+        check = run_self_check(smollm2, ctx, batch)
+        assert check.ok, check.reason
+        (short_cells, short_s), (long_cells, long_s) = check.round_trips
+        assert long_cells == ROUND_TRIP_COPIES * short_cells and short_s > 0 and long_s > 0
+        assert ctx.seq_pos_max(0) == ctx.seq_pos_max(1) == -1
 
 
 def test_smollm2_transposed_v_without_flash_attention(smollm2):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kv3d.engine.rent import MIN_OBSERVATIONS, AttentionCost, IdleRent
+from kv3d.engine.rent import MIN_OBSERVATIONS, AttentionCost, IdleRent, MoveCost
 
 
 def step_s(
@@ -75,12 +75,12 @@ def test_nothing_accrues_before_the_cost_of_a_cell_is_known():
 def test_a_session_is_due_once_its_rent_reaches_the_measured_price():
     rent = trained(IdleRent())
     mark = rent.paid_s_per_cell
-    assert not rent.due(mark)  # no price yet: neither a resume nor a recompute measured
+    assert not rent.due(mark, 200)  # no price yet: neither a resume nor a round trip measured
     rent.demoted(0.002, 200)  # 10 µs per cell
     rent.resumed(0.040, 200)  # 200 µs per cell
-    assert rent.price_s_per_cell == pytest.approx(210e-6)
+    assert rent.price_s(200) == pytest.approx(0.042)
     steps = 0
-    while not rent.due(mark):
+    while not rent.due(mark, 200):
         assert steps < 1000, "never came due"  # fails, not hangs
         rent.after_step(8, 0, 3000, 0.3)
         steps += 1
@@ -88,14 +88,69 @@ def test_a_session_is_due_once_its_rent_reaches_the_measured_price():
     assert steps == pytest.approx(210e-6 / per_step, abs=1.5)
 
 
-def test_the_price_is_a_measured_resume_else_the_start_up_round_trip():
+def test_the_price_is_a_measured_resume_else_the_start_up_round_trips():
     rent = trained(IdleRent())
-    assert rent.price_s_per_cell is None
-    rent.round_trip_s_per_cell = 0.0005
-    assert rent.price_s_per_cell == pytest.approx(0.0005)
+    assert rent.price_s(100) is None
+    rent.round_trip = MoveCost.of(((30, 0.012), (240, 0.021)))  # the line through both
+    round_trip_1000 = 0.012 + (1000 - 30) * (0.021 - 0.012) / (240 - 30)
+    assert rent.price_s(1000) == pytest.approx(round_trip_1000)
     rent.demoted(0.002, 200)
+    assert rent.price_s(1000) == pytest.approx(round_trip_1000)  # a demotion is half a move
     rent.resumed(0.040, 200)
-    assert rent.price_s_per_cell == pytest.approx(210e-6)
+    assert rent.price_s(200) == pytest.approx(0.042)
+    rent.encoded(0.006, 200)  # off the step thread, on the cores the steps use
+    assert rent.price_s(200) == pytest.approx(0.048)
+
+
+def test_a_move_has_a_fixed_part_so_a_short_session_pays_more_rent_per_cell():
+    cost = MoveCost()
+    for cells in (40, 400, 1200, 80, 800):
+        cost.observe(cells, 0.005 + 20e-6 * cells)
+    assert cost.seconds(0) == pytest.approx(0.005)
+    assert cost.seconds(2000) == pytest.approx(0.045)
+    rent = trained(IdleRent())
+    rent.resume_cost = cost
+    mark = rent.paid_s_per_cell
+    # A steady rent per cell until the 1,000-cell session is due (25 µs per cell)...
+    while not rent.due(mark, 1000):
+        rent.after_step(8, 0, 3000, 0.3)
+    assert rent.paid_s_per_cell - mark >= 25e-6
+    # ...when a 50-cell session, whose move is mostly its fixed 5 ms, still owes 95 of 120 µs.
+    assert not rent.due(mark, 50)
+
+
+def test_moves_of_one_size_scale_with_cells_and_noise_never_makes_a_price_negative():
+    one_size = MoveCost.of(((500, 0.010), (500, 0.012)))
+    assert one_size.seconds(1000) == pytest.approx(0.022, rel=0.01)  # the later weighs more
+    assert MoveCost().seconds(500) is None
+    slower_small = MoveCost.of(((100, 0.020), (1000, 0.010)))  # bigger moves timed faster
+    assert slower_small.seconds(550) == pytest.approx(0.015, rel=0.05)
+    steep = MoveCost.of(((100, 0.001), (200, 0.010)))  # a line below zero at no cells
+    assert steep.seconds(0) == 0.0 and steep.seconds(150) > 0
+    assert MoveCost.of(()) is None
+
+
+def test_an_idle_session_with_no_cells_of_its_own_is_never_due():
+    rent = trained(IdleRent())
+    rent.resumed(0.001, 100)
+    for _ in range(100):
+        rent.after_step(8, 0, 3000, 0.3)
+    assert rent.due(0.0, 100) and not rent.due(0.0, 0)
+
+
+def test_the_cost_of_a_cell_holds_while_steps_are_alike_and_drops_when_they_show_less():
+    rent = trained(IdleRent(), per_cell_token_s=1e-7)  # about what a CPU step shows
+    known = rent.cost.s_per_cell_token
+    assert known == pytest.approx(1e-7, rel=0.1)
+    rng = random.Random(5)
+    for i in range(500):  # a lone stream: one token a step over the cells it adds, jittery
+        cells = 3000 + i
+        rent.after_step(1, 0, cells, step_s(1, cells, 1e-7, rng.uniform(-1e-3, 1e-3)))
+    assert rent.cost.s_per_cell_token == pytest.approx(known, rel=0.1)
+    for _ in range(500):  # varied steps over cells that now cost nothing
+        tokens, cells = rng.randint(1, 8), rng.randint(200, 6000)
+        rent.after_step(tokens, 0, cells, step_s(tokens, cells, 0.0, rng.uniform(-5e-4, 5e-4)))
+    assert rent.cost.s_per_cell_token is None
 
 
 def test_a_larger_factor_keeps_sessions_hot_longer_and_zero_never_demotes():
@@ -104,13 +159,13 @@ def test_a_larger_factor_keeps_sessions_hot_longer_and_zero_never_demotes():
         rent.resumed(0.010, 100)
     mark = patient.paid_s_per_cell
     for _ in range(1000):
-        if patient.paid_s_per_cell - mark >= 2.0 * patient.price_s_per_cell:
+        if (patient.paid_s_per_cell - mark) * 100 >= 2.0 * patient.price_s(100):
             break
         patient.after_step(8, 0, 3000, 0.3)
         never.after_step(8, 0, 3000, 0.3)
-    assert not patient.due(mark) and not never.due(0.0)
+    assert not patient.due(mark, 100) and not never.due(0.0, 100)
     for _ in range(1000):
-        if patient.paid_s_per_cell - mark >= 3.0 * patient.price_s_per_cell:
+        if (patient.paid_s_per_cell - mark) * 100 >= 3.0 * patient.price_s(100):
             break
         patient.after_step(8, 0, 3000, 0.3)
-    assert patient.due(mark)
+    assert patient.due(mark, 100)

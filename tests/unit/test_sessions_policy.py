@@ -431,13 +431,16 @@ def rent_known(h: Harness) -> IdleRent:
 
 def test_an_idle_session_is_demoted_once_the_steps_beside_it_paid_its_price(store):
     h = Harness(store=store)
-    rent_known(h)
+    rent = rent_known(h)
     cells = first_turn(h)
     # 4 tokens × 1 µs per step against a 100 µs price: due 25 steps after the one it finished
     # in (the harness's first step), which it does not pay for.
     assert charge_until_due(h, "chat-1") == 26
     store.flush()
     assert store.holds("chat-1") and h.sessions.stats()["session_rent_demotions_total"] == 1
+    assert rent.encode_cost.seconds(100) is None  # the step thread reads it at its next step
+    h.sessions.after_step(4, 0, 3000, 0.1)
+    assert rent.encode_cost.seconds(100) > 0  # the park's encode is part of the next price
     family = [p for p in h.reuse.cache.hot() if p.session_key is None]
     assert len(family) == 1 and family[0].n_tokens == len(FAMILY)  # the family stays hot
     h.check()
