@@ -80,7 +80,7 @@ class ServerConfig(_Section):
         "replica also enters it by itself when its start-up self-check fails.",
     )
     max_queued_requests: int = Field(
-        64,
+        512,
         ge=0,
         description="Requests a replica keeps waiting for a free sequence slot; beyond it: 429.",
     )
@@ -115,7 +115,7 @@ class LimitsConfig(_Section):
         0, ge=0, description="Largest max_tokens a request may ask for; 0 = the model context."
     )
     max_streams_per_key: int = Field(
-        64, ge=1, description="Generation requests one API key may have in flight (429 beyond)."
+        512, ge=1, description="Generation requests one API key may have in flight (429 beyond)."
     )
 
 
