@@ -253,7 +253,7 @@ def build_api(
     async def completions(request: Request) -> Response:
         started_s = time.perf_counter()
         req = await _parse(request, CompletionRequest, guard.limits.max_body_bytes)
-        prompt = served.tokenizer.encode_text(req.prompt)  # type: ignore[arg-type]
+        prompt = req.prompt_tokens(served.tokenizer.encode_text, served.tokenizer.n_vocab)
         tenant = _tenant(request)
         gen = _generation_request(
             "cmpl",

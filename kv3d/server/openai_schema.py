@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import (
@@ -151,7 +152,36 @@ def _is_token_id(key: str) -> bool:
     return key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= INT32_MAX
 
 
-class _Request(BaseModel):
+class _NullMeansDefault(BaseModel):
+    """A body model where JSON null in an optional field means "not sent", as in OpenAI's API
+    (its optional fields are nullable; clients send `"temperature": null` for "the default").
+    A required field stays required: null there is still a 400."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        optional = _optional_names(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in optional}
+
+
+def _optional_names(model: type[BaseModel]) -> frozenset[str]:
+    """The names (and aliases) of `model`'s fields that have a default other than None."""
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        if field.is_required() or field.default is None:
+            continue
+        names.add(name)
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(c for c in alias.choices if isinstance(c, str))
+        elif isinstance(alias, str):
+            names.add(alias)
+    return frozenset(names)
+
+
+class _Request(_NullMeansDefault):
     # NaN and Infinity (which Python's json reads) are no value any field accepts.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -338,7 +368,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_NullMeansDefault):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
 
@@ -476,7 +506,8 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # OpenAI's four forms: a string, token ids, or a list of either (one element here).
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -484,14 +515,33 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str:
-        if isinstance(prompt, list):
+    def _one_prompt(cls, prompt: Any) -> str | list[int]:
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
-                raise ValueError("exactly one prompt per request is supported")
+                raise ValueError(
+                    f"{len(prompt)} prompts; one prompt per request is supported (send each "
+                    "as its own request, or use n for several completions of one prompt)"
+                )
             prompt = prompt[0]
         if not prompt:
             raise ValueError("prompt must not be empty")
+        if isinstance(prompt, list) and not all(0 <= t <= INT32_MAX for t in prompt):
+            raise ValueError(f"token ids must lie in 0..{INT32_MAX}")
         return prompt
+
+    def prompt_tokens(self, encode: Callable[[str], list[int]], n_vocab: int) -> list[int]:
+        """The prompt as token ids: text through `encode`; given ids checked against the
+        model's vocabulary of `n_vocab` tokens (a 400 naming the first one outside it)."""
+        if isinstance(self.prompt, str):
+            return encode(self.prompt)
+        outside = next((t for t in self.prompt if t >= n_vocab), None)
+        if outside is not None:
+            raise APIError(
+                400,
+                f"prompt: token id {outside} is not in this model's vocabulary (0..{n_vocab - 1})",
+                param="prompt",
+            )
+        return list(self.prompt)
 
     @field_validator("echo")
     @classmethod
@@ -557,7 +607,7 @@ class CalledFunction(BaseModel):
     arguments: str  # JSON text, as the API returned it
 
 
-class ToolCallIn(BaseModel):
+class ToolCallIn(_NullMeansDefault):
     """A call in an assistant message of the history."""
 
     model_config = ConfigDict(extra="ignore")
@@ -622,7 +672,7 @@ def now_s() -> int:
     return int(time.time())
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_NullMeansDefault):
     """`POST /tokenize`, in llama-server's shape: special tokens written in `content` (such as
     a chat template's markers) are parsed as such."""
 

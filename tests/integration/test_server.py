@@ -133,6 +133,34 @@ def test_completions_endpoint(client):
         assert text == r.choices[0].text
 
 
+def test_completions_from_token_ids_match_the_text_prompt(client, server_url):
+    prompt = "The capital of France is"
+    ids = httpx.post(f"{server_url}/tokenize", json={"content": prompt, "add_special": True})
+    kwargs = dict(model="m", max_tokens=8, temperature=0, logprobs=5)
+    by_text = client.completions.create(prompt=prompt, **kwargs)
+    by_ids = client.completions.create(prompt=ids.json()["tokens"], **kwargs)
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens
+    steps = completion_steps(by_ids.choices[0])
+    if assert_same_while_logits_are(steps, completion_steps(by_text.choices[0])) == len(steps):
+        assert by_ids.choices[0].text == by_text.choices[0].text
+    n_vocab = 49152  # SmolLM2's vocabulary
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(prompt=[1, n_vocab], **kwargs)
+    assert err.value.body["param"] == "prompt"
+
+
+def test_null_fields_take_their_defaults(server_url):
+    body = {
+        "model": "m",
+        "messages": ask("Say hi."),
+        "max_tokens": 4,
+        **dict.fromkeys(("temperature", "top_p", "n", "stop", "seed", "stream", "logprobs")),
+    }
+    r = httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 4
+
+
 def test_sampling_with_seed_is_reproducible(client):
     kwargs = dict(
         model="m",

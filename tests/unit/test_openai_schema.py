@@ -70,9 +70,71 @@ def test_logprobs_request_maps_to_top_k():
 def test_completion_prompt_forms():
     assert CompletionRequest.model_validate({"prompt": ["x"]}).prompt == "x"
     assert CompletionRequest.model_validate({"prompt": "x"}).max_tokens == 16
-    for bad in ({"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": "x", "echo": True}):
+    assert CompletionRequest.model_validate({"prompt": [5, 0, 7]}).prompt == [5, 0, 7]
+    assert CompletionRequest.model_validate({"prompt": [[5, 6]]}).prompt == [5, 6]
+    bad_bodies = (
+        {"prompt": ""},
+        {"prompt": []},
+        {"prompt": [[]]},
+        {"prompt": ["a", "b"]},
+        {"prompt": [[1], [2]]},
+        {"prompt": [1, -2]},
+        {"prompt": [1, INT32_MAX + 1]},
+        {"prompt": [1, "a"]},
+        {"prompt": None},
+        {"prompt": "x", "echo": True},
+    )
+    for bad in bad_bodies:
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate(bad)
+
+
+def test_completion_prompt_tokens_text_or_ids_within_the_vocabulary():
+    def encode(text):
+        return [len(text)]
+
+    assert CompletionRequest.model_validate({"prompt": "abc"}).prompt_tokens(encode, 10) == [3]
+    ids = CompletionRequest.model_validate({"prompt": [9, 0]})
+    assert ids.prompt_tokens(encode, 10) == [9, 0]
+    with pytest.raises(APIError) as err:
+        ids.prompt_tokens(encode, 9)
+    assert (err.value.status, err.value.param) == (400, "prompt")
+    assert "token id 9" in err.value.message
+
+
+def test_null_in_an_optional_field_means_its_default():
+    nulls = dict.fromkeys(
+        (
+            "temperature",
+            "top_p",
+            "n",
+            "stream",
+            "stop",
+            "max_tokens",
+            "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "top_logprobs",
+            "seed",
+            "user",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_format",
+            "logit_bias",
+            "repeat_penalty",
+            "top_k",
+            "min_p",
+            "ignore_eos",
+        ),
+    )
+    req = chat(**nulls, stream_options={"include_usage": None})
+    assert (req.temperature, req.top_p, req.n, req.stream) == (1.0, 1.0, 1, False)
+    assert (req.logprobs, req.parallel_tool_calls, req.repetition_penalty) == (False, True, 1.0)
+    assert req.stream_options is not None and not req.stream_options.include_usage
+    assert CompletionRequest.model_validate({"prompt": "x", "max_tokens": None}).max_tokens == 16
+    with pytest.raises(ValidationError):
+        chat(messages=None)  # a required field stays required
 
 
 @pytest.mark.parametrize(
