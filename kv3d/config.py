@@ -39,6 +39,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MIN_CONTEXT_TOKENS = 64  # model.context_tokens, when set
 RAY_STREAM_INTERVAL_MS = 30.0  # server.stream_interval_ms when unset, through Ray Serve
 
 
@@ -181,8 +182,18 @@ class ModelConfig(_Section):
         None, description="Layers offloaded to the GPU; unset = all with a GPU, 0 without."
     )
     context_tokens: int = Field(
-        4096, ge=64, description="Most tokens (prompt + completion) one sequence may hold."
+        0,
+        ge=0,
+        description="Most tokens (prompt + completion) one sequence may hold; 0 = the model's "
+        "training context (as llama-server and vLLM default).",
     )
+
+    @field_validator("context_tokens")
+    @classmethod
+    def _context_floor(cls, tokens: int) -> int:
+        if 0 < tokens < MIN_CONTEXT_TOKENS:
+            raise ValueError(f"must be 0 (the model's) or at least {MIN_CONTEXT_TOKENS}")
+        return tokens
 
 
 class EngineConfig(_Section):

@@ -13,6 +13,8 @@ from kv3d.engine.modelfile import model_id_for, resolve_model_path
 from kv3d.engine.reuse import ReuseSettings
 
 MIB = 1024 * 1024
+# A sequence's context where neither the config nor the GGUF gives one.
+FALLBACK_CONTEXT_TOKENS = 4096
 
 
 class CapacityError(ValueError):
@@ -95,9 +97,17 @@ def _reuse_settings(config: KV3DConfig) -> ReuseSettings:
     )
 
 
+def sequence_context_tokens(configured: int, n_ctx_train: int) -> int:
+    """Tokens one sequence may hold: `model.context_tokens` (0 = the model's training context),
+    never past the training context (a GGUF that names none is taken at its word)."""
+    if n_ctx_train <= 0:
+        return configured or FALLBACK_CONTEXT_TOKENS
+    return min(configured, n_ctx_train) if configured else n_ctx_train
+
+
 def plan_kv_cells(settings: EngineSettings, model: LlamaModel) -> tuple[int, int]:
     """(cells in the cache, tokens one sequence may hold) for this model and budget."""
-    context_tokens = min(settings.context_tokens, model.n_ctx_train)
+    context_tokens = sequence_context_tokens(settings.context_tokens, model.n_ctx_train)
     bytes_per_cell = model.kv_bytes_per_cell(settings.kv_type)
     budget_cells = settings.kv_budget_bytes // bytes_per_cell
     if budget_cells < context_tokens:

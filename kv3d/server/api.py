@@ -38,6 +38,7 @@ from kv3d.engine.generation import (
     ends_stream,
 )
 from kv3d.engine.modelfile import model_id_for, resolve_model_path
+from kv3d.engine.settings import sequence_context_tokens
 from kv3d.server import dashboard
 from kv3d.server.chat import TemplateError, Tokenizer
 from kv3d.server.dashboard import build_stats
@@ -138,7 +139,9 @@ class ServedModel:
         return cls(
             model_id=model_id_for(path, config.model.id),
             tokenizer=tokenizer,
-            context_tokens=min(config.model.context_tokens, tokenizer.n_ctx_train),
+            context_tokens=sequence_context_tokens(
+                config.model.context_tokens, tokenizer.n_ctx_train
+            ),
         )
 
 

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from kv3d.config import ConfigError, KV3DConfig, load_config, seed_file_dict
+from kv3d.engine.settings import FALLBACK_CONTEXT_TOKENS, sequence_context_tokens
 
 
 def write(tmp_path, data) -> str:
@@ -50,3 +51,15 @@ def test_seed_file_schema_round_trips_through_load(tmp_path):
     assert set(data["cache"]) == {"gpu_hot_mb", "ram_warm_mb", "ssd_cold_path"}
     assert set(data["model"]) == {"path", "id"}
     assert load_config(write(tmp_path, data)).server.port == 8080
+
+
+def test_context_defaults_to_the_models_own(tmp_path):
+    assert KV3DConfig().model.context_tokens == 0
+    assert load_config(overrides={"model": {"context_tokens": 64}}).model.context_tokens == 64
+    with pytest.raises(ConfigError, match="model.context_tokens"):
+        load_config(overrides={"model": {"context_tokens": 32}})
+    assert sequence_context_tokens(0, 8192) == 8192  # the model's
+    assert sequence_context_tokens(2048, 8192) == 2048
+    assert sequence_context_tokens(16384, 8192) == 8192  # never past what it was trained on
+    assert sequence_context_tokens(0, 0) == FALLBACK_CONTEXT_TOKENS  # a GGUF that names none
+    assert sequence_context_tokens(1024, 0) == 1024
