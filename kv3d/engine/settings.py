@@ -99,7 +99,8 @@ def _reuse_settings(config: KV3DConfig) -> ReuseSettings:
 
 def sequence_context_tokens(configured: int, n_ctx_train: int) -> int:
     """Tokens one sequence may hold: `model.context_tokens` (0 = the model's training context),
-    never past the training context (a GGUF that names none is taken at its word)."""
+    never past the training context; where the GGUF names none, the configured value (or
+    `FALLBACK_CONTEXT_TOKENS`)."""
     if n_ctx_train <= 0:
         return configured or FALLBACK_CONTEXT_TOKENS
     return min(configured, n_ctx_train) if configured else n_ctx_train
@@ -111,10 +112,11 @@ def plan_kv_cells(settings: EngineSettings, model: LlamaModel) -> tuple[int, int
     bytes_per_cell = model.kv_bytes_per_cell(settings.kv_type)
     budget_cells = settings.kv_budget_bytes // bytes_per_cell
     if budget_cells < context_tokens:
+        whose = "" if settings.context_tokens else " (the model's training context)"
         raise CapacityError(
             f"cache.gpu_hot_mb={settings.kv_budget_bytes // MIB} holds {budget_cells} KV cells "
-            f"({bytes_per_cell} bytes each) but one sequence may need {context_tokens}: raise "
-            "cache.gpu_hot_mb or lower model.context_tokens"
+            f"({bytes_per_cell} bytes each) but one sequence may need {context_tokens}{whose}: "
+            "raise cache.gpu_hot_mb or set a smaller model.context_tokens (-c)"
         )
     cells = min(budget_cells, settings.max_sequences * context_tokens)
     return cells, context_tokens

@@ -3,7 +3,13 @@ import json
 import pytest
 
 from kv3d.config import ConfigError, KV3DConfig, load_config, seed_file_dict
-from kv3d.engine.settings import FALLBACK_CONTEXT_TOKENS, sequence_context_tokens
+from kv3d.engine.settings import (
+    FALLBACK_CONTEXT_TOKENS,
+    CapacityError,
+    EngineSettings,
+    plan_kv_cells,
+    sequence_context_tokens,
+)
 
 
 def write(tmp_path, data) -> str:
@@ -63,3 +69,24 @@ def test_context_defaults_to_the_models_own(tmp_path):
     assert sequence_context_tokens(16384, 8192) == 8192  # never past what it was trained on
     assert sequence_context_tokens(0, 0) == FALLBACK_CONTEXT_TOKENS  # a GGUF that names none
     assert sequence_context_tokens(1024, 0) == 1024
+
+
+class _FakeModel:
+    """What plan_kv_cells reads of a model: its training context and bytes per cell."""
+
+    n_ctx_train = 32768
+
+    def kv_bytes_per_cell(self, kv_type: str) -> int:
+        return 1 << 20  # 1 MiB a cell: a small budget is small in cells
+
+
+def test_kv_plan_takes_the_models_context_and_names_it_when_the_budget_is_short():
+    def plan(**model):
+        cfg = load_config(overrides={"cache": {"gpu_hot_mb": 40000}, "model": model})
+        return plan_kv_cells(EngineSettings.from_config(cfg), _FakeModel())
+
+    assert plan() == (min(40000, 8 * 32768), 32768)
+    assert plan(context_tokens=1024) == (8 * 1024, 1024)
+    cfg = load_config(overrides={"cache": {"gpu_hot_mb": 2048}})
+    with pytest.raises(CapacityError, match=r"32768 \(the model's training context\)"):
+        plan_kv_cells(EngineSettings.from_config(cfg), _FakeModel())
