@@ -51,6 +51,7 @@ from kv3d.server.openai_schema import (
     DetokenizeRequest,
     TokenizeRequest,
     chat_logprobs,
+    check_vocabulary,
     completion_logprobs,
     now_s,
     parse_json_body,
@@ -289,14 +290,7 @@ def build_api(
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         req = await _parse(request, DetokenizeRequest, guard.limits.max_body_bytes)
-        n_vocab = served.tokenizer.n_vocab
-        bad = next((t for t in req.tokens if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise APIError(
-                400,
-                f"token id {bad} is not in this model's vocabulary (0..{n_vocab - 1})",
-                param="tokens",
-            )
+        check_vocabulary(req.tokens, served.tokenizer.n_vocab, "tokens")
         text = b"".join(served.tokenizer.piece(t) for t in req.tokens)
         return {"content": text.decode("utf-8", "replace")}
 

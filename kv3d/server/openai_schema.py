@@ -7,11 +7,12 @@ and rejected otherwise, so a client never silently gets behaviour it did not ask
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from pydantic import (
@@ -166,6 +167,18 @@ class _NullMeansDefault(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in optional}
 
 
+def check_vocabulary(ids: Iterable[int], n_vocab: int, param: str) -> None:
+    """A 400 naming `param` and the first of `ids` outside the model's `n_vocab` tokens."""
+    outside = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if outside is not None:
+        raise APIError(
+            400,
+            f"{param}: token id {outside} is not in this model's vocabulary (0..{n_vocab - 1})",
+            param=param,
+        )
+
+
+@functools.cache  # per model class: the same for every request
 def _optional_names(model: type[BaseModel]) -> frozenset[str]:
     """The names (and aliases) of `model`'s fields that have a default other than None."""
     names: set[str] = set()
@@ -302,14 +315,7 @@ class _Request(_NullMeansDefault):
         """The request's sampling; `grammar` is the compiled-checked constraint, if any.
         A logit_bias id outside the model's vocabulary (`n_vocab` tokens) is a 400."""
         bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
-        outside = next((t for t, _ in bias if t >= n_vocab), None)
-        if outside is not None:
-            raise APIError(
-                400,
-                f"logit_bias: token id {outside} is not in this model's vocabulary "
-                f"(0..{n_vocab - 1})",
-                param="logit_bias",
-            )
+        check_vocabulary((t for t, _ in bias), n_vocab, "logit_bias")
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -534,13 +540,7 @@ class CompletionRequest(_Request):
         model's vocabulary of `n_vocab` tokens (a 400 naming the first one outside it)."""
         if isinstance(self.prompt, str):
             return encode(self.prompt)
-        outside = next((t for t in self.prompt if t >= n_vocab), None)
-        if outside is not None:
-            raise APIError(
-                400,
-                f"prompt: token id {outside} is not in this model's vocabulary (0..{n_vocab - 1})",
-                param="prompt",
-            )
+        check_vocabulary(self.prompt, n_vocab, "prompt")
         return list(self.prompt)
 
     @field_validator("echo")
