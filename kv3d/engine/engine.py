@@ -768,6 +768,10 @@ class Engine:
             return
         live = _Live(pending, progress, sampler, text, admission, self.reuse, [], parked=parked)
         self._live[progress.slot] = live
+        try:
+            self.sessions.before_prefill(len(req.prompt_tokens) - progress.num_computed_tokens)
+        except Exception:  # the request does not depend on it: it runs beside them
+            log.exception("demoting idle sessions ahead of request %s failed", req.request_id)
         if parked is None:
             self._counters["prompt_tokens_total"] += len(req.prompt_tokens)
         if progress.num_computed_tokens == len(req.prompt_tokens):

@@ -196,12 +196,17 @@ class IdleRent:
         out_s = [cost.seconds(cells) or 0.0 for cost in (self.demote_cost, self.encode_cost)]
         return sum(out_s) + resume_s
 
-    def due(self, idle_mark_s_per_cell: float, cells: int) -> bool:
+    def due(self, idle_mark_s_per_cell: float, cells: int, ahead_tokens: int = 0) -> bool:
         """Whether a session of `cells` private cells, idle since the clock read
-        `idle_mark_s_per_cell`, has paid its price in rent."""
-        if self.factor <= 0 or self.cost.s_per_cell_token is None or cells <= 0:
+        `idle_mark_s_per_cell`, has paid its price in rent, counting the rent that
+        `ahead_tokens` tokens about to be computed will charge it (a prompt just admitted:
+        its cells are placed by its first step, above the session's while it stays, so that
+        every one of its tokens attends over them even if the session leaves halfway)."""
+        per_token = self.cost.s_per_cell_token
+        if self.factor <= 0 or per_token is None or cells <= 0:
             return False
         price = self.price_s(cells)
         if price is None:
             return False
-        return (self.paid_s_per_cell - idle_mark_s_per_cell) * cells >= self.factor * price
+        paid = self.paid_s_per_cell + ahead_tokens * per_token - idle_mark_s_per_cell
+        return paid * cells >= self.factor * price

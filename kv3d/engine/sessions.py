@@ -503,6 +503,20 @@ class Sessions:
         self.rent.after_step(decode_tokens, prefill_tokens, cells_used, step_s)
         for cells, seconds in self.store.take_encode_times():
             self.rent.encoded(seconds, cells)
+        self._demote_due(ahead_tokens=0)
+
+    def before_prefill(self, prompt_tokens: int) -> None:
+        """A prompt of `prompt_tokens` tokens to compute was just admitted: demote the idle
+        sessions whose rent, with what those tokens will charge them, reaches their price, now,
+        before its first step places its cells. Charged after the fact, a session leaving
+        halfway through a long prompt would have saved it nothing: the prompt's cells sit
+        above the session's, and attention spans the whole used range until it ends."""
+        if prompt_tokens > 0:
+            self._demote_due(ahead_tokens=prompt_tokens)
+
+    def _demote_due(self, ahead_tokens: int) -> None:
+        """Demote the idle sessions that have paid their price (the longest idle first, a few
+        at a time)."""
         idle = self.reuse.cache.idle_sessions()
         for prefix in idle:
             if prefix.idle_mark == IDLE_FROM_NEXT_STEP:
@@ -511,7 +525,7 @@ class Sessions:
         for prefix in sorted(idle, key=lambda p: p.idle_mark):
             if demoted == MAX_RENT_DEMOTIONS_PER_STEP:
                 break
-            if not self.rent.due(prefix.idle_mark, prefix.owned_cells):
+            if not self.rent.due(prefix.idle_mark, prefix.owned_cells, ahead_tokens):
                 # Not yet; a longer one idle for less time may be (its fixed price weighs less).
                 continue
             self.reuse.cache.evict(prefix)

@@ -217,6 +217,38 @@ def test_idle_sessions_stay_hot_until_pressure_then_demote_lru_to_warm(tok):
         assert warm_resume.session_tier == "warm" and warm_resume.usage.cached_tokens > 100
 
 
+def test_a_prompt_whose_tokens_pay_an_idle_sessions_price_demotes_it_before_its_first_step(tok):
+    with Engine.from_config(config(max_hot=4)) as engine:
+        run(engine, request(tok, [("user", "How do I change the port of the server?")], "a"))
+        (idle,) = [p for p in engine.reuse.cache.hot() if p.session_key == "a"]
+        rent = engine.sessions.rent
+        price_s = rent.price_s(idle.owned_cells)  # the start-up self-check's round trips
+        assert price_s is not None and price_s > 0
+        prompt = request(tok, [("user", "Summarise these notes: " + SYSTEM)], "b", 1)
+        to_compute = len(prompt.prompt_tokens) - prompt.family_tokens
+        # Attention over one idle cell as the steps would have measured it: enough that this
+        # prompt's tokens alone pay twice session a's price (the engine is idle: no step runs).
+        rent.cost.s_per_cell_token = 2 * price_s / (to_compute * idle.owned_cells)
+        demoted_after_steps = []
+        on_evict = engine.reuse.cache.on_evict
+
+        def record(prefix):
+            demoted_after_steps.append(engine.stats().steps_total)
+            on_evict(prefix)
+
+        engine.reuse.cache.on_evict = record
+        steps_before = engine.stats().steps_total
+        _, _, end = run(engine, prompt)
+        engine.sessions.flush()
+        stats = engine.stats()
+        engine.check_invariants()
+    assert isinstance(end, Finished)
+    # Demoted at the prompt's admission, before the step that placed its first cells (charged
+    # after that step, it would have left with the prompt's cells already above its own).
+    assert demoted_after_steps == [steps_before]
+    assert stats.session_rent_demotions_total == 1 and stats.sessions_warm == 1
+
+
 def test_stopping_an_engine_parks_its_hot_sessions_first(tok, tmp_path):
     """Scale-down or redeploy: a session kept hot is not lost when its replica stops."""
     cold = tmp_path / "cold"

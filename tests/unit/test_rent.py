@@ -88,6 +88,19 @@ def test_a_session_is_due_once_its_rent_reaches_the_measured_price():
     assert steps == pytest.approx(210e-6 / per_step, abs=1.5)
 
 
+def test_rent_that_tokens_about_to_run_will_charge_counts_towards_the_price():
+    rent = trained(IdleRent())
+    mark = rent.paid_s_per_cell
+    rent.resumed(0.040, 200)  # 200 µs per cell
+    per_token = rent.cost.s_per_cell_token
+    needed = 200e-6 / per_token  # tokens whose attention over one cell costs its price
+    assert not rent.due(mark, 200)
+    assert not rent.due(mark, 200, ahead_tokens=int(needed * 0.9))
+    assert rent.due(mark, 200, ahead_tokens=int(needed * 1.1) + 1)
+    assert rent.paid_s_per_cell == mark  # looking ahead charges nothing
+    assert not IdleRent(factor=0).due(0.0, 200, ahead_tokens=10**9)
+
+
 def test_the_price_is_a_measured_resume_else_the_start_up_round_trips():
     rent = trained(IdleRent())
     assert rent.price_s(100) is None

@@ -451,6 +451,40 @@ def test_an_idle_session_is_demoted_once_the_steps_beside_it_paid_its_price(stor
     h.check()
 
 
+def test_a_prompt_about_to_run_demotes_the_idle_sessions_its_tokens_would_pay_for(store):
+    h = Harness(store=store)
+    rent = rent_known(h)
+    first_turn(h)
+    h.sessions.after_step(4, 0, 3000, 0.1)  # the step it finished in: idle from here
+    paid = rent.paid_s_per_cell
+    # 1 µs per cell and token against a price of 100 µs per cell: a prompt of 99 tokens leaves
+    # it hot, one of 101 would charge it more than its price: it goes before that prompt's
+    # first step.
+    h.sessions.before_prefill(99)
+    assert "chat-1" in {p.session_key for p in h.reuse.cache.hot()}
+    h.sessions.before_prefill(0)
+    assert "chat-1" in {p.session_key for p in h.reuse.cache.hot()}
+    h.sessions.before_prefill(101)
+    assert "chat-1" not in {p.session_key for p in h.reuse.cache.hot()}
+    assert rent.paid_s_per_cell == paid  # the tokens are charged by the steps that run them
+    store.flush()
+    assert store.holds("chat-1") and h.sessions.stats()["session_rent_demotions_total"] == 1
+    h.check()
+
+
+def test_a_prompt_does_not_demote_the_session_it_resumes_from(store):
+    h = Harness(store=store)
+    rent_known(h)
+    first_turn(h)
+    h.sessions.after_step(4, 0, 3000, 0.1)
+    (session,) = [p for p in h.reuse.cache.hot() if p.session_key == "chat-1"]
+    progress, adm = h.admit(h.submit(second_turn_request()))
+    assert adm.prefix is session
+    h.sessions.before_prefill(10_000)
+    assert session in h.reuse.cache.hot()
+    h.check()
+
+
 def test_a_session_stays_hot_while_no_step_runs_and_the_longest_idle_goes_first(store):
     h = Harness(store=store, holders=4)
     rent = rent_known(h)
