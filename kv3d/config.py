@@ -259,6 +259,38 @@ class RouteConfig(_Section):
     )
 
 
+class SamplingConfig(_Section):
+    """What a request that leaves a sampling field out (or sends null) gets. Unset: the model's
+    recommendation in its GGUF (`general.sampling.*`), else llama.cpp's default, as
+    llama-server does; OpenAI's own (temperature 1, nothing cut) make a small model wander."""
+
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=2.0,
+        description="Temperature of a request that sends none; unset = the GGUF's "
+        "general.sampling.temp, else 0.8.",
+    )
+    top_p: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="top_p of a request that sends none; unset = the GGUF's, else 0.95.",
+    )
+    top_k: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="top_k of a request that sends none (0 = off); unset = the GGUF's, else 40.",
+    )
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="min_p of a request that sends none (0 = off); unset = the GGUF's, else 0.05.",
+    )
+
+
 class DeployConfig(_Section):
     replicas: int = Field(1, ge=1, description="Model replicas (one per GPU in production).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
@@ -309,9 +341,19 @@ class KV3DConfig(BaseSettings):
     route: RouteConfig = Field(default_factory=RouteConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @field_validator(
-        "server", "cache", "model", "engine", "prefix", "route", "limits", "deploy", mode="before"
+        "server",
+        "cache",
+        "model",
+        "engine",
+        "prefix",
+        "route",
+        "limits",
+        "deploy",
+        "sampling",
+        mode="before",
     )
     @classmethod
     def _none_is_default(cls, value: Any) -> Any:

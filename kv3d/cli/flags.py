@@ -38,6 +38,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "server.api_key": ("--api-key",),
     "server.safe_mode": ("--safe-mode",),
     "deploy.replicas": ("--replicas",),
+    "sampling.temperature": ("--temp",),
+    "sampling.top_p": ("--top-p",),
+    "sampling.top_k": ("--top-k",),
+    "sampling.min_p": ("--min-p",),
 }
 
 NONE_WORDS = frozenset({"none", "null"})

@@ -57,6 +57,7 @@ from kv3d.server.openai_schema import (
     parse_json_body,
     usage_dict,
 )
+from kv3d.server.sampling import SamplingDefaults
 from kv3d.server.structured import output_grammar
 from kv3d.server.tools import (
     Call,
@@ -130,6 +131,7 @@ class ServedModel:
     model_id: str
     tokenizer: Tokenizer
     context_tokens: int  # most prompt + completion tokens of one sequence
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     created_s: int = field(default_factory=now_s)
 
     @classmethod
@@ -137,12 +139,15 @@ class ServedModel:
         """The model `config` names, with its tokenizer (vocabulary only, no weights)."""
         path = resolve_model_path(config.model.path)
         tokenizer = Tokenizer.load(path)
+        sampling = SamplingDefaults.resolve(config.sampling, tokenizer.meta)
+        log.info("requests that leave sampling fields out get %s", sampling.describe())
         return cls(
             model_id=model_id_for(path, config.model.id),
             tokenizer=tokenizer,
             context_tokens=sequence_context_tokens(
                 config.model.context_tokens, tokenizer.n_ctx_train
             ),
+            sampling=sampling,
         )
 
 
@@ -238,6 +243,7 @@ def build_api(
             family,
             session_header,
             tokenizer=served.tokenizer,
+            sampling_defaults=served.sampling,
         )
         grammar = call_grammar(use)
         if grammar is not None:
@@ -267,6 +273,7 @@ def build_api(
             req.logprobs,
             tenant,
             tokenizer=served.tokenizer,
+            sampling_defaults=served.sampling,
         )
         created_s = now_s()
         view = _Choices(
@@ -438,6 +445,7 @@ def _generation_request(
     session_id: str | None = None,
     *,
     tokenizer: Tokenizer,
+    sampling_defaults: SamplingDefaults,
 ) -> GenerationRequest:
     if not prompt:
         raise APIError(400, "the prompt is empty after tokenization", param="messages")
@@ -476,6 +484,7 @@ def _generation_request(
         sampling=req.sampling(
             n_vocab=tokenizer.n_vocab,
             grammar=output_grammar(req.response_format, req.grammar, tokenizer),
+            defaults=sampling_defaults,
         ),
         stop=req.stop_strings(),
         n=req.n,

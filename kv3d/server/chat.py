@@ -187,6 +187,10 @@ class Tokenizer:
     def n_ctx_train(self) -> int:
         return self._model.n_ctx_train
 
+    def meta(self, key: str) -> str | None:
+        """The model's GGUF metadata value under `key`, as text, or None."""
+        return self._model.meta(key)
+
     @cached_property
     def chat_template(self) -> ChatTemplate:
         m = self._model

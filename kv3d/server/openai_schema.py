@@ -27,6 +27,7 @@ from pydantic import (
 
 from kv3d.engine.generation import REPEAT_LAST_N, SamplingParams, TokenLogprob, Usage
 from kv3d.server.chat import ChatMessage, ToolCall
+from kv3d.server.sampling import SamplingDefaults
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -311,17 +312,27 @@ class _Request(_NullMeansDefault):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    def sampling(self, *, n_vocab: int, grammar: str | None = None) -> SamplingParams:
-        """The request's sampling; `grammar` is the compiled-checked constraint, if any.
-        A logit_bias id outside the model's vocabulary (`n_vocab` tokens) is a 400."""
+    def sampling(
+        self, *, n_vocab: int, grammar: str | None = None, defaults: SamplingDefaults | None = None
+    ) -> SamplingParams:
+        """The request's sampling; `grammar` is the compiled-checked constraint, if any;
+        `defaults` fill the temperature, top_p, top_k and min_p it leaves out (None: the
+        fields' own, OpenAI's). A logit_bias id outside the model's vocabulary (`n_vocab`
+        tokens) is a 400."""
         bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
         check_vocabulary((t for t, _ in bias), n_vocab, "logit_bias")
+        sent = self.model_fields_set
+
+        def pick(name: str):
+            source = self if defaults is None or name in sent else defaults
+            return getattr(source, name)
+
         return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
             seed=self.seed,
-            min_p=self.min_p,
+            min_p=pick("min_p"),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
