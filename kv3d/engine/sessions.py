@@ -611,5 +611,8 @@ class NoSessions:
     def after_step(self, *step) -> None:
         pass
 
+    def before_prefill(self, prompt_tokens: int) -> None:
+        pass
+
     def close(self) -> None:
         pass

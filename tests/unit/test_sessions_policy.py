@@ -535,3 +535,12 @@ def test_a_session_does_not_pay_rent_for_the_step_it_finished_in(store):
     assert "chat-1" in {p.session_key for p in h.reuse.cache.hot()}
     assert rent.paid_s_per_cell == pytest.approx(paid + 4e-6)
     h.check()
+
+
+def test_the_engine_without_sessions_answers_every_call_the_engine_makes_of_sessions():
+    from kv3d.engine.sessions import NoSessions, Sessions
+
+    public = {n for n in vars(Sessions) if not n.startswith("_") and callable(vars(Sessions)[n])}
+    missing = {n for n in public if not hasattr(NoSessions, n)}
+    # `demote` is the prefix cache's eviction hook, which only a real session store sets.
+    assert missing <= {"demote"}, missing
