@@ -8,6 +8,7 @@ import asyncio
 import httpx
 
 from kv3d.config import load_config
+from kv3d.server.api import LocalBackend
 
 KEYS = "key-alpha-123,key-beta-456"
 SYSTEM = "You are the support assistant of an inference server company; answer briefly. " * 6
@@ -77,3 +78,15 @@ def family_body(system: str) -> dict:
             {"role": "user", "content": "How do I change the port?"},
         ],
     }
+
+
+class RecordingBackend(LocalBackend):
+    """The real engine, remembering every GenerationRequest the API built."""
+
+    def __init__(self, real):
+        super().__init__(real)
+        self.requests = []
+
+    def generate(self, request):
+        self.requests.append(request)
+        return super().generate(request)

@@ -5,23 +5,11 @@ import time
 
 import pytest
 
-from kv3d.server.api import LocalBackend, ServedModel, build_api
+from kv3d.server.api import ServedModel, build_api
 from kv3d.server.guard import Guard, Tenant, digests_from_setting
-from tests.integration.httpapp import cached, call, chat
+from tests.integration.httpapp import RecordingBackend, cached, call, chat
 
 pytestmark = pytest.mark.integration
-
-
-class RecordingBackend(LocalBackend):
-    """The real engine, remembering every GenerationRequest the API built."""
-
-    def __init__(self, real):
-        super().__init__(real)
-        self.requests = []
-
-    def generate(self, request):
-        self.requests.append(request)
-        return super().generate(request)
 
 
 def recording_app(engine, tok, keys: str = ""):

@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from kv3d.server.api import LocalBackend, ServedModel, build_api
-from tests.integration.httpapp import call, chat, engine_config
+from kv3d.server.api import ServedModel, build_api
+from tests.integration.httpapp import RecordingBackend, call, chat, engine_config
 
 pytestmark = pytest.mark.integration
-
-
-class RecordingBackend(LocalBackend):
-    """The real engine, remembering the sampling of every request the API built."""
-
-    def __init__(self, real):
-        super().__init__(real)
-        self.sampling = []
-
-    def generate(self, request):
-        self.sampling.append(request.sampling)
-        return super().generate(request)
 
 
 def test_requests_that_leave_sampling_out_get_the_servers_defaults(engine):
@@ -39,7 +27,7 @@ def test_requests_that_leave_sampling_out_get_the_servers_defaults(engine):
     for body in bodies:  # one at a time: the record's order is the requests'
         (response,) = call(app, body)
         assert response.status_code == 200, response.text
-    left_out, sent, legacy = backend.sampling
+    left_out, sent, legacy = (r.sampling for r in backend.requests)
     assert (left_out.temperature, left_out.top_p, left_out.top_k, left_out.min_p) == (
         0.8,
         0.95,
