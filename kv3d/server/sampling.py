@@ -12,7 +12,6 @@ both sources.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,10 +48,9 @@ class SamplingDefaults:
         values, sources = {}, []
         for name in FIELDS:
             configured = getattr(config, name)
-            recommended = _from_gguf(name, meta(GGUF_KEYS[name]))
             if configured is not None:
                 values[name], source = configured, "config"
-            elif recommended is not None:
+            elif (recommended := _from_gguf(name, meta(GGUF_KEYS[name]))) is not None:
                 values[name], source = recommended, "gguf"
             else:
                 values[name], source = LLAMA_CPP[name], "llama.cpp"
@@ -67,24 +65,17 @@ class SamplingDefaults:
 
 
 def _from_gguf(name: str, text: str | None) -> float | int | None:
-    """A GGUF's recommended value, checked as the API checks a request's (a file from disk is a
-    boundary); None where it has none or one KV3D cannot use (logged)."""
+    """A GGUF's recommended value, checked by the configuration's own field (a file from disk is
+    a boundary); None where it has none or one KV3D cannot use (logged)."""
     if text is None:
         return None
     try:
         value = float(text)
-    except ValueError:
-        value = math.nan
-    if name == "top_k":
-        if value.is_integer() and value < 2**31:
-            return max(int(value), 0)  # llama.cpp reads top_k <= 0 as off
-    elif name == "temperature":
-        if 0.0 <= value <= 2.0:
-            return value
-    elif name == "top_p":
-        if 0.0 < value <= 1.0:
-            return value
-    elif 0.0 <= value <= 1.0:  # min_p
-        return value
-    log.warning("ignoring the GGUF's %s = %r: not a value the API accepts", GGUF_KEYS[name], text)
-    return None
+        if name == "top_k" and value.is_integer():
+            value = max(int(value), 0)  # llama.cpp reads top_k <= 0 as off
+        return getattr(SamplingConfig.model_validate({name: value}), name)
+    except ValueError:  # pydantic's ValidationError is one
+        log.warning(
+            "ignoring the GGUF's %s = %r: not a value the API accepts", GGUF_KEYS[name], text
+        )
+        return None
