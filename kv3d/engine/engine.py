@@ -578,7 +578,8 @@ class Engine:
         self._grant_output_cells()
         self._admit_waiting()
         decoding = self.scheduler.num_decoding()
-        chunks = self.scheduler.plan(self.pacer.prefill_budget(decoding))
+        awaiting = self.scheduler.num_awaiting_prefill()
+        chunks = self.scheduler.plan(self.pacer.prefill_budget(decoding, awaiting))
         if not chunks:
             return 0
         rows = self._fill_batch(chunks)
@@ -626,10 +627,11 @@ class Engine:
                 self.reuse.make_room(head.cells_needed - self._shared_cells(head))
             except Exception:
                 self._fail_waiting(head)
+        awaited: Counter[int] = Counter()  # family key -> queued requests waiting for it
         for pending in self.scheduler.waiting():
             if not pending.ready:
                 if pending.parked is not None:
-                    return  # the cells freed for a parked sequence are its to take back
+                    break  # the cells freed for a parked sequence are its to take back
                 continue  # never wait on the read here: it is admitted once it is done
             try:
                 refetch = self.sessions.refetch(pending)
@@ -638,17 +640,22 @@ class Engine:
                     continue
                 # One at a time: a request admitted now may start computing a prefix that the
                 # next one should then wait for.
-                if self.reuse.should_wait(pending):
+                family = self.reuse.awaited_family(pending)
+                if family is not None:
+                    awaited[family] += 1
                     continue
                 shared = self._shared_cells(pending)
                 if not self.scheduler.can_admit(pending, shared):
-                    return
+                    break
                 progress = self.scheduler.admit(pending, shared)
             except Exception:
                 self._fail_waiting(pending)
                 continue
             if progress is not None:
                 self._start(pending, progress)
+        for live in self._live.values():
+            key = live.admission.family_key
+            live.progress.awaited_by = awaited[key] if key is not None else 0
 
     def _fail_waiting(self, pending: Pending) -> None:
         log.exception("request %s failed before admission", pending.request.request_id)

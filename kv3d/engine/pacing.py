@@ -7,6 +7,10 @@ eight sequences' decode step costs ~65 ms), so every stream stalls while anyone 
 pacer keeps such steps within `slowdown_max` times a decode-only step, using the step times it
 observes; a step with no sequence decoding still takes `batch_tokens` of prompt (nobody waits).
 
+Requests queued behind a family prefix that a prompt is computing (they wait to share it) are
+waiting on the step as the decoding streams are: each earns the step another minimum chunk, so
+a burst on a new family gets its prefix in a few steps instead of a minimum chunk at a time.
+
 The cost model is linear: step_ms ≈ decode_ms + prompt_tokens × prefill_ms_per_token, each an
 exponential moving average of what the steps measured. It adapts to the hardware: on a GPU,
 where prompt tokens are cheap beside a memory-bound decode step, the budget comes out large.
@@ -34,7 +38,9 @@ class StepPacer:
     decode_ms: float | None = None  # a decode-only step
     prefill_ms_per_token: float | None = None
 
-    def prefill_budget(self, decode_tokens: int) -> int:
+    def prefill_budget(self, decode_tokens: int, awaiting_requests: int = 0) -> int:
+        """Prompt tokens the next step may carry beside `decode_tokens` decoding sequences,
+        while `awaiting_requests` queued requests wait for a prefix a prompt is computing."""
         room = max(0, self.batch_tokens - decode_tokens)
         if decode_tokens == 0 or self.slowdown_max <= 0:
             return room
@@ -42,7 +48,8 @@ class StepPacer:
             return room
         spare_ms = (self.slowdown_max - 1.0) * self.decode_ms
         tokens = int(spare_ms / self.prefill_ms_per_token)
-        return min(room, max(MIN_CHUNK_TOKENS, tokens))
+        floor = MIN_CHUNK_TOKENS * (1 + awaiting_requests)
+        return min(room, max(floor, tokens))
 
     def observe(self, decode_tokens: int, prefill_tokens: int, step_ms: float) -> None:
         """Learn from one finished step: its decode and prompt token counts and wall time."""

@@ -67,6 +67,12 @@ class Admission:
     # A stored session waiting for its family prefix to be recomputed (after a restart).
     deferred_session: object | None = None
 
+    @property
+    def family_key(self) -> int | None:
+        """The key of the family prefix this sequence is computing (None when it computes
+        none, or has finished it): what `PrefixReuse.awaited_family` names."""
+        return self.register_blocks[-1].key if self.register_blocks else None
+
 
 def check_prefix_state(state: SeqState, n_tokens: int) -> None:
     """A prefix's state must hold exactly positions 0…n-1 in its full-attention cache."""
@@ -214,11 +220,19 @@ class PrefixReuse:
     def should_wait(self, pending: Pending) -> bool:
         """Whether a waiting request should let another sequence finish computing its prefix
         first: a burst of one new family then prefills the family once, not once per request."""
+        return self.awaited_family(pending) is not None
+
+    def awaited_family(self, pending: Pending) -> int | None:
+        """The key of the family prefix (its last block) that another sequence is computing
+        and `pending` should wait for (see `should_wait`); None when it need not wait."""
         if not self._in_flight or pending.snapshot is not None or pending.resuming:
-            return False
+            return None
         blocks = self.blocks_of(pending)
         hot = self.cache.peek(blocks)
-        return any(b.key in self._in_flight and b.end_tokens > hot for b in blocks)
+        for b in blocks:
+            if b.key in self._in_flight and b.end_tokens > hot:
+                return b.key
+        return None
 
     def late_snapshot(self, pending: Pending) -> None:
         """Look up a snapshot for `pending` at admission, when it came without one: its family
@@ -283,8 +297,8 @@ class PrefixReuse:
         """Settle a new sequence with the budget and track the family it computes (every
         admission, whether a session resume or `admit` made it)."""
         self.counters["prefix_lookups_total"] += 1
-        if admission.register_blocks:
-            key = admission.register_blocks[-1].key
+        key = admission.family_key
+        if key is not None:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         # The budget left out the cells the scheduler expected a hot prefix to provide; the
         # prefix actually shared may differ (a restored snapshot: more; a resume: less).
@@ -380,9 +394,9 @@ class PrefixReuse:
         self.cache.evict_unused(self.budget.total_cells)
 
     def _done_registering(self, admission: Admission) -> None:
-        if not admission.register_blocks:
+        key = admission.family_key
+        if key is None:
             return
-        key = admission.register_blocks[-1].key
         admission.register_blocks = ()
         left = self._in_flight.get(key, 0) - 1
         if left > 0:
@@ -445,6 +459,9 @@ class NoReuse:
 
     def should_wait(self, pending: Pending) -> bool:
         return False
+
+    def awaited_family(self, pending: Pending) -> int | None:
+        return None
 
     def admit(self, pending: Pending, progress: SeqProgress) -> Admission:
         req = pending.request

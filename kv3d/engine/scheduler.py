@@ -3,9 +3,10 @@
 It never touches llama.cpp; the engine turns its plan into a batch. Policy, in order:
 1. every running sequence that is generating gets its one next token (keeps inter-token latency
    flat while others prefill);
-2. sequences still prefilling get prompt chunks, fewest tokens left first (one passed over
-   for several steps goes first), within `batch_tokens` and the prompt-token budget the
-   engine's pacer sets while others decode (`pacing.py`);
+2. sequences still prefilling get prompt chunks, fewest tokens left first, counted per
+   request waiting on them (a family prefix that queued requests wait for serves all of them;
+   one passed over for several steps goes first), within `batch_tokens` and the prompt-token
+   budget the engine's pacer sets while others decode (`pacing.py`);
 3. waiting requests are admitted first-come first-served while a slot is free and the KV budget
    can reserve their prompt's cells (less what a hot prefix provides) and the cells of their
    first `OUTPUT_CELLS_PER_GRANT` output tokens. A request whose stored session is still being
@@ -126,6 +127,7 @@ class SeqProgress:
     chunk_stop: int | None = None  # prefill chunks must end here (a prefix to register)
     shared_cells_expected: int = 0  # left out of the reservation: a hot prefix provides them
     prefill_skips: int = 0  # steps in a row this prompt got no chunk (others came first)
+    awaited_by: int = 0  # queued requests waiting for the family prefix this prompt computes
 
     @property
     def prefilling(self) -> bool:
@@ -288,6 +290,10 @@ class Scheduler:
         """Running sequences that have a generated token to feed back in the next step."""
         return sum(1 for seq in self.running.values() if seq.pending_token is not None)
 
+    def num_awaiting_prefill(self) -> int:
+        """Queued requests waiting for a family prefix that a running prompt is computing."""
+        return sum(seq.awaited_by for seq in self.running.values() if seq.prefilling)
+
     def plan(self, prefill_tokens: int | None = None) -> list[Chunk]:
         """The chunks of the next step; empty when nothing can run. At most `prefill_tokens`
         prompt tokens ride along with the decode tokens (None: what the batch has room for)."""
@@ -337,15 +343,17 @@ STARVED_AFTER_STEPS = 8
 
 
 def _prefill_order(running) -> list[SeqProgress]:
-    """Prompts still prefilling, the one with the fewest tokens left first: a short prompt (a
-    session's next turn, a hit on a hot prefix) starts streaming in one step instead of waiting
-    behind a long one that the step budget feeds a chunk at a time. A prompt passed over for
+    """Prompts still prefilling, the one with the fewest tokens left per request waiting on
+    them first: a short prompt (a session's next turn, a hit on a hot prefix) starts streaming
+    in one step instead of waiting behind a long one that the step budget feeds a chunk at a
+    time; a prompt computing a family prefix that queued requests wait for counts its tokens
+    once for all of them (they are the first tokens of each). A prompt passed over for
     `STARVED_AFTER_STEPS` steps goes first, so a stream of short ones never starves it."""
     prefilling = [seq for seq in running if seq.prefilling]
     return sorted(
         prefilling,
         key=lambda seq: (
             seq.prefill_skips < STARVED_AFTER_STEPS,
-            len(seq.prompt_tokens) - seq.num_computed_tokens,
+            (len(seq.prompt_tokens) - seq.num_computed_tokens) / (1 + seq.awaited_by),
         ),
     )

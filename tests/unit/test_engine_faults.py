@@ -155,7 +155,7 @@ STAGES = {
     ),
     "prefix in flight check": (
         "miss",
-        lambda mp: inject(mp, PrefixReuse, "should_wait"),
+        lambda mp: inject(mp, PrefixReuse, "awaited_family"),
         Rejected,
     ),
     "making room for the head": (

@@ -35,6 +35,14 @@ def test_budget_keeps_a_mixed_step_within_the_slowdown():
     assert trained(per_token_ms=0.01).prefill_budget(8) == 504
 
 
+def test_each_request_waiting_on_a_prefix_earns_another_minimum_chunk():
+    assert trained().prefill_budget(8, awaiting_requests=3) == 4 * MIN_CHUNK_TOKENS
+    # Where the slowdown already allows more, waiting requests add nothing.
+    assert trained(slowdown_max=4.0).prefill_budget(8, awaiting_requests=1) == 90
+    # The batch's room still bounds it.
+    assert trained().prefill_budget(8, awaiting_requests=40) == 504
+
+
 def test_zero_slowdown_turns_pacing_off():
     assert trained(slowdown_max=0.0).prefill_budget(8) == 504
 

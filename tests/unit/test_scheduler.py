@@ -181,6 +181,22 @@ def test_a_prompt_passed_over_for_several_steps_goes_first():
     assert chunk.slot == short.slot  # served once, the long one waits its turn again
 
 
+def test_a_family_prefix_counts_its_tokens_once_for_the_requests_waiting_on_it():
+    s = scheduler(kv_cells_total=200, batch_tokens=8, num_slots=3)
+    for rid, n in (("alone", 30), ("awaited", 60), ("short", 5)):
+        s.enqueue(request(rid, n))
+    (_, alone), (_, awaited), (_, short) = admit_all(s)
+    awaited.awaited_by = 2  # 60 tokens for 3 requests: 20 each, fewer than 30
+    assert s.num_awaiting_prefill() == 2
+    chunks = s.plan()
+    assert [(c.slot, len(c.tokens)) for c in chunks] == [(short.slot, 5), (awaited.slot, 3)]
+    short.num_computed_tokens += 5
+    awaited.num_computed_tokens += 3
+    awaited.awaited_by = 0  # the requests gave up waiting: 57 tokens for one request now
+    chunks = s.plan()
+    assert [(c.slot, len(c.tokens)) for c in chunks] == [(alone.slot, 8)]
+
+
 def test_output_cells_are_granted_as_the_sequence_generates():
     s = scheduler(kv_cells_total=1000)
     s.enqueue(request("long", 10, max_tokens=100))
