@@ -207,9 +207,10 @@ class EngineConfig(_Section):
         2.0,
         ge=0.0,
         description="While sequences generate, a step that also prefills a prompt may last at "
-        "most this many times a decode-only step (measured as it runs), so streams keep a flat "
-        "inter-token latency while new prompts arrive; 0 = no limit (prompt chunks of up to "
-        "batch_tokens).",
+        "most this many times a decode-only step (measured as it runs; at least 32 prompt "
+        "tokens, and 32 more for each queued request waiting for a family prefix a prompt is "
+        "computing), so streams keep a flat inter-token latency while new prompts arrive; 0 = "
+        "no limit (prompt chunks of up to batch_tokens).",
     )
     decode_threads: int = Field(
         0,
