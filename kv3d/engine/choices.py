@@ -2,7 +2,7 @@
 
 The n choices are queued together as ordinary requests with the same prompt. The first one
 admitted computes the prompt and keeps its whole blocks hot as a prefix (prefix reuse does this
-for every prompt); the others wait for it (`PrefixReuse.should_wait`) and then take those cells
+for every prompt); the others wait for it (`PrefixReuse.awaited_family`) and then take those cells
 by `seq_cp` instead of computing them, so the prompt is computed once and its cells are held
 once. Each choice computes only the tail of its prompt past the last whole block (fewer than
 `prefix.block_tokens` tokens) and samples with its own sampler.

@@ -653,9 +653,9 @@ class Engine:
                 continue
             if progress is not None:
                 self._start(pending, progress)
-        for live in self._live.values():
+        for live in self._live.values():  # each waiting request counted once
             key = live.admission.family_key
-            live.progress.awaited_by = awaited[key] if key is not None else 0
+            live.progress.awaited_by = awaited.pop(key, 0) if key is not None else 0
 
     def _fail_waiting(self, pending: Pending) -> None:
         log.exception("request %s failed before admission", pending.request.request_id)

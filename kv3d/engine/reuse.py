@@ -217,14 +217,11 @@ class PrefixReuse:
         """Evict every idle prefix and session (the cache is full); whether any went."""
         return self.cache.evict_unused(self.budget.total_cells) > 0
 
-    def should_wait(self, pending: Pending) -> bool:
-        """Whether a waiting request should let another sequence finish computing its prefix
-        first: a burst of one new family then prefills the family once, not once per request."""
-        return self.awaited_family(pending) is not None
-
     def awaited_family(self, pending: Pending) -> int | None:
         """The key of the family prefix (its last block) that another sequence is computing
-        and `pending` should wait for (see `should_wait`); None when it need not wait."""
+        and that `pending` should wait for, letting that sequence finish it first (a burst of
+        one new family then prefills the family once, not once per request); None when it
+        need not wait."""
         if not self._in_flight or pending.snapshot is not None or pending.resuming:
             return None
         blocks = self.blocks_of(pending)
@@ -455,9 +452,6 @@ class NoReuse:
         pass
 
     def evict_idle(self) -> bool:
-        return False
-
-    def should_wait(self, pending: Pending) -> bool:
         return False
 
     def awaited_family(self, pending: Pending) -> int | None:

@@ -63,9 +63,9 @@ def test_a_burst_of_one_new_family_waits_for_the_first_to_compute_it():
     first = h.submit(chat("a", (1, 2, 3, 4, 5)))
     second = h.submit(chat("b", (6, 7, 8, 9, 10)))
     progress, _ = h.admit(first)
-    assert h.reuse.should_wait(second)
+    assert h.reuse.awaited_family(second) is not None
     h.prefill(progress, upto=len(FAMILY))  # the family is now hot
-    assert not h.reuse.should_wait(second)
+    assert h.reuse.awaited_family(second) is None
     _, adm = h.admit(second)
     assert adm.cached_tokens == len(FAMILY)
     h.check()

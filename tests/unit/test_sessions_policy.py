@@ -210,9 +210,9 @@ def test_new_named_conversations_of_one_family_wait_for_the_first_to_compute_it(
     # Nothing stored under its id, no part of its prompt either: nothing is even fetched.
     assert second.session is None and not second.resuming
     progress, _ = h.admit(first)
-    assert h.reuse.should_wait(second)
+    assert h.reuse.awaited_family(second) is not None
     h.prefill(progress, upto=len(FAMILY))
-    assert not h.reuse.should_wait(second)
+    assert h.reuse.awaited_family(second) is None
     _, adm = h.admit(second)
     assert adm.cached_tokens == len(FAMILY)
     h.check()
