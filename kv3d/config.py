@@ -170,8 +170,9 @@ class CacheConfig(_Section):
         description="An idle session kept in the KV cache slows every step of the sequences "
         "running beside it (attention covers every used cell): it moves to the warm tier once "
         "that cost, measured as the engine runs, reaches this many times what a demotion and a "
-        "resume cost (measured too). Higher keeps sessions hot longer; 0 = only when memory is "
-        "needed.",
+        "resume cost (measured too). An unused family prefix whose snapshot is in the catalog "
+        "leaves once its rent reaches this many times what restoring it costs. Higher keeps "
+        "both hot longer; 0 = only when memory is needed.",
     )
 
 

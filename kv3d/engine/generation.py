@@ -154,6 +154,7 @@ class EngineStats:
     session_resumes_total: int = 0
     session_demotions_total: int = 0
     session_rent_demotions_total: int = 0  # idle sessions moved out of the KV cache by cost
+    prefix_rent_evictions_total: int = 0  # unused family prefixes evicted by cost (restorable)
     session_drops_total: int = 0
     session_rejects_total: int = 0
     session_restore_failures_total: int = 0

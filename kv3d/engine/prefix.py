@@ -110,6 +110,9 @@ class HotPrefix:
     parent_tokens: int = 0
     session_key: str | None = None
     superseded: bool = False  # a newer turn of the same session replaced it
+    # A family prefix whose snapshot is in the catalog (published, or restored from it): once
+    # evicted, its next request restores it instead of computing it again.
+    restorable: bool = False
     tenant: str = ""  # who the prefix belongs to (GenerationRequest.tenant), for figures only
     idle_mark: float = 0.0  # the idle clock's reading when it last became unreferenced
     # An idle session also keeps the logits its request got at the end of its prompt (the
@@ -296,6 +299,7 @@ class PrefixCache:
         except Exception:
             self._drop(prefix)
             raise
+        prefix.restorable = True
         return prefix
 
     def export_state(self, prefix: HotPrefix) -> bytes:
@@ -324,6 +328,16 @@ class PrefixCache:
     def idle_sessions(self) -> list[HotPrefix]:
         """Idle sessions (hot, unreferenced), longest idle by the idle clock first."""
         idle = [p for p in self._sessions.values() if p.refs == 0 and not p.superseded]
+        return sorted(idle, key=lambda p: p.idle_mark)
+
+    def idle_restorable(self) -> list[HotPrefix]:
+        """Family prefixes that nothing uses or pins and that a snapshot can bring back,
+        longest idle by the idle clock first."""
+        idle = [
+            p
+            for p in self._prefixes.values()
+            if p.refs == 0 and p.session_key is None and p.restorable
+        ]
         return sorted(idle, key=lambda p: p.idle_mark)
 
     def evict(self, prefix: HotPrefix) -> None:

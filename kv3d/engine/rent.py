@@ -16,6 +16,10 @@ long one. Both are measured as the engine runs, so the rule holds on a CPU, wher
 a few thousand cells costs as much as the weights, and on a GPU, where it costs little and
 sessions stay hot far longer. A quiet engine accrues nothing: every session stays hot until
 memory is needed.
+
+A family prefix that nothing uses any more (no running sequence, no idle session pinning it)
+costs the steps the same way. Where its snapshot is in the catalog, buying is only the restore
+of its cells (nothing to export or encode on the way out): it pays rent against that price.
 """
 
 from __future__ import annotations
@@ -196,16 +200,32 @@ class IdleRent:
         out_s = [cost.seconds(cells) or 0.0 for cost in (self.demote_cost, self.encode_cost)]
         return sum(out_s) + resume_s
 
-    def due(self, idle_mark_s_per_cell: float, cells: int, ahead_tokens: int = 0) -> bool:
-        """Whether a session of `cells` private cells, idle since the clock read
-        `idle_mark_s_per_cell`, has paid its price in rent, counting the rent that
-        `ahead_tokens` tokens about to be computed will charge it (a prompt just admitted:
-        its cells are placed by its first step, above the session's while it stays, so that
-        every one of its tokens attends over them even if the session leaves halfway)."""
+    def restore_price_s(self, cells: int) -> float | None:
+        """What bringing back `cells` cells already stored elsewhere costs (a family prefix
+        whose snapshot is in the catalog: nothing to export or encode on the way out)."""
+        resume_s = self.resume_cost.seconds(cells)
+        if resume_s is None and self.round_trip is not None:
+            return self.round_trip.seconds(cells)
+        return resume_s
+
+    def due(
+        self,
+        idle_mark_s_per_cell: float,
+        cells: int,
+        ahead_tokens: int = 0,
+        *,
+        stored: bool = False,
+    ) -> bool:
+        """Whether a session of `cells` private cells (a family prefix whose snapshot is
+        `stored`), idle since the clock read `idle_mark_s_per_cell`, has paid its price in rent,
+        counting the rent that `ahead_tokens` tokens about to be computed will charge it (a
+        prompt just admitted: its cells are placed by its first step, above the session's while
+        it stays, so that every one of its tokens attends over them even if it leaves
+        halfway)."""
         per_token = self.cost.s_per_cell_token
         if self.factor <= 0 or per_token is None or cells <= 0:
             return False
-        price = self.price_s(cells)
+        price = self.restore_price_s(cells) if stored else self.price_s(cells)
         if price is None:
             return False
         paid = self.paid_s_per_cell + ahead_tokens * per_token - idle_mark_s_per_cell

@@ -416,6 +416,7 @@ class PrefixReuse:
                 prefix.tenant,
             )
             self.publish(meta, blob)
+            prefix.restorable = True
             self.counters["snapshots_published_total"] += 1
         except Exception:  # publishing is an optimisation: never fail the request for it
             log.exception("could not publish the snapshot of prefix %016x", prefix.key)

@@ -126,6 +126,7 @@ class Sessions:
         self.fingerprint = reuse.fingerprint
         self.rent = rent if rent is not None else IdleRent()
         self.rent_demotions = 0
+        self.prefix_rent_evictions = 0
         self.part_resumes = 0  # new conversations started on other sessions' parts
         self.refetches = 0  # requests whose session left the cache while they waited
         self._demoted: OrderedDict[str, None] = OrderedDict()  # newest last
@@ -193,6 +194,7 @@ class Sessions:
         return {
             **self.store.stats(),
             "session_rent_demotions_total": self.rent_demotions,
+            "prefix_rent_evictions_total": self.prefix_rent_evictions,
             "session_part_resumes_total": self.part_resumes,
             "session_refetches_total": self.refetches,
         }
@@ -515,9 +517,10 @@ class Sessions:
             self._demote_due(ahead_tokens=prompt_tokens)
 
     def _demote_due(self, ahead_tokens: int) -> None:
-        """Demote the idle sessions that have paid their price (the longest idle first, a few
-        at a time)."""
-        idle = self.reuse.cache.idle_sessions()
+        """Demote the idle sessions, and evict the unused family prefixes that a snapshot can
+        bring back, that have paid their price (the longest idle first, a few at a time)."""
+        cache = self.reuse.cache
+        idle = cache.idle_sessions() + cache.idle_restorable()
         for prefix in idle:
             if prefix.idle_mark == IDLE_FROM_NEXT_STEP:
                 prefix.idle_mark = self.rent.paid_s_per_cell
@@ -525,11 +528,15 @@ class Sessions:
         for prefix in sorted(idle, key=lambda p: p.idle_mark):
             if demoted == MAX_RENT_DEMOTIONS_PER_STEP:
                 break
-            if not self.rent.due(prefix.idle_mark, prefix.owned_cells, ahead_tokens):
+            family = prefix.session_key is None
+            if not self.rent.due(prefix.idle_mark, prefix.owned_cells, ahead_tokens, stored=family):
                 # Not yet; a longer one idle for less time may be (its fixed price weighs less).
                 continue
-            self.reuse.cache.evict(prefix)
-            self.rent_demotions += 1
+            cache.evict(prefix)
+            if family:
+                self.prefix_rent_evictions += 1
+            else:
+                self.rent_demotions += 1
             demoted += 1
 
     def demote(self, prefix: HotPrefix) -> None:

@@ -171,6 +171,13 @@ _ENGINE_SERIES = (
         "cells had cost the running sequences more than a demotion and a resume.",
     ),
     (
+        "prefix_rent_evictions_total",
+        "kv3d_prefix_rent_evictions",
+        "counter",
+        "Unused family prefixes evicted from the KV cache because attending over their cells "
+        "had cost the running sequences more than restoring them from their snapshot.",
+    ),
+    (
         "session_drops_total",
         "kv3d_session_evictions",
         "counter",

@@ -115,6 +115,29 @@ def test_the_price_is_a_measured_resume_else_the_start_up_round_trips():
     assert rent.price_s(200) == pytest.approx(0.048)
 
 
+def test_a_family_prefix_with_a_stored_snapshot_is_priced_at_its_restore_alone():
+    rent = trained(IdleRent())
+    assert rent.restore_price_s(200) is None
+    rent.round_trip = MoveCost.of(((30, 0.012), (240, 0.021)))
+    assert rent.restore_price_s(240) == pytest.approx(0.021)  # the round trip until a resume
+    rent.demoted(0.002, 200)
+    rent.encoded(0.006, 200)
+    rent.resumed(0.040, 200)
+    assert rent.restore_price_s(200) == pytest.approx(0.040)  # nothing to export or encode
+    assert rent.price_s(200) == pytest.approx(0.048)
+    mark = rent.paid_s_per_cell
+    steps_stored = steps_session = None
+    for steps in range(1, 1000):
+        rent.after_step(8, 0, 3000, 0.3)
+        if steps_stored is None and rent.due(mark, 200, stored=True):
+            steps_stored = steps
+        if rent.due(mark, 200):
+            steps_session = steps
+            break
+    assert steps_stored is not None and steps_session is not None
+    assert steps_stored == pytest.approx(steps_session * 40 / 48, abs=1.5)
+
+
 def test_a_move_has_a_fixed_part_so_a_short_session_pays_more_rent_per_cell():
     cost = MoveCost()
     for cells in (40, 400, 1200, 80, 800):

@@ -544,3 +544,43 @@ def test_the_engine_without_sessions_answers_every_call_the_engine_makes_of_sess
     missing = {n for n in public if not hasattr(NoSessions, n)}
     # `demote` is the prefix cache's eviction hook, which only a real session store sets.
     assert missing <= {"demote"}, missing
+
+
+def test_an_unused_family_with_a_snapshot_leaves_once_the_steps_paid_its_restore(store):
+    snapshots = local_snapshots()
+    h = Harness(store=store, publish=snapshots.publish, snapshot_source=snapshots.fetch)
+    rent_known(h)
+    first_turn(h)
+    charge_until_due(h, "chat-1")  # the session goes first; its family was pinned by it
+    family = [p for p in h.reuse.cache.hot() if p.session_key is None]
+    assert len(family) == 1 and family[0].refs == 0 and family[0].restorable
+    # 4 tokens × 1 µs per step against a restore of 100 µs per cell (no export or encode):
+    # 25 steps after the one in which it became unused (one more where the clock's floating
+    # point difference falls a hair short); a session's price would take longer.
+    steps = 0
+    while h.reuse.cache.hot():
+        assert steps < 100, "the unused family never left"  # fails, not hangs
+        h.sessions.after_step(4, 0, 3000, 0.1)
+        steps += 1
+    assert steps in (26, 27)
+    assert h.sessions.stats()["prefix_rent_evictions_total"] == 1
+    assert h.sessions.stats()["session_rent_demotions_total"] == 1
+    h.check()
+    # Its next conversation restores it from the snapshot instead of computing it.
+    progress, adm = h.admit(h.submit(request("t3", (90, 91, 92, 93, 94), "chat-2")))
+    assert adm.prefix_tokens == len(FAMILY) and progress.num_computed_tokens == len(FAMILY)
+    assert h.reuse.counters["snapshot_restores_total"] == 1
+    h.check()
+
+
+def test_an_unused_family_that_no_snapshot_can_bring_back_stays_hot(store):
+    h = Harness(store=store)  # no snapshot store: evicting it would mean computing it again
+    rent_known(h)
+    first_turn(h)
+    charge_until_due(h, "chat-1")
+    for _ in range(500):
+        h.sessions.after_step(4, 0, 3000, 0.1)
+    family = [p for p in h.reuse.cache.hot() if p.session_key is None]
+    assert len(family) == 1 and family[0].refs == 0 and not family[0].restorable
+    assert h.sessions.stats()["prefix_rent_evictions_total"] == 0
+    h.check()
