@@ -249,6 +249,48 @@ def test_a_prompt_whose_tokens_pay_an_idle_sessions_price_demotes_it_before_its_
     assert stats.session_rent_demotions_total == 1 and stats.sessions_warm == 1
 
 
+def test_an_unused_family_leaves_once_its_rent_pays_a_restore_and_comes_back_from_its_snapshot(
+    tok, monkeypatch
+):
+    from kv3d.engine.catalog import LocalSnapshots
+
+    with Engine.from_config(config(max_hot=4)) as engine:
+        snapshots = LocalSnapshots(64 << 20, engine.fingerprint)
+        engine.set_snapshot_sink(snapshots.publish)
+        engine.set_snapshot_source(snapshots.fetch)
+        _, _, first = run(engine, request(tok, [("user", "How do I stop it?")], "a"))
+        (family,) = [p for p in engine.reuse.cache.hot() if p.session_key is None]
+        assert family.restorable  # published when its prompt computed it
+        # Attention over one idle cell as if the steps had measured it dear: every step of the
+        # next request pays more than any move costs, so session a leaves after the first one,
+        # and its family, then used by nothing, after the next.
+        rent = engine.sessions.rent
+        rent.cost.s_per_cell_token = 1.0
+        monkeypatch.setattr(rent.cost, "_fit", lambda: None)  # no refit over this test's steps
+        other = [("user", "Summarise these notes: " + "The port is set with --port. " * 8)]
+        unique = request(tok, other, "b", 8)
+        unique = GenerationRequest(  # a system prompt of its own: not family a's
+            unique.request_id,
+            tuple(tok.encode_chat([ChatMessage("user", other[0][1])])),
+            8,
+            SamplingParams(temperature=0.0),
+            session_id="b",
+        )
+        run(engine, unique)
+        engine.sessions.flush()
+        stats = engine.stats()
+        engine.check_invariants()
+        assert stats.session_rent_demotions_total >= 1 and stats.prefix_rent_evictions_total == 1
+        assert all(p is not family for p in engine.reuse.cache.hot())
+        # A new conversation of the family restores it from the snapshot instead of computing it.
+        _, _, end = run(engine, request(tok, [("user", "How do I start it?")], "c"))
+        stats = engine.stats()
+        engine.check_invariants()
+    assert isinstance(first, Finished) and isinstance(end, Finished)
+    assert stats.snapshot_restores_total == 1
+    assert end.usage.cached_tokens >= family.n_tokens
+
+
 def test_stopping_an_engine_parks_its_hot_sessions_first(tok, tmp_path):
     """Scale-down or redeploy: a session kept hot is not lost when its replica stops."""
     cold = tmp_path / "cold"
