@@ -325,20 +325,18 @@ class PrefixCache:
                 self._evict(prefix)
         return freed
 
-    def idle_sessions(self) -> list[HotPrefix]:
-        """Idle sessions (hot, unreferenced), longest idle by the idle clock first."""
-        idle = [p for p in self._sessions.values() if p.refs == 0 and not p.superseded]
-        return sorted(idle, key=lambda p: p.idle_mark)
-
-    def idle_restorable(self) -> list[HotPrefix]:
-        """Family prefixes that nothing uses or pins and that a snapshot can bring back,
-        longest idle by the idle clock first."""
-        idle = [
+    def idle_for_rent(self) -> list[HotPrefix]:
+        """What pays idle rent: idle sessions (hot, unreferenced, not superseded) and family
+        prefixes that nothing uses or pins and that a snapshot can bring back. Unordered: the
+        caller orders them by idle mark once it has read the clock for those idle since the
+        last step."""
+        sessions = [p for p in self._sessions.values() if p.refs == 0 and not p.superseded]
+        families = [
             p
             for p in self._prefixes.values()
             if p.refs == 0 and p.session_key is None and p.restorable
         ]
-        return sorted(idle, key=lambda p: p.idle_mark)
+        return sessions + families
 
     def evict(self, prefix: HotPrefix) -> None:
         """Evict one unreferenced prefix now (`on_evict` sees it first)."""

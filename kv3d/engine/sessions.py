@@ -520,7 +520,7 @@ class Sessions:
         """Demote the idle sessions, and evict the unused family prefixes that a snapshot can
         bring back, that have paid their price (the longest idle first, a few at a time)."""
         cache = self.reuse.cache
-        idle = cache.idle_sessions() + cache.idle_restorable()
+        idle = cache.idle_for_rent()
         for prefix in idle:
             if prefix.idle_mark == IDLE_FROM_NEXT_STEP:
                 prefix.idle_mark = self.rent.paid_s_per_cell
