@@ -1,8 +1,8 @@
 """Turning a stream of token bytes into streamed text that honours stop strings.
 
 Tokens do not align with UTF-8 characters or with stop strings, so text is released only once
-it is complete: bytes wait for the rest of their character, and a tail that could still become a
-stop string waits for the next token.
+it is complete: bytes wait for the rest of their character (and are dropped if the output ends
+before it), and a tail that could still become a stop string waits for the next token.
 """
 
 from __future__ import annotations
@@ -30,10 +30,16 @@ class IncrementalText:
         return self._release(self._held + self._decoder.decode(piece))
 
     def finish(self) -> str:
-        """Flush what was held back (the output ended without a stop string)."""
+        """Flush what was held back (the output ended without a stop string).
+
+        The bytes of a character the output stopped in the middle of (a `max_tokens` cut) are
+        dropped: the character was never generated, and a U+FFFD in its place would be text
+        the model did not write. Bytes that can never become a character were already replaced
+        by `push`.
+        """
         if self.stopped:
             return ""
-        text = self._held + self._decoder.decode(b"", final=True)
+        text = self._held
         self._held = ""
         return self._release(text, final=True)
 

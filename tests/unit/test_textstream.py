@@ -42,3 +42,13 @@ def test_earliest_of_several_stop_strings_wins():
 
 def test_invalid_utf8_is_replaced_not_raised():
     assert feed(IncrementalText(), [b"ok \xff"]) == "ok \ufffd"
+
+
+def test_character_cut_by_the_end_of_output_is_dropped_not_replaced():
+    globe = "🌍".encode()  # 4 bytes
+    assert feed(IncrementalText(), [b"hi ", globe[:2]]) == "hi "
+    assert feed(IncrementalText(stop=("x",)), [b"hi ", globe, globe[:3]]) == "hi 🌍"
+
+
+def test_invalid_bytes_before_the_end_are_still_replaced():
+    assert feed(IncrementalText(), [b"a\xffb", "€".encode()[:1]]) == "a\ufffdb"
