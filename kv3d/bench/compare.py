@@ -40,6 +40,7 @@ import httpx
 
 from kv3d.bench.openended import open_ended_phase
 from kv3d.bench.phases import StreamError, capacity_phase, chat_body, decode_phase, read_chat_stream
+from kv3d.bench.rounds import combine_entries, combine_ratios, ratio_series, round_orders
 from kv3d.bench.scrape import read_metrics
 from kv3d.bench.workload import WorkloadSpec, latency_stats, run_workload, text_window
 
@@ -272,6 +273,8 @@ class CompareSettings:
     open_ended_concurrency: int = 16
     open_ended_budget_s: float = 120.0
     start_timeout_s: float = 300.0
+    # Each contender run this many times, the order alternated (kv3d/bench/rounds.py).
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.contenders if n not in CONTENDER_NAMES]
@@ -283,6 +286,8 @@ class CompareSettings:
             raise ValueError("decode_tokens must be >= 0 and decode_streams >= 1")
         if self.open_ended_requests < 0 or self.open_ended_concurrency < 1:
             raise ValueError("open_ended_requests must be >= 0 and open_ended_concurrency >= 1")
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,18 +494,61 @@ def compare(
     }
     report["kv_bytes_per_cell"] = _kv_bytes_per_cell(model_path)
     report["fidelity"] = _fidelity(model_path, settings)
-    report["contenders"] = {}
-    for name, contender in contenders.items():
-        log.info("%s: starting (%s)", name, contender.about)
-        entry = _run_contender(contender, spec, settings, log_dir, progress_stream)
-        report["contenders"][name] = entry
+    rounds = _run_rounds(contenders, spec, settings, log_dir, progress_stream)
+    if len(rounds) == 1:
+        report["contenders"] = rounds[0]
+        report["anchor"], report["ratios"] = _ratios(rounds[0])
+    else:
+        per_round = [_ratios(entries) for entries in rounds]
+        report["rounds"] = [
+            {"contenders": entries, "anchor": anchor, "ratios": ratios}
+            for entries, (anchor, ratios) in zip(rounds, per_round, strict=True)
+        ]
+        report["contenders"] = {
+            name: combine_entries([entries[name] for entries in rounds]) for name in contenders
+        }
+        # The anchor of the medians; a round where it failed has no ratios to add.
+        report["anchor"] = _ratios(report["contenders"])[0]
+        report["ratios"] = combine_ratios(
+            [ratios for anchor, ratios in per_round if anchor == report["anchor"]]
+        )
     report["claims"] = {
         name: claims(name, entry, report["fidelity"], report["kv_bytes_per_cell"])
         for name, entry in report["contenders"].items()
     }
-    report["anchor"], report["ratios"] = _ratios(report["contenders"])
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def _run_rounds(
+    contenders: dict[str, Contender],
+    spec: WorkloadSpec,
+    settings: CompareSettings,
+    log_dir: Path,
+    progress_stream: IO[str] | None,
+) -> list[dict[str, dict]]:
+    """Every contender once per round, in the round's order; entries keyed in the contenders'
+    own order. The capacity probe (a count, not a timing) runs once per contender, in the first
+    round it ran without an error."""
+    rounds: list[dict[str, dict]] = []
+    for r, order in enumerate(round_orders(list(contenders), settings.rounds)):
+        entries = {}
+        for name in order:
+            measured = any(not done[name].get("error") for done in rounds)
+            label = name if settings.rounds == 1 else f"{name}, round {r + 1}/{settings.rounds}"
+            log.info("%s: starting (%s)", label, contenders[name].about)
+            suffix = "" if r == 0 else f"-round{r + 1}"
+            entries[name] = _run_contender(
+                contenders[name],
+                spec,
+                settings,
+                log_dir,
+                progress_stream,
+                capacity=not measured,
+                log_suffix=suffix,
+            )
+        rounds.append({name: entries[name] for name in contenders})
+    return rounds
 
 
 def _machine() -> dict:
@@ -545,8 +593,11 @@ def _run_contender(
     settings: CompareSettings,
     log_dir: Path,
     progress_stream: IO[str] | None,
+    *,
+    capacity: bool = True,
+    log_suffix: str = "",
 ) -> dict:
-    server = _server_process(contender, log_dir / f"{contender.name}.log")
+    server = _server_process(contender, log_dir / f"{contender.name}{log_suffix}.log")
     entry: dict[str, Any] = {
         "about": contender.about,
         "command": " ".join(server.argv),
@@ -569,7 +620,7 @@ def _run_contender(
         except (ServerStartError, StreamError, httpx.HTTPError, OSError) as exc:
             log.warning("%s: %s", contender.name, exc)
             entry["error"] = str(exc)
-    if entry["error"] is None:
+    if entry["error"] is None and capacity:
         # On a server started again: the sessions and prefixes the workload left hot would
         # otherwise take part of the KV budget the probe measures, by how much varying with
         # the run's timing.
@@ -733,6 +784,10 @@ def _ratio_row(entry: dict, base: dict) -> dict:
         "requests_per_s_vs_anchor": _over(w["requests_per_s"], bw["requests_per_s"]),
         "ttft_p95_vs_anchor": _over(w["ttft_s"]["p95"], bw["ttft_s"]["p95"], 3),
     }
+    for turns in ("first_turn", "later_turns"):
+        key = f"ttft_{turns}_s"
+        if key in w and key in bw:
+            row[f"ttft_{turns}_p95_vs_anchor"] = _over(w[key]["p95"], bw[key]["p95"], 3)
     d, bd = entry.get("decode"), base.get("decode")
     if d and bd:
         row |= {
@@ -897,6 +952,13 @@ def claim_rows(row: dict, ratio: dict, anchor: str | None) -> list[tuple[str, st
             (f"requests/s vs {anchor}", fmt(ratio.get("requests_per_s_vs_anchor"))),
             (f"TTFT p95 vs {anchor}", fmt(ratio.get("ttft_p95_vs_anchor"))),
             (
+                f"TTFT p95 first / later turns vs {anchor}",
+                _two(
+                    ratio.get("ttft_first_turn_p95_vs_anchor"),
+                    ratio.get("ttft_later_turns_p95_vs_anchor"),
+                ),
+            ),
+            (
                 f"1 stream / N streams tok/s vs {anchor}",
                 _two(ratio.get("single_stream_vs_anchor"), ratio.get("aggregate_vs_anchor")),
             ),
@@ -968,13 +1030,34 @@ def comparison_table(report: dict) -> str:
                     report["claims"][name], report["ratios"].get(name, {}), report["anchor"]
                 )
             )
-            figures[name] = dict(rows)
+            figures[name] = dict(rows) | _round_rows(report, name)
     labels = list(next(iter(figures.values()))) if figures else []
     rows = [
         [label, *(figures[n][label] if n in figures else "did not run" for n in names)]
         for label in labels
     ]
     return render_table(["figure", *names], rows)
+
+
+# Ratios shown round by round under the medians: the spread says how far to trust a verdict.
+ROUND_ROWS = (
+    ("requests_per_s_vs_anchor", "requests/s"),
+    ("ttft_first_turn_p95_vs_anchor", "TTFT p95 first turns"),
+    ("ttft_later_turns_p95_vs_anchor", "TTFT p95 later turns"),
+)
+
+
+def _round_rows(report: dict, name: str) -> dict[str, str]:
+    rounds, anchor = report.get("rounds"), report.get("anchor")
+    if not rounds or anchor is None:
+        return {}
+    per_round = [r["ratios"] if r["anchor"] == anchor else {} for r in rounds]
+    return {
+        f"{label} vs {anchor}, by round": ", ".join(
+            fmt(x) for x in ratio_series(per_round, name, key)
+        )
+        for key, label in ROUND_ROWS
+    }
 
 
 def emit(report: dict, json_path: str | None, table: str, out: IO[str] | None = None) -> None:

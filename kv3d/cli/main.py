@@ -156,6 +156,7 @@ def _compare_servers(args: argparse.Namespace) -> int:
         "fidelity_windows": args.fidelity_windows,
         "decode_tokens": args.decode_tokens,
         "open_ended_requests": args.open_ended,
+        "rounds": args.rounds,
     }
     try:
         settings = CompareSettings(
@@ -368,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --compare: N short chats that set no max_tokens (sampled, 16 at once, cut "
         "after 120 s), as many clients send them (default 32; 0: skip)",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="with --compare: run every contender N times, the order alternated each round; "
+        "figures are medians over the rounds and ratios the medians of each round's ratios, "
+        "also shown round by round (default 1)",
     )
     bench.add_argument(
         "--routers",
