@@ -3,7 +3,9 @@ side-by-side comparison, and the human-readable tables.
 
 The comparison starts each contender as a child process on a free port, runs the same seeded
 workload (kv3d/bench/workload.py) against it, then its claim-table probes, and stops it:
-- `kv3d`: KV3D with its defaults, in a fixed KV budget (`kv_budget_mb`, `max_sequences`);
+- `kv3d`: KV3D with its defaults and `max_sequences` slots; the workload runs with the KV memory
+  llama-server's slots get (`context_tokens` cells per concurrent conversation, at least
+  `kv_budget_mb`), the capacity probe in the fixed budget `kv_budget_mb`;
 - `kv3d-no-reuse`: the same engine and budget with `prefix.enabled=false` (no prefix reuse, no
   session deltas);
 - `llama-cpp-python`: `python -m llama_cpp.server` on the same model and cores;
@@ -298,6 +300,7 @@ class Contender:
     env: tuple[tuple[str, str], ...] = ()
     ready_path: str = "/health"
     ready_line: str | None = None
+    capacity_env: tuple[tuple[str, str], ...] = ()  # over `env`, for the capacity probe's server
 
 
 def llama_server_binary() -> str | None:
@@ -317,16 +320,26 @@ def llama_server_binary() -> str | None:
         return None
 
 
+def workload_kv_mb(settings: CompareSettings, concurrency: int, kv_bytes_per_cell: int) -> int:
+    """KV3D's cache budget for the workload: the KV memory llama-server's slots hold (one
+    per concurrent conversation, `context_tokens` cells each), so that both serve it with the
+    same memory; never below the capacity probe's fixed budget."""
+    slots_bytes = settings.context_tokens * concurrency * kv_bytes_per_cell
+    return max(settings.kv_budget_mb, -(-slots_bytes // (1 << 20)))
+
+
 def build_contenders(
-    settings: CompareSettings, model_path: Path, concurrency: int
+    settings: CompareSettings, model_path: Path, concurrency: int, kv_bytes_per_cell: int
 ) -> tuple[dict[str, Contender], dict[str, str]]:
     """name → Contender for those this machine can run, and name → why not for the others."""
     threads = str(settings.threads or os.cpu_count() or 1)
     # The queue and per-key stream limits would answer the capacity probe's sessions with
     # 429 before the KV budget is reached: raised to let the budget be the limit measured.
     room = str(max(64, settings.capacity_sessions + 8))
+    workload_mb = workload_kv_mb(settings, concurrency, kv_bytes_per_cell)
+    capacity_env = (("KV3D_CACHE__GPU_HOT_MB", str(settings.kv_budget_mb)),)
     kv3d_env = (
-        ("KV3D_CACHE__GPU_HOT_MB", str(settings.kv_budget_mb)),
+        ("KV3D_CACHE__GPU_HOT_MB", str(workload_mb)),
         ("KV3D_ENGINE__MAX_SEQUENCES", str(settings.max_sequences)),
         ("KV3D_MODEL__CONTEXT_TOKENS", str(settings.context_tokens)),
         ("KV3D_SERVER__THREADS", threads),
@@ -337,11 +350,13 @@ def build_contenders(
     out: dict[str, Contender] = {
         "kv3d": Contender(
             "kv3d",
-            f"KV3D defaults, {settings.kv_budget_mb} MiB KV budget, "
-            f"{settings.max_sequences} sequence slots",
+            f"KV3D defaults, {settings.max_sequences} sequence slots, KV budget "
+            f"{workload_mb} MiB (llama-server's slots) for the workload and "
+            f"{settings.kv_budget_mb} MiB for the capacity probe",
             serve,
             kv3d_env,
             ready_line=KV3D_READY_LINE,
+            capacity_env=capacity_env,
         ),
         "kv3d-ray": Contender(
             "kv3d-ray",
@@ -349,13 +364,15 @@ def build_contenders(
             serve,
             (*kv3d_env, ("KV3D_SERVER__RUNTIME", "ray")),
             ready_line=KV3D_READY_LINE,
+            capacity_env=capacity_env,
         ),
         "kv3d-no-reuse": Contender(
             "kv3d-no-reuse",
-            "the same engine and budget, prefix reuse and session deltas off",
+            "the same engine and budgets, prefix reuse and session deltas off",
             serve,
             (*kv3d_env, ("KV3D_PREFIX__ENABLED", "false")),
             ready_line=KV3D_READY_LINE,
+            capacity_env=capacity_env,
         ),
         # interrupt_requests=False: by default a new request cuts the stream being served,
         # which no concurrent client wants; requests queue instead (one sequence at a time).
@@ -478,7 +495,10 @@ def compare(
     from kv3d.engine.modelfile import bundled_model_path
 
     model_path = bundled_model_path()
-    contenders, skipped = build_contenders(settings, model_path, spec.concurrency)
+    kv_bytes_per_cell = _kv_bytes_per_cell(model_path)
+    contenders, skipped = build_contenders(
+        settings, model_path, spec.concurrency, kv_bytes_per_cell
+    )
     # One nonce for every contender: they all get exactly the same prompts.
     spec = spec if spec.nonce else replace(spec, nonce=f"{time.time_ns():x}")
     log_dir = Path(tempfile.mkdtemp(prefix="kv3d-compare-"))
@@ -492,7 +512,8 @@ def compare(
         "logs": str(log_dir),
         "skipped": skipped,
     }
-    report["kv_bytes_per_cell"] = _kv_bytes_per_cell(model_path)
+    report["kv_bytes_per_cell"] = kv_bytes_per_cell
+    report["kv3d_workload_kv_mb"] = workload_kv_mb(settings, spec.concurrency, kv_bytes_per_cell)
     report["fidelity"] = _fidelity(model_path, settings)
     rounds = _run_rounds(contenders, spec, settings, log_dir, progress_stream)
     if len(rounds) == 1:
@@ -602,6 +623,7 @@ def _run_contender(
         "about": contender.about,
         "command": " ".join(server.argv),
         "env": dict(contender.env),
+        "capacity_env": dict(contender.capacity_env),
         "error": None,
     }
     # Others' load on the machine moves every figure: the load average says how much.
@@ -624,7 +646,9 @@ def _run_contender(
         # On a server started again: the sessions and prefixes the workload left hot would
         # otherwise take part of the KV budget the probe measures, by how much varying with
         # the run's timing.
-        fresh = _server_process(contender, log_dir / f"{contender.name}-capacity.log")
+        fresh = _server_process(
+            contender, log_dir / f"{contender.name}-capacity.log", for_capacity=True
+        )
         with fresh:
             try:
                 fresh.start(settings.start_timeout_s)
@@ -636,15 +660,20 @@ def _run_contender(
     return entry
 
 
-def _server_process(contender: Contender, log_path: Path) -> ServerProcess:
+def _server_process(
+    contender: Contender, log_path: Path, *, for_capacity: bool = False
+) -> ServerProcess:
     """The contender as a child process on a free port of its own."""
     port = free_port()
+    env = _child_env(contender)
+    if for_capacity:
+        env.update(contender.capacity_env)
     return ServerProcess(
         contender.name,
         [a.replace("{port}", str(port)) for a in contender.argv],
         f"http://127.0.0.1:{port}",
         log_path,
-        env=_child_env(contender),
+        env=env,
         ready_path=contender.ready_path,
         ready_line=contender.ready_line,
     )

@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-budget-mb",
         type=int,
         metavar="MB",
-        help="with --compare: KV3D's KV cache budget, cache.gpu_hot_mb (default 128)",
+        help="with --compare: KV3D's KV cache budget in the capacity probe, cache.gpu_hot_mb "
+        "(default 128; the workload runs with llama-server's KV memory, at least this)",
     )
     bench.add_argument(
         "--max-sequences",
