@@ -329,14 +329,14 @@ def workload_kv_mb(settings: CompareSettings, concurrency: int, kv_bytes_per_cel
 
 
 def build_contenders(
-    settings: CompareSettings, model_path: Path, concurrency: int, kv_bytes_per_cell: int
+    settings: CompareSettings, model_path: Path, concurrency: int, workload_mb: int
 ) -> tuple[dict[str, Contender], dict[str, str]]:
-    """name → Contender for those this machine can run, and name → why not for the others."""
+    """name → Contender for those this machine can run, and name → why not for the others;
+    KV3D serves the workload with `workload_mb` of KV (`workload_kv_mb`)."""
     threads = str(settings.threads or os.cpu_count() or 1)
     # The queue and per-key stream limits would answer the capacity probe's sessions with
     # 429 before the KV budget is reached: raised to let the budget be the limit measured.
     room = str(max(64, settings.capacity_sessions + 8))
-    workload_mb = workload_kv_mb(settings, concurrency, kv_bytes_per_cell)
     capacity_env = (("KV3D_CACHE__GPU_HOT_MB", str(settings.kv_budget_mb)),)
     kv3d_env = (
         ("KV3D_CACHE__GPU_HOT_MB", str(workload_mb)),
@@ -496,9 +496,8 @@ def compare(
 
     model_path = bundled_model_path()
     kv_bytes_per_cell = _kv_bytes_per_cell(model_path)
-    contenders, skipped = build_contenders(
-        settings, model_path, spec.concurrency, kv_bytes_per_cell
-    )
+    workload_mb = workload_kv_mb(settings, spec.concurrency, kv_bytes_per_cell)
+    contenders, skipped = build_contenders(settings, model_path, spec.concurrency, workload_mb)
     # One nonce for every contender: they all get exactly the same prompts.
     spec = spec if spec.nonce else replace(spec, nonce=f"{time.time_ns():x}")
     log_dir = Path(tempfile.mkdtemp(prefix="kv3d-compare-"))
@@ -513,7 +512,7 @@ def compare(
         "skipped": skipped,
     }
     report["kv_bytes_per_cell"] = kv_bytes_per_cell
-    report["kv3d_workload_kv_mb"] = workload_kv_mb(settings, spec.concurrency, kv_bytes_per_cell)
+    report["kv3d_workload_kv_mb"] = workload_mb
     report["fidelity"] = _fidelity(model_path, settings)
     rounds = _run_rounds(contenders, spec, settings, log_dir, progress_stream)
     if len(rounds) == 1:

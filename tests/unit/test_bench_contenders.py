@@ -20,7 +20,8 @@ def test_workload_budget_is_llama_servers_slots_and_never_below_the_fixed_one():
 
 def test_capacity_server_gets_the_fixed_budget_and_the_workload_server_the_slots(tmp_path: Path):
     settings = CompareSettings(contenders=("kv3d", "kv3d-no-reuse"), kv_budget_mb=128)
-    contenders, _ = build_contenders(settings, tmp_path / "m.gguf", 8, CELL_BYTES)
+    workload_mb = workload_kv_mb(settings, 8, CELL_BYTES)
+    contenders, _ = build_contenders(settings, tmp_path / "m.gguf", 8, workload_mb)
     for contender in contenders.values():
         workload = compare._server_process(contender, tmp_path / "w.log")
         capacity = compare._server_process(contender, tmp_path / "c.log", for_capacity=True)
