@@ -288,10 +288,15 @@ class ContextParams:
     # Keep every cell of sliding-window layers: sequences can then share and restore a prefix's
     # cells exactly (a trimmed window would make them depend on which sequence computed them).
     swa_full: bool = True
+    # One pool of cells for all sequences, which lets them share a prefix's cells (seq_cp).
+    # False gives each sequence a stream of its own (llama-server's layout); only
+    # measurements use it, since a prefix copied across streams is copied, not shared.
+    unified: bool = True
 
 
 class LlamaContext(_Owner):
-    """An inference context: one unified KV cache shared by `n_seq_max` sequences."""
+    """An inference context: the KV cache of `n_seq_max` sequences, one unified pool of cells
+    unless `params.unified` is False."""
 
     def __init__(self, model: LlamaModel, params: ContextParams):
         if model.vocab_only:
@@ -310,8 +315,7 @@ class LlamaContext(_Owner):
             if params.flash_attn
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        # One pool of cells for all sequences: lets sequences share prefix cells (seq_cp).
-        cparams.kv_unified = True
+        cparams.kv_unified = params.unified
         cparams.swa_full = params.swa_full
         cparams.no_perf = True
         handle = llama_cpp.llama_init_from_model(model.handle, cparams)

@@ -7,7 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kv3d.engine.llama import ContextParams, LlamaBatch, LlamaContext, LlamaModel
+from kv3d.engine.llama import (
+    ContextParams,
+    KVCacheFullError,
+    LlamaBatch,
+    LlamaContext,
+    LlamaModel,
+)
 from kv3d.engine.selfcheck import ROUND_TRIP_COPIES, run_self_check
 from kv3d.engine.statefmt import (
     SeqState,
@@ -228,3 +234,15 @@ def test_gemma3_swa_section_omits_cells_outside_the_window(gemma3):
     with LlamaContext(gemma3, params) as ctx:
         ctx.set_seq_state(0, build_seq_state(state))
         assert ctx.seq_state(0) == blob
+
+
+def test_a_cache_per_sequence_gives_each_sequence_its_share_of_the_cells(smollm2):
+    """`unified=False` (the layout of `scripts/unified_cache_cost.py`) splits the cells into one
+    stream per sequence: 300 tokens fit one sequence of the unified 512 cells, not its 256."""
+    tokens = smollm2.tokenize(PROMPT * 30, add_special=True, parse_special=False)[:300]
+    with LlamaContext(smollm2, PARAMS) as ctx:
+        prefill(ctx, tokens, 0)
+        assert ctx.seq_pos_max(0) == len(tokens) - 1
+    with LlamaContext(smollm2, dataclasses.replace(PARAMS, unified=False)) as ctx:
+        with pytest.raises(KVCacheFullError):
+            prefill(ctx, tokens, 0)
