@@ -43,7 +43,7 @@ from kv3d.engine.generation import (  # noqa: E402
     SamplingParams,
     TextDelta,
 )
-from kv3d.engine.llama import supports_gpu_offload, system_info  # noqa: E402
+from kv3d.engine.llama import on_own_thread, supports_gpu_offload, system_info  # noqa: E402
 from kv3d.server.chat import ChatMessage, Tokenizer  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 if name == "anchor":
-                    result["anchor"] = phase_anchor(args, tok)
+                    # On a thread that ends: the OpenMP team of a thread that decoded stays
+                    # alive with it and would slow the engine's phases after this one.
+                    result["anchor"] = on_own_thread(phase_anchor, args, tok)
                 elif name == "single":
                     phase_single_and_multi(args, tok, result)
                 else:
