@@ -31,7 +31,6 @@ from kv3d.engine.llama import (  # noqa: E402
     LlamaBatch,
     LlamaContext,
     LlamaModel,
-    init_backend,
 )
 from kv3d.engine.modelfile import bundled_model_path  # noqa: E402
 
@@ -77,9 +76,12 @@ def step_times_ms(
 def parse_case(text: str) -> tuple[int, int]:
     sequences, _, cells = text.lower().partition("x")
     try:
-        return int(sequences), int(cells)
+        case = int(sequences), int(cells)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected SEQUENCESxCELLS, got {text!r}") from None
+        case = (0, 0)
+    if min(case) < 1:
+        raise argparse.ArgumentTypeError(f"expected SEQUENCESxCELLS, both >= 1, got {text!r}")
+    return case
 
 
 def main() -> None:
@@ -89,7 +91,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    init_backend()
     report = {"cases": []}
     with LlamaModel(args.model or bundled_model_path()) as model:
         for sequences, cells in args.cases:
