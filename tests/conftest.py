@@ -51,23 +51,38 @@ def _ephemeral_ports() -> range:
         return range(32768, 61000)  # Linux's default
 
 
+# Ports this process has handed out: none is handed out twice, since the servers they were
+# taken for may not have bound them yet (a node's ten Ray ports are all taken before it starts).
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free now, for a server started later. Taken below the kernel's ephemeral range:
-    a port the kernel hands out for `bind(0)` and outgoing connections (Ray's workers and
-    agents make many) can be taken by another process between this check and the server's
-    bind, which failed a test's dashboard once."""
+    """A port free now, for a server started later, and not handed out before by this process.
+    Taken below the kernel's ephemeral range: a port the kernel hands out for `bind(0)` and
+    outgoing connections (Ray's workers and agents make many) can be taken by another process
+    between this check and the server's bind, which failed a test's dashboard once."""
     top = min(_ephemeral_ports().start, 32768)
     for _ in range(50 if top > 21000 else 0):
         port = random.randrange(20000, top)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if port not in _ports_given and _bindable(port):
+            _ports_given.add(port)
             return port
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="session")
